@@ -1,0 +1,120 @@
+"""`qiusuo <stage>`: the command line. Each stage has one config dataclass; `--config FILE` loads a YAML
+mapping (or the section named after the stage in a multi-stage file such as configs/demo.yaml), and
+every field has a `--flag` that overrides it. The CLI only wires stages together."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, add_arguments, build, from_args, read_yaml
+from .corpus import CorpusConfig
+from .evaluate import EvalConfig
+from .grpo import GRPOConfig
+from .model import CheckpointError
+from .sft import SFTConfig
+
+STAGES = {
+    "corpus": (CorpusConfig, "write the synthetic pretraining corpus (direct answers, traces, flawed traces)"),
+    "pretrain": (SFTConfig, "train the base model on a corpus (or fine-tune a checkpoint with --init)"),
+    "grpo": (GRPOConfig, "reinforcement learning with GRPO / Dr. GRPO / DAPO on verifiable rewards"),
+    "eval": (EvalConfig, "pass@1 over k samples and cons@k on held-out problems"),
+}
+
+
+def run_stage(name: str, cfg, resume: bool = False):
+    if name == "corpus":
+        from .corpus import write_corpus
+
+        counts = write_corpus(cfg)
+        print(f"wrote {sum(counts.values())} examples to {cfg.out}/train.jsonl: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    elif name == "pretrain":
+        from .sft import train
+
+        train(cfg, resume=resume)
+    elif name == "grpo":
+        from .grpo import train
+
+        train(cfg, resume=resume)
+    elif name == "eval":
+        from .evaluate import evaluate
+
+        evaluate(cfg)
+
+
+def demo(run: Path, config: Path | None, resume: bool, price: float | None) -> None:
+    """The whole tiny R1-Zero pipeline: corpus → pretrain (base) → grpo (zero) → eval both → report.
+    Stages chain through explicit folder names; with --resume finished stages are skipped and a
+    stopped one continues from its last checkpoint."""
+    from .report import write_report
+
+    sections = read_yaml(config) if config else {}
+    price_kw = {} if price is None else {"price_per_device_hour": price}
+
+    def cfg(cls, section, **wiring):
+        values = {**(sections.get(section) or {}), **wiring}
+        if cls is not CorpusConfig:
+            values.update(price_kw)
+        return build(cls, values)
+
+    plan = [
+        ("corpus", cfg(CorpusConfig, "corpus", out=str(run / "corpus")), run / "corpus" / "train.jsonl"),
+        ("pretrain", cfg(SFTConfig, "pretrain", data=str(run / "corpus"), out=str(run / "base")), run / "base" / "ledger.json"),
+        ("eval", cfg(EvalConfig, "eval", checkpoint=str(run / "base")), run / "eval" / "base.json"),
+        ("grpo", cfg(GRPOConfig, "grpo", init=str(run / "base"), out=str(run / "zero")), run / "zero" / "ledger.json"),
+        ("eval", cfg(EvalConfig, "eval", checkpoint=str(run / "zero")), run / "eval" / "zero.json"),
+    ]
+    t0 = time.perf_counter()
+    for name, stage_cfg, done_marker in plan:
+        if resume and done_marker.exists():
+            print(f"[{name}] already done ({done_marker}), skipping")
+            continue
+        partial = resume and (Path(getattr(stage_cfg, "out", "") or "") / "train_state.pt").exists()
+        print(f"[{name}] {'resuming' if partial else 'starting'}")
+        run_stage(name, stage_cfg, resume=partial)
+    report = write_report(run, price)
+    print(f"pipeline done in {time.perf_counter() - t0:.0f} s — report: {report}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qiusuo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (cls, help_text) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text))
+        p.add_argument("--config", help="YAML file: the stage's mapping, or a multi-stage file with a section per stage")
+        if name in ("pretrain", "grpo"):
+            p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
+        add_arguments(p, cls)
+    p = sub.add_parser("report", help="write <run>/report.md and plots from a run folder")
+    p.add_argument("run", type=Path, help="run folder, e.g. runs/tiny")
+    p.add_argument("--price-per-device-hour", type=float, default=None, help="override each stage's price")
+    p = sub.add_parser("demo", help="the tiny R1-Zero pipeline end to end: corpus, pretrain, grpo, eval, report")
+    p.add_argument("--run", type=Path, default=Path("runs/tiny"), help="run folder (default runs/tiny)")
+    p.add_argument("--config", type=Path, default=None, help="multi-stage YAML (default: each stage's defaults)")
+    p.add_argument("--resume", action="store_true", help="skip finished stages, continue a stopped one")
+    p.add_argument("--price-per-device-hour", type=float, default=None, help="dollars per device-hour")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "report":
+            from .report import write_report
+
+            print(write_report(args.run, args.price_per_device_hour))
+        elif args.command == "demo":
+            demo(args.run, args.config, args.resume, args.price_per_device_hour)
+        else:
+            cfg = from_args(STAGES[args.command][0], args, args.command)
+            run_stage(args.command, cfg, resume=getattr(args, "resume", False))
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"qiusuo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qiusuo {args.command}: interrupted — rerun with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

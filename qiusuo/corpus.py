@@ -1,0 +1,105 @@
+"""The synthetic pretraining corpus that leaves the tiny base model an *imperfect* reasoner.
+
+DESIGN §4: for the same problem families, mix short direct answers (cheap, often wrong on hard
+instances) with step-by-step traces (longer, right) and some flawed traces. The base model then holds a
+weak, inconsistent ability — sampled at R1's T = 0.6 it mostly answers directly and is often wrong — that
+GRPO can sharpen into choosing, and executing, the trace.
+
+Every problem comes from the tasks' *train* split, so held-out evaluation problems are never seen.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .tasks import get_task
+
+
+@dataclass
+class CorpusConfig:
+    """Settings of `qiusuo corpus`."""
+
+    out: str = "runs/tiny/corpus"
+    """Stage folder; the corpus is written to `<out>/train.jsonl`."""
+    tasks: dict = field(default_factory=lambda: {"arith": [1, 2, 3, 4, 5], "countdown": [3, 4]})
+    """Task name → difficulties to draw from (uniformly)."""
+    task_weights: dict = field(default_factory=lambda: {"arith": 0.6, "countdown": 0.4})
+    """Task name → share of the examples."""
+    styles: dict = field(default_factory=lambda: {"direct": 0.5, "steps": 0.35, "flawed": 0.15})
+    """Completion style → share. Direct answers are guesses, steps are right, flawed traces hold one slip."""
+    n_examples: int = 40000
+    """Examples to write."""
+    seed: int = 0
+    """Seed of the problem and style draws."""
+
+    def __post_init__(self) -> None:
+        for name in self.tasks:
+            get_task(name)  # unknown task names fail here, with the list of known ones
+        missing = set(self.tasks) - set(self.task_weights)
+        if missing:
+            raise ValueError(f"task_weights lacks {sorted(missing)}")
+        if set(self.styles) - {"direct", "steps", "flawed"}:
+            raise ValueError(f"unknown styles {sorted(set(self.styles) - {'direct', 'steps', 'flawed'})}")
+        if self.n_examples < 1:
+            raise ValueError("n_examples must be ≥ 1")
+
+
+def examples(cfg: CorpusConfig):
+    """Yield dicts {task, difficulty, style, prompt, completion, correct} — deterministic in cfg.seed."""
+    rng = random.Random(cfg.seed)
+    names = list(cfg.tasks)
+    weights = [cfg.task_weights[n] for n in names]
+    styles, style_w = list(cfg.styles), list(cfg.styles.values())
+    for i in range(cfg.n_examples):
+        name = rng.choices(names, weights)[0]
+        task = get_task(name)
+        difficulty = rng.choice(cfg.tasks[name])
+        problem = task.sample("train", seed=cfg.seed * 1_000_003 + i, difficulty=difficulty)
+        style = rng.choices(styles, style_w)[0]
+        completion = task.completion(problem, style, rng)
+        yield {"task": name, "difficulty": difficulty, "style": style, "prompt": problem.prompt,
+               "completion": completion}
+
+
+def write_corpus(cfg: CorpusConfig) -> dict:
+    """Write `<out>/train.jsonl` atomically; return counts per task and style."""
+    from .config import save_config
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+    tmp = out / ".train.jsonl.tmp"
+    with tmp.open("w") as f:
+        for ex in examples(cfg):
+            f.write(json.dumps(ex) + "\n")
+            key = f"{ex['task']}/{ex['style']}"
+            counts[key] = counts.get(key, 0) + 1
+    tmp.replace(out / "train.jsonl")
+    save_config(cfg, out)
+    return counts
+
+
+def read_corpus(path: Path) -> list[dict]:
+    """Read a corpus file; a malformed line is an error naming the file and line."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "train.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"corpus {path} does not exist (run `qiusuo corpus` first)")
+    rows = []
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
+                    raise ValueError("needs string fields 'prompt' and 'completion'")
+            except (json.JSONDecodeError, ValueError, AttributeError) as e:
+                raise ValueError(f"{path}:{n}: malformed corpus line ({e})") from e
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: empty corpus")
+    return rows

@@ -1,0 +1,143 @@
+"""Evaluation as in DeepSeek-R1: pass@1 averaged over k samples, and cons@k (majority vote).
+
+R1 samples k responses per question at temperature 0.6, top-p 0.95 and reports
+pass@1 = (1/k) Σ_i p_i (p_i = 1 when sample i is correct), averaged over questions; cons@k takes the most
+frequent answer among the k samples and scores it. Both per task and difficulty, on the held-out split,
+with the same strict parser and scorer the RL reward uses.
+
+Departure: answers are voted by their exact text; an unparseable sample casts no vote (a question whose
+samples are all unparseable counts as wrong).
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .checkpoint import load_checkpoint
+from .engine import Engine, SamplingParams
+from .ledger import StageLedger, forward_flops, hardware
+from .log import console
+from .rewards import parse_completion
+from .tasks import get_task
+
+
+@dataclass
+class EvalConfig:
+    """Settings of `qiusuo eval`."""
+
+    checkpoint: str = "runs/tiny/base"
+    """Checkpoint folder to evaluate."""
+    out: str | None = None
+    """Result file; empty: <run>/eval/<stage>.json next to the checkpoint's stage folder."""
+    tasks: dict = field(default_factory=lambda: {"arith": [2, 3, 4, 5], "countdown": [3, 4]})
+    """Task name → difficulties to evaluate (held-out split)."""
+    n_per_difficulty: int = 30
+    """Held-out questions per task and difficulty."""
+    k: int = 8
+    """Samples per question."""
+    temperature: float = 0.6
+    """Sampling temperature (R1: 0.6)."""
+    top_p: float = 0.95
+    """Top-p (R1: 0.95)."""
+    max_new_tokens: int = 128
+    """Completion length cap."""
+    seed: int = 1234
+    """Seed of the held-out questions and of sampling."""
+    device: str = "cpu"
+    """torch device."""
+    price_per_device_hour: float = 0.10
+    """Dollars per device-hour for the cost ledger."""
+
+    def __post_init__(self) -> None:
+        for name in self.tasks:
+            get_task(name)
+        if self.k < 1 or self.n_per_difficulty < 1:
+            raise ValueError("k and n_per_difficulty must be ≥ 1")
+
+    def result_path(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        ckpt = Path(self.checkpoint)
+        return ckpt.parent / "eval" / f"{ckpt.name}.json"
+
+
+def heldout_problems(cfg: EvalConfig) -> list:
+    return [get_task(name).sample("heldout", seed=cfg.seed * 10_007 + i, difficulty=d)
+            for name, diffs in cfg.tasks.items() for d in diffs for i in range(cfg.n_per_difficulty)]
+
+
+def score_samples(problem, texts: list[str]) -> dict:
+    """pass@1 (mean correctness over the k samples) and cons@k (the majority answer's correctness)."""
+    task = get_task(problem.task)
+    answers, correct = [], []
+    for text in texts:
+        parsed = parse_completion(text)
+        if parsed is None:
+            correct.append(0.0)
+            continue
+        answers.append(parsed[1])
+        correct.append(task.score(problem, parsed[1])[0])
+    cons = 0.0
+    if answers:
+        top = Counter(answers).most_common(1)[0][0]
+        cons = task.score(problem, top)[0]
+    return {"pass@1": sum(correct) / len(texts), "cons@k": cons}
+
+
+def summarise(rows: list[dict]) -> dict:
+    n = len(rows)
+    return {"pass@1": sum(r["pass@1"] for r in rows) / n, "cons@k": sum(r["cons@k"] for r in rows) / n,
+            "n": n, "mean_len": sum(r["mean_len"] for r in rows) / n}
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    t0 = time.perf_counter()
+    model, tok = load_checkpoint(cfg.checkpoint, cfg.device)
+    model.eval()
+    engine = Engine(model, tok)
+    problems = heldout_problems(cfg)
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+    completions = engine.generate([tok.prompt_ids(p.prompt) for p in problems], params, n=cfg.k)
+    rows = []
+    for i, p in enumerate(problems):
+        group = completions[i * cfg.k:(i + 1) * cfg.k]
+        row = score_samples(p, [c.text for c in group])
+        row.update(task=p.task, difficulty=p.difficulty, mean_len=sum(len(c.token_ids) for c in group) / cfg.k)
+        rows.append(row)
+    tasks: dict = {}
+    for name in cfg.tasks:
+        mine = [r for r in rows if r["task"] == name]
+        tasks[name] = {str(d): summarise([r for r in mine if r["difficulty"] == d]) for d in cfg.tasks[name]}
+        tasks[name]["all"] = summarise(mine)
+    gen_tokens = sum(len(c.token_ids) for c in completions)
+    mc = model.config
+    result = {"checkpoint": str(cfg.checkpoint), "k": cfg.k, "temperature": cfg.temperature, "top_p": cfg.top_p,
+              "n_problems": len(problems), "overall": summarise(rows), "tasks": tasks,
+              "wall_s": round(time.perf_counter() - t0, 3), "generated_tokens": gen_tokens, "config": asdict(cfg)}
+    path = cfg.result_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from .model import atomic_write_text
+
+    atomic_write_text(path, json.dumps(result, indent=2))
+    ledger = StageLedger(f"eval/{Path(cfg.checkpoint).name}", cfg.price_per_device_hour, hardware()["device"])
+    ledger.add(forward_flops(model.num_params(), gen_tokens, mc.num_hidden_layers, mc.hidden_size, cfg.max_new_tokens), gen_tokens)
+    ledger.finish(path.with_suffix(".ledger.json"))
+    print_table(result)
+    return result
+
+
+def print_table(result: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{result['checkpoint']} — pass@1 over k={result['k']} samples, cons@{result['k']}")
+    for col in ("task", "difficulty", "n", "pass@1", f"cons@{result['k']}", "mean len"):
+        table.add_column(col, justify="right")
+    for name, per in result["tasks"].items():
+        for d, s in per.items():
+            table.add_row(name, d, str(s["n"]), f"{100 * s['pass@1']:.1f}", f"{100 * s['cons@k']:.1f}", f"{s['mean_len']:.1f}")
+    s = result["overall"]
+    table.add_row("all", "", str(s["n"]), f"{100 * s['pass@1']:.1f}", f"{100 * s['cons@k']:.1f}", f"{s['mean_len']:.1f}")
+    console.print(table)

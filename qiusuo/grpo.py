@@ -1,0 +1,444 @@
+"""GRPO — the RL of DeepSeek-R1-Zero — with the Dr. GRPO and DAPO variants.
+
+One step: sample P prompts → G completions each with the shared engine (π_old) → verifiable rewards
+(accuracy + format, from the task's own scorer) → group advantages → μ passes of the clipped surrogate
+with a k3 KL penalty against a frozen reference → update. Written as small pure functions plus one
+visible loop (`train`).
+
+Objective per token (DESIGN §3):
+    ρ = π_θ / π_old,   term = min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A) − β·KL_k3,
+    KL_k3 = π_ref/π_θ − log(π_ref/π_θ) − 1.
+Aggregations (`VARIANTS`): grpo = mean over each completion's tokens then over completions;
+dr_grpo = token sum / a constant (max completion length) and no std in the advantage;
+dapo = token mean over the whole batch, clip-higher, dynamic sampling, soft overlong penalty, β = 0.
+
+Departures from the paper: log-probs are taken from logits / rollout temperature (so the ratio compares
+the distributions actually sampled from, as TRL does); the tiny default uses a much larger learning rate
+than R1-Zero's 3e-6 (see configs/demo.yaml for the value found to work).
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_checkpoint, load_train_state, rng_state, save_stage, set_rng_state
+from .engine import Engine, SamplingParams
+from .ledger import StageLedger, forward_flops, hardware, train_flops
+from .log import StepLog, console, warn
+from .rewards import RewardWeights, overlong_penalty, score_completion
+from .sft import make_optimizer
+from .tasks import get_task
+
+
+# --- the math, as small pure functions -------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """rewards [P, G] → advantages [P, G]: (r − mean_group) / (std_group + eps), or without the
+    division (Dr. GRPO). std is the sample std (unbiased), as in the GRPO reference implementations."""
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if not scale_by_std:
+        return centered
+    return centered / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def kl_k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(π_θ ‖ π_ref) per token: π_ref/π_θ − log(π_ref/π_θ) − 1 (≥ 0, unbiased)."""
+    log_ratio = logp_ref - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def clipped_surrogate(logp, logp_old, adv, eps_low: float, eps_high: float):
+    """PPO-clip per token. logp, logp_old [B, T]; adv [B] → (objective [B, T], clipped mask [B, T]).
+
+    `clipped` marks tokens where the clipped branch is the one taken (its gradient is zero)."""
+    ratio = torch.exp(logp - logp_old)
+    a = adv[:, None]
+    unclipped = ratio * a
+    clipped_obj = ratio.clamp(1 - eps_low, 1 + eps_high) * a
+    objective = torch.minimum(unclipped, clipped_obj)
+    clipped = clipped_obj < unclipped
+    return objective, clipped
+
+
+def agg_sequence_mean(per_token: torch.Tensor, mask: torch.Tensor, max_len: int) -> torch.Tensor:
+    """GRPO (paper): mean over each completion's tokens, then mean over completions."""
+    per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return per_seq.mean()
+
+
+def agg_constant_norm(per_token: torch.Tensor, mask: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Dr. GRPO: sum over tokens divided by a constant (max completion length), mean over completions —
+    no length bias toward long wrong answers or short right ones."""
+    return (per_token * mask).sum() / (mask.shape[0] * max_len)
+
+
+def agg_token_mean(per_token: torch.Tensor, mask: torch.Tensor, max_len: int) -> torch.Tensor:
+    """DAPO: one mean over every token of the batch, so long completions weigh by their length."""
+    return (per_token * mask).sum() / mask.sum().clamp_min(1)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What distinguishes grpo, dr_grpo and dapo; chosen once, in `VARIANTS`."""
+
+    aggregate: Callable
+    scale_by_std: bool
+    eps_high: float
+    beta: float
+    dynamic_sampling: bool
+    overlong: bool
+
+
+VARIANTS = {
+    "grpo": Variant(agg_sequence_mean, scale_by_std=True, eps_high=0.2, beta=0.001, dynamic_sampling=False, overlong=False),
+    "dr_grpo": Variant(agg_constant_norm, scale_by_std=False, eps_high=0.2, beta=0.0, dynamic_sampling=False, overlong=False),
+    "dapo": Variant(agg_token_mean, scale_by_std=True, eps_high=0.28, beta=0.0, dynamic_sampling=True, overlong=True),
+}
+
+
+def policy_loss(logp, logp_old, logp_ref, adv, mask, variant: Variant, eps_low, eps_high, beta, max_len):
+    """The loss to minimise (−objective) and its parts. logp* [B, T], adv [B], mask [B, T] (bool)."""
+    # Padding positions get π_old = π_ref = π_θ before any exp(), so whatever junk they hold cannot
+    # overflow into inf·0 = NaN; `where` then zeroes them (value and gradient).
+    same = logp.detach()
+    logp_old = torch.where(mask, logp_old, same)
+    objective, clipped = clipped_surrogate(logp, logp_old, adv, eps_low, eps_high)
+    kl = kl_k3(logp, torch.where(mask, logp_ref, same)) if logp_ref is not None else torch.zeros_like(logp)
+    per_token = torch.where(mask, objective - beta * kl, 0.0)
+    m = mask.float()
+    loss = -variant.aggregate(per_token, m, max_len)
+    n = m.sum().clamp_min(1)
+    return loss, {"kl": ((kl * m).sum() / n).item(), "clip_frac": ((clipped.float() * m).sum() / n).item()}
+
+
+def token_logprobs(model, ids: torch.Tensor, temperature: float = 1.0):
+    """log π(ids[t+1] | ids[≤t]) and the entropy of π at each position: both [B, T−1]."""
+    logits = model(ids[:, :-1]).float() / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+@dataclass
+class GRPOConfig:
+    """Settings of `qiusuo grpo`."""
+
+    init: str = "runs/tiny/base"
+    """Checkpoint to start from (also the frozen KL reference)."""
+    out: str = "runs/tiny/zero"
+    """Stage folder."""
+    tasks: dict = field(default_factory=lambda: {"arith": [3, 4, 5], "countdown": [3, 4]})
+    """Task name → difficulties of the training prompts (drawn from the train split)."""
+    loss: str = "grpo"
+    """Variant: grpo | dr_grpo | dapo."""
+    steps: int = 60
+    """RL steps (rollout batches)."""
+    prompts_per_step: int = 16
+    """Questions per step."""
+    group_size: int = 8
+    """Completions per question (G)."""
+    mu: int = 1
+    """Optimizer passes over each rollout batch (π_old is the rollout policy)."""
+    minibatches: int = 1
+    """Optimizer steps per pass (the rollout batch is split into this many)."""
+    lr: float = 2e-4
+    """AdamW learning rate (constant after warm-up)."""
+    warmup_steps: int = 3
+    """Linear warm-up of the learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    beta: float | None = None
+    """KL coefficient; empty: the variant's (grpo 0.001, dr_grpo 0, dapo 0). β = 0 builds no reference model."""
+    eps_low: float = 0.2
+    """Lower clip range."""
+    eps_high: float | None = None
+    """Upper clip range; empty: the variant's (dapo's clip-higher 0.28, else 0.2)."""
+    temperature: float = 1.0
+    """Rollout temperature."""
+    top_p: float = 1.0
+    """Rollout top-p."""
+    max_new_tokens: int = 96
+    """Completion length cap."""
+    reward_accuracy: float = 1.0
+    """Weight of the accuracy reward."""
+    reward_format: float = 0.2
+    """Weight of the format reward (<think>…</think><answer>…</answer>)."""
+    dynamic_sampling: bool | None = None
+    """Drop groups whose rewards are all equal and refill the batch; empty: the variant's (dapo: on)."""
+    max_refills: int = 3
+    """Extra rollout rounds allowed per step when dynamic sampling refills."""
+    overlong_buffer: int | None = None
+    """Soft overlong penalty buffer in tokens; empty: the variant's (dapo: max_new_tokens // 4, else off)."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip."""
+    log_every: int = 5
+    """Print one line every this many steps."""
+    sample_every: int = 5
+    """Write the step's rollouts to samples.jsonl every this many steps."""
+    save_every: int = 20
+    """Write checkpoint + train_state every this many steps."""
+    seed: int = 0
+    """Seed of prompts and sampling."""
+    device: str = "cpu"
+    """torch device."""
+    price_per_device_hour: float = 0.10
+    """Dollars per device-hour for the cost ledger."""
+
+    def __post_init__(self) -> None:
+        if self.loss not in VARIANTS:
+            raise ValueError(f"loss must be one of {', '.join(VARIANTS)}, not {self.loss!r}")
+        v = VARIANTS[self.loss]
+        # Derived fields: the variant fills what the user left empty.
+        self.beta = v.beta if self.beta is None else self.beta
+        self.eps_high = v.eps_high if self.eps_high is None else self.eps_high
+        self.dynamic_sampling = v.dynamic_sampling if self.dynamic_sampling is None else self.dynamic_sampling
+        if self.overlong_buffer is None:
+            self.overlong_buffer = self.max_new_tokens // 4 if v.overlong else 0
+        for name in self.tasks:
+            get_task(name)
+        if self.group_size < 2:
+            raise ValueError("group_size must be ≥ 2: the advantage compares completions within a group")
+        if self.beta < 0 or self.mu < 1 or self.minibatches < 1:
+            raise ValueError("need beta ≥ 0, mu ≥ 1, minibatches ≥ 1")
+        if (self.prompts_per_step * self.group_size) % self.minibatches:
+            raise ValueError("prompts_per_step × group_size must divide into minibatches")
+
+
+# --- rollouts ---------------------------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    """One step's experience: P groups of G completions, flattened prompt-major."""
+
+    problems: list            # [P]
+    prompt_ids: list          # [P] lists of ids
+    completions: list         # [P*G] engine Completions
+    rewards: torch.Tensor     # [P, G] total reward
+    parts: dict               # name → [P, G] tensor of each reward part
+
+
+def draw_problems(cfg: GRPOConfig, rng: random.Random, n: int) -> list:
+    names = list(cfg.tasks)
+    out = []
+    for _ in range(n):
+        name = rng.choice(names)
+        out.append(get_task(name).sample("train", seed=rng.randrange(2**31), difficulty=rng.choice(cfg.tasks[name])))
+    return out
+
+
+def rollout(engine: Engine, tok, problems: list, cfg: GRPOConfig, seed: int) -> Rollout:
+    prompt_ids = [tok.prompt_ids(p.prompt) for p in problems]
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
+    completions = engine.generate(prompt_ids, params, n=cfg.group_size)
+    weights = RewardWeights(accuracy=cfg.reward_accuracy, format=cfg.reward_format)
+    P, G = len(problems), cfg.group_size
+    rewards = torch.zeros(P, G)
+    parts = {"accuracy": torch.zeros(P, G), "format": torch.zeros(P, G), "overlong": torch.zeros(P, G)}
+    for i, c in enumerate(completions):
+        p, g = divmod(i, G)
+        problem = problems[p]
+        total, detail = score_completion(get_task(problem.task), problem, c.text, weights)
+        if cfg.overlong_buffer:
+            pen = overlong_penalty(len(c.token_ids), cfg.max_new_tokens, cfg.overlong_buffer)
+            parts["overlong"][p, g] = pen
+            total += pen
+        rewards[p, g] = total
+        for name, r in detail.items():
+            parts[name][p, g] = r.value
+    return Rollout(problems, prompt_ids, completions, rewards, parts)
+
+
+def keep_groups(r: Rollout, groups: list[int], G: int) -> Rollout:
+    rows = [g * G + j for g in groups for j in range(G)]
+    return Rollout([r.problems[g] for g in groups], [r.prompt_ids[g] for g in groups],
+                   [r.completions[i] for i in rows], r.rewards[groups], {k: v[groups] for k, v in r.parts.items()})
+
+
+def merge(a: Rollout, b: Rollout) -> Rollout:
+    return Rollout(a.problems + b.problems, a.prompt_ids + b.prompt_ids, a.completions + b.completions,
+                   torch.cat([a.rewards, b.rewards]), {k: torch.cat([a.parts[k], b.parts[k]]) for k in a.parts})
+
+
+def collect(engine, tok, cfg: GRPOConfig, rng: random.Random, step: int) -> tuple[Rollout, int, float]:
+    """A step's rollout batch. With dynamic sampling (DAPO), groups with equal rewards carry no signal:
+    drop them and sample more questions until the batch is full or the refill budget is spent.
+    Returns (rollout, completions generated, fraction of zero-std groups in the first round)."""
+    P, G = cfg.prompts_per_step, cfg.group_size
+    batch = rollout(engine, tok, draw_problems(cfg, rng, P), cfg, seed=cfg.seed * 1_000_003 + step * 7_919)
+    generated, zero_std_frac = P * G, (batch.rewards.std(1) == 0).float().mean().item()
+    if not cfg.dynamic_sampling:
+        return batch, generated, zero_std_frac
+    kept = keep_groups(batch, (batch.rewards.std(1) > 0).nonzero().squeeze(-1).tolist(), G)
+    for refill in range(1, cfg.max_refills + 1):
+        if len(kept.problems) >= P:
+            break
+        more = rollout(engine, tok, draw_problems(cfg, rng, P), cfg, seed=cfg.seed * 1_000_003 + step * 7_919 + refill)
+        generated += P * G
+        kept = merge(kept, keep_groups(more, (more.rewards.std(1) > 0).nonzero().squeeze(-1).tolist(), G))
+    if len(kept.problems) == 0:
+        return batch, generated, zero_std_frac  # nothing informative: the step's update is zero
+    return keep_groups(kept, list(range(min(P, len(kept.problems)))), G), generated, zero_std_frac
+
+
+def training_batch(r: Rollout, pad_id: int, device):
+    """Right-padded [prompt ‖ completion] rows and the mask of completion targets (ids[:, 1:])."""
+    G = len(r.completions) // len(r.prompt_ids)
+    seqs = [r.prompt_ids[i // G] + c.token_ids for i, c in enumerate(r.completions)]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
+    for i, (s, c) in enumerate(zip(seqs, r.completions)):
+        ids[i, :len(s)] = torch.tensor(s)
+        start = len(s) - len(c.token_ids) - 1  # target index of the first completion token
+        mask[i, start:len(s) - 1] = True
+    return ids.to(device), mask.to(device)
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+def train(cfg: GRPOConfig, resume: bool = False) -> Path:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    variant = VARIANTS[cfg.loss]
+    model, tok = load_checkpoint(cfg.init, cfg.device)
+    ref = None
+    if cfg.beta > 0:  # the frozen reference exists only when the KL term is used
+        ref, _ = load_checkpoint(cfg.init, cfg.device)
+        ref.eval().requires_grad_(False)
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    engine = Engine(model, tok)
+    rng = random.Random(cfg.seed)
+    ledger = StageLedger(out.name, cfg.price_per_device_hour, hardware()["device"])
+    step = 0
+    if resume:
+        state = load_train_state(out)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        rng.setstate(state["prompt_rng"])
+        step = state["step"]
+        ledger.restore(state.get("ledger"))
+        console.print(f"resumed {out} at step {step}")
+    samples_path = out / "samples.jsonl"
+    if not resume:
+        samples_path.unlink(missing_ok=True)
+    n_params, mc = model.num_params(), model.config
+    console.print(f"grpo ({cfg.loss}): {n_params / 1e6:.2f} M parameters, {cfg.prompts_per_step}×{cfg.group_size} "
+                  f"completions/step, β={cfg.beta}, ε=({cfg.eps_low}, {cfg.eps_high}), μ={cfg.mu}")
+    line = {"rollout/reward_mean": "reward", "rollout/accuracy": "acc", "rollout/len_mean": "len",
+            "train/kl": "kl", "train/entropy": "ent", "perf/completions_per_s": "compl/s"}
+    with StepLog(out, cfg.steps, step, line, every=cfg.log_every, resume=resume) as log:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            # 1. rollout with π_old (the current weights, no grad)
+            model.eval()
+            r, generated, zero_std_frac = collect(engine, tok, cfg, rng, step)
+            t_gen = time.perf_counter() - t0
+            adv = group_advantages(r.rewards, variant.scale_by_std).flatten()  # [P*G]
+            ids, mask = training_batch(r, tok.pad_id, cfg.device)
+            gen_tokens = sum(len(c.token_ids) for c in r.completions)
+            # 2. log-probs of π_old and π_ref (only needed when μ > 1 / β > 0)
+            with torch.no_grad():
+                logp_old = token_logprobs(model, ids, cfg.temperature)[0] if cfg.mu > 1 or cfg.minibatches > 1 else None
+                logp_ref = token_logprobs(ref, ids, cfg.temperature)[0] if ref is not None else None
+            # 3. μ passes of minibatch updates
+            model.train()
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+            stats = update(model, opt, ids, mask, adv, logp_old, logp_ref, variant, cfg)
+            step += 1
+            train_tokens = int(ids.numel()) * cfg.mu * (2 if ref is not None else 1)
+            ledger.add(forward_flops(n_params, gen_tokens, mc.num_hidden_layers, mc.hidden_size, ids.shape[1])
+                       + train_flops(n_params, train_tokens, mc.num_hidden_layers, mc.hidden_size, ids.shape[1]),
+                       gen_tokens + train_tokens)
+            dt = time.perf_counter() - t0
+            metrics = step_metrics(r, zero_std_frac, stats, generated, gen_tokens, dt, t_gen)
+            warn_if_degenerate(step, metrics)
+            log.log(step, metrics)
+            if step % cfg.sample_every == 0 or step == 1:
+                write_samples(samples_path, step, r, adv)
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save_stage(out, model, tok, cfg, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                                  "rng": rng_state(), "prompt_rng": rng.getstate(), "step": step,
+                                                  "ledger": ledger.snapshot(), "config": asdict(cfg)})
+    ledger.finish(out / "ledger.json")
+    return out
+
+
+def update(model, opt, ids, mask, adv, logp_old, logp_ref, variant: Variant, cfg: GRPOConfig) -> dict:
+    """μ passes over the rollout batch in `minibatches` optimizer steps each; returns mean stats."""
+    B = ids.shape[0]
+    size = B // cfg.minibatches
+    totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
+    n = 0
+    for _ in range(cfg.mu):
+        for start in range(0, B, size):
+            sl = slice(start, start + size)
+            logp, entropy = token_logprobs(model, ids[sl], cfg.temperature)
+            # With μ = 1 and one minibatch π_old = π_θ: the ratio is 1 in value, its gradient the policy gradient.
+            old = logp.detach() if logp_old is None else logp_old[sl]
+            ref = None if logp_ref is None else logp_ref[sl]
+            loss, parts = policy_loss(logp, old, ref, adv[sl], mask[sl], variant, cfg.eps_low, cfg.eps_high,
+                                      cfg.beta, cfg.max_new_tokens)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            m = mask[sl].float()
+            totals["loss"] += loss.item()
+            totals["kl"] += parts["kl"]
+            totals["clip_frac"] += parts["clip_frac"]
+            totals["entropy"] += ((entropy.detach() * m).sum() / m.sum().clamp_min(1)).item()
+            totals["grad_norm"] += grad_norm.item()
+            n += 1
+    return {k: v / n for k, v in totals.items()}
+
+
+def step_metrics(r: Rollout, zero_std_frac: float, stats: dict, generated: int, gen_tokens: int, dt: float, t_gen: float) -> dict:
+    lengths = torch.tensor([len(c.token_ids) for c in r.completions], dtype=torch.float)
+    m = {
+        "rollout/reward_mean": r.rewards.mean().item(),
+        "rollout/reward_std": r.rewards.std().item(),
+        "rollout/zero_std_frac": zero_std_frac,
+        "rollout/len_mean": lengths.mean().item(),
+        "rollout/len_max": int(lengths.max().item()),
+        "rollout/truncated_frac": sum(c.finish_reason == "length" for c in r.completions) / len(r.completions),
+    }
+    for name, values in r.parts.items():
+        m[f"rollout/{name}"] = values.mean().item()
+        m[f"rollout/{name}_std"] = values.std().item()
+    for name, v in stats.items():
+        m[f"train/{name}"] = v
+    m.update({"perf/step_s": dt, "perf/generate_frac": t_gen / dt, "perf/completions_per_s": generated / dt,
+              "perf/tokens_per_s": gen_tokens / t_gen if t_gen else 0.0})
+    return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()}
+
+
+def warn_if_degenerate(step: int, m: dict) -> None:
+    if m["rollout/zero_std_frac"] >= 1.0:
+        warn(f"step {step}: every group has equal rewards — no learning signal (tasks too easy or too hard?)")
+    if m["train/entropy"] < 0.02:
+        warn(f"step {step}: policy entropy collapsed to {m['train/entropy']:.4f}")
+
+
+def write_samples(path: Path, step: int, r: Rollout, adv: torch.Tensor) -> None:
+    import json
+
+    G = len(r.completions) // len(r.problems)
+    with path.open("a") as f:
+        for i, c in enumerate(r.completions):
+            p = r.problems[i // G]
+            f.write(json.dumps({"step": step, "task": p.task, "difficulty": p.difficulty, "prompt": p.prompt,
+                                "completion": c.text, "reward": round(r.rewards.flatten()[i].item(), 4),
+                                "accuracy": r.parts["accuracy"].flatten()[i].item(),
+                                "advantage": round(adv[i].item(), 4), "finish_reason": c.finish_reason}) + "\n")

@@ -1,0 +1,374 @@
+"""Decoder-only transformer of the Llama / Qwen2 family, with Hugging Face checkpoint I/O.
+
+Architecture (as in Qwen2 / Llama): token embedding → N × [RMSNorm → grouped-query attention with
+rotary position embeddings (optional q/k/v bias) → residual → RMSNorm → SwiGLU MLP → residual] →
+RMSNorm → LM head (optionally tied to the embedding).
+
+Parameter names equal those of `transformers`' `Qwen2ForCausalLM` / `LlamaForCausalLM`, so a
+checkpoint is a plain `model.safetensors` plus a `config.json` that `AutoModelForCausalLM` loads.
+A model with q/k/v bias is written as Qwen2, one without as Llama (Qwen2 always has the bias).
+
+The model knows nothing of text or data: it maps token ids (and an optional KV cache) to logits.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the transformer. Field names follow `transformers`' config.json."""
+
+    vocab_size: int = 64
+    """Rows of the embedding table (the tokenizer's vocabulary size)."""
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    intermediate_size: int = 384
+    """Width of the SwiGLU hidden layer."""
+    num_hidden_layers: int = 4
+    """Transformer blocks."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_key_value_heads: int = 2
+    """Key/value heads (grouped-query attention: each serves heads/kv_heads query heads)."""
+    max_position_embeddings: int = 512
+    """Longest sequence the model is meant for (and the default KV-cache length)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary frequencies."""
+    rms_norm_eps: float = 1e-6
+    """Epsilon inside RMSNorm."""
+    qkv_bias: bool = True
+    """Bias on the q/k/v projections (Qwen2: yes, Llama: no)."""
+    tie_word_embeddings: bool = True
+    """Share the embedding matrix with the LM head."""
+    head_dim: int = 0
+    """Per-head width; 0 means hidden_size // num_attention_heads."""
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    # --- Hugging Face config.json -------------------------------------------------------------
+    def to_hf(self) -> dict:
+        arch, model_type = ("Qwen2ForCausalLM", "qwen2") if self.qkv_bias else ("LlamaForCausalLM", "llama")
+        cfg = {
+            "architectures": [arch],
+            "model_type": model_type,
+            "hidden_act": "silu",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "vocab_size": self.vocab_size,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "use_cache": True,
+            "torch_dtype": "float32",
+        }
+        if model_type == "qwen2":
+            cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers)
+        else:
+            cfg.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+        return cfg
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelConfig":
+        model_type = cfg.get("model_type")
+        if model_type not in ("qwen2", "llama"):
+            raise ValueError(f"unsupported model_type {model_type!r}: qiusuo loads qwen2 and llama checkpoints")
+        if cfg.get("rope_scaling") not in (None, {}) and (cfg["rope_scaling"] or {}).get("rope_type", "default") != "default":
+            raise ValueError(f"rope_scaling {cfg['rope_scaling']!r} is not supported")
+        # transformers 5 moved rope_theta into rope_parameters.
+        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        eos = cfg.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0]
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in cfg.items() if k in known}
+        kwargs.update(
+            rope_theta=float(theta),
+            eos_token_id=eos,
+            qkv_bias=cfg.get("attention_bias", model_type == "qwen2"),
+            head_dim=cfg.get("head_dim") or 0,
+            tie_word_embeddings=cfg.get("tie_word_embeddings", model_type == "qwen2"),
+        )
+        return cls(**kwargs)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as transformers does, so bf16 runs match it too.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables for `positions` [B, T] → each [B, 1, T, head_dim] (HF's half-split layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # [B, T, head_dim/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated key/value buffers for every layer: [B, kv_heads, max_len, head_dim] each.
+
+    `length` is the number of filled positions, shared by all rows (rows are left-padded, and the
+    padding is masked by the caller's `key_mask`)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """Keep only `rows` (a gather along the batch axis); used to drop finished rows and to fan
+        a prefilled prompt out to G samples."""
+        new = object.__new__(KVCache)
+        new.k, new.v, new.length = self.k[:, rows], self.v[:, rows], self.length
+        return new
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, layer: int, cache: KVCache | None, attn_mask):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            start = cache.length
+            cache.k[layer, :, :, start:start + T] = k
+            cache.v[layer, :, :, start:start + T] = v
+            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, layer, cache, attn_mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, attn_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """`forward(ids, positions=None, cache=None, key_mask=None) -> logits [B, T, V]`.
+
+    - Training / scoring: `ids` right-padded [B, T], no cache; causal attention from position 0.
+    - Generation: pass a `KVCache`; `positions` [B, T] give each row's own positions (rows are
+      left-padded), and `key_mask` [B, cache.length + T] marks real (True) vs padding keys."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # Scale residual-branch outputs down with depth (GPT-2 style) so a fresh deep model trains stably.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.num_hidden_layers))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden(self, ids, positions=None, cache: KVCache | None = None, key_mask=None):
+        B, T = ids.shape
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + T, device=ids.device).expand(B, T)
+        x = self.model.embed_tokens(ids)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        attn_mask = None
+        if key_mask is not None:
+            # [B, 1, T, S]: causal within the new tokens, padding keys hidden everywhere.
+            S = key_mask.shape[1]
+            causal = torch.ones(T, S, dtype=torch.bool, device=ids.device).tril(S - T)
+            attn_mask = causal[None, None] & key_mask[:, None, None, :]
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, i, cache, attn_mask)
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(x)
+
+    def forward(self, ids, positions=None, cache: KVCache | None = None, key_mask=None):
+        return self.lm_head(self.hidden(ids, positions, cache, key_mask))
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch, max_len or self.config.max_position_embeddings, p.device, p.dtype)
+
+
+# --- checkpoint I/O in the Hugging Face layout -------------------------------------------------
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: a killed process leaves
+    either the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(Path(path), lambda p: p.write_text(text))
+
+
+def save_model(model: Transformer, out_dir: Path, generation_config: dict | None = None) -> None:
+    """Write config.json, model.safetensors and generation_config.json (each atomically)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    _atomic_write(out_dir / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write_text(out_dir / "config.json", json.dumps(model.config.to_hf(), indent=2))
+    gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
+           "pad_token_id": model.config.pad_token_id, "do_sample": True, "temperature": 0.6, "top_p": 0.95}
+    gen.update(generation_config or {})
+    atomic_write_text(out_dir / "generation_config.json", json.dumps(gen, indent=2))
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is missing, incomplete or corrupt."""
+
+
+def _read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single, index = ckpt / "model.safetensors", ckpt / "model.safetensors.index.json"
+    try:
+        if single.exists():
+            return load_file(str(single))
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state = {}
+            for shard in shards:
+                state.update(load_file(str(ckpt / shard)))
+            return state
+    except Exception as e:  # safetensors raises several types for truncated / garbage files
+        raise CheckpointError(f"{ckpt}: cannot read weights ({type(e).__name__}: {e})") from e
+    raise CheckpointError(f"{ckpt}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_model(ckpt: Path, device="cpu", dtype=torch.float32) -> Transformer:
+    """Load a Qwen2 / Llama checkpoint folder written by qiusuo or by `transformers`."""
+    ckpt = Path(ckpt)
+    if not (ckpt / "config.json").exists():
+        raise CheckpointError(f"{ckpt}: not a checkpoint (no config.json)")
+    try:
+        hf = json.loads((ckpt / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{ckpt}/config.json is not valid JSON: {e}") from e
+    cfg = ModelConfig.from_hf(hf)
+    state = _read_weights(ckpt)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    # Rotary inverse frequencies are recomputed, never loaded.
+    unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt}: weights do not match config (missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]})")
+    state = {k: v for k, v in state.items() if k in expected}
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(device=device, dtype=dtype)
+
+
+def config_dict(cfg: ModelConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,204 @@
+"""Next-token training on prompt/completion corpora: pretraining of the tiny base model, and (with
+`--init`) supervised fine-tuning of any checkpoint — cold start and distillation use the same loop.
+
+Loss is on completion tokens (and the end-of-turn token) only by default: the prompt is given at
+inference, so learning to predict it would spend the tiny model's capacity on nothing we use.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_checkpoint, load_train_state, rng_state, save_stage, set_rng_state
+from .corpus import read_corpus
+from .ledger import StageLedger, hardware, train_flops
+from .log import StepLog, console
+from .model import ModelConfig, Transformer
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class SFTConfig:
+    """Settings of `qiusuo pretrain` (and SFT from an existing checkpoint with `init`)."""
+
+    data: str = "runs/tiny/corpus"
+    """Corpus folder or .jsonl file of {prompt, completion} lines."""
+    out: str = "runs/tiny/base"
+    """Stage folder for the checkpoint, metrics and training state."""
+    init: str | None = None
+    """Checkpoint folder to start from; empty: a fresh model of shape `model`."""
+    model: dict = field(default_factory=lambda: {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+                                                 "num_attention_heads": 4, "num_key_value_heads": 2})
+    """ModelConfig fields of a fresh model (vocab size comes from the tokenizer)."""
+    steps: int = 1200
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Sequences per step."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = 50
+    """Linear warm-up steps."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr × this."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (matrices only)."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip."""
+    max_len: int = 256
+    """Longer examples are dropped (with a count in the log)."""
+    loss_on_prompt: bool = False
+    """Also learn to predict the prompt tokens."""
+    log_every: int = 50
+    """Print one line every this many steps (metrics.jsonl gets every step)."""
+    save_every: int = 200
+    """Write checkpoint + train_state every this many steps."""
+    seed: int = 0
+    """Seed of initialisation and data order."""
+    device: str = "cpu"
+    """torch device."""
+    price_per_device_hour: float = 0.10
+    """Dollars per device-hour for the cost ledger (a 2-core cloud VM ≈ $0.10/h)."""
+
+
+def encode_examples(rows: list[dict], tok: Tokenizer, max_len: int, loss_on_prompt: bool):
+    """Token ids and loss masks of each example: chat prompt + completion + end-of-turn."""
+    seqs, dropped = [], 0
+    for row in rows:
+        prompt = tok.prompt_ids(row["prompt"])
+        completion = tok.encode(row["completion"]) + [tok.eos_id]
+        ids = prompt + completion
+        if len(ids) > max_len:
+            dropped += 1
+            continue
+        mask = [loss_on_prompt] * len(prompt) + [True] * len(completion)
+        seqs.append((ids, mask))
+    if not seqs:
+        raise ValueError(f"every example is longer than max_len={max_len}")
+    return seqs, dropped
+
+
+def collate(batch, pad_id: int):
+    """Right-pad to the longest sequence; targets are ids shifted by one, masked where no loss."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.bool)
+    for i, (seq, m) in enumerate(batch):
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, :len(m)] = torch.tensor(m)
+    return ids[:, :-1], ids[:, 1:], mask[:, 1:]
+
+
+def lr_at(step: int, cfg: SFTConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only (norm gains and biases are not shrunk toward zero)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+def batches(lengths: list[int], batch_size: int, seed: int, position: int, bucket: int = 32):
+    """Endless shuffled index batches; `position` counts batches already consumed (for resume).
+
+    Each epoch is shuffled, cut into groups of `bucket` batches, and each group sorted by length
+    before it is split: batches then hold similar lengths and padding waste drops by about half,
+    while the data order stays random at the scale of a few hundred examples."""
+    epoch_len = len(lengths) // batch_size
+    if epoch_len == 0:
+        raise ValueError(f"fewer examples ({len(lengths)}) than batch_size={batch_size}")
+    cached = None
+    while True:
+        epoch, offset = divmod(position, epoch_len)
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, _epoch_batches(lengths, batch_size, epoch_len, random.Random(seed * 7919 + epoch), bucket))
+        yield cached[1][offset]
+        position += 1
+
+
+def _epoch_batches(lengths, batch_size, epoch_len, rng, bucket):
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    order = order[:epoch_len * batch_size]
+    out = []
+    for start in range(0, len(order), bucket * batch_size):
+        group = sorted(order[start:start + bucket * batch_size], key=lengths.__getitem__)
+        out += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    rng.shuffle(out)
+    return out
+
+
+def train(cfg: SFTConfig, resume: bool = False) -> Path:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    # --- model and tokenizer
+    if cfg.init:
+        model, tok = load_checkpoint(cfg.init, cfg.device)
+    else:
+        tok = Tokenizer.char_level()
+        mcfg = ModelConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                           max_position_embeddings=max(512, cfg.max_len), **cfg.model)
+        model = Transformer(mcfg).to(cfg.device)
+    # --- data
+    seqs, dropped = encode_examples(read_corpus(Path(cfg.data)), tok, cfg.max_len, cfg.loss_on_prompt)
+    if len(seqs) < cfg.batch_size:
+        raise ValueError(f"corpus has {len(seqs)} usable examples, fewer than batch_size={cfg.batch_size}")
+    console.print(f"pretrain: {model.num_params() / 1e6:.2f} M parameters, {len(seqs)} examples"
+                  + (f" ({dropped} longer than {cfg.max_len} dropped)" if dropped else ""))
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    # --- resume
+    step, data_pos = 0, 0
+    ledger = StageLedger(out.name, cfg.price_per_device_hour, hardware()["device"])
+    if resume:
+        state = load_train_state(out)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        step, data_pos = state["step"], state["data_pos"]
+        ledger.restore(state.get("ledger"))
+        console.print(f"resumed {out} at step {step}")
+    mc = model.config
+    # --- loop
+    model.train()
+    data = batches([len(ids) for ids, _ in seqs], cfg.batch_size, cfg.seed, data_pos)
+    with StepLog(out, cfg.steps, step, {"train/loss": "loss", "train/lr": "lr", "perf/tokens_per_s": "tok/s"},
+                 every=cfg.log_every, resume=resume) as log:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            idx = next(data)
+            x, y, mask = collate([seqs[i] for i in idx], tok.pad_id)
+            x, y, mask = x.to(cfg.device), y.to(cfg.device), mask.to(cfg.device)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            logits = model(x)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+            loss = (loss * mask.flatten()).sum() / mask.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step, data_pos = step + 1, data_pos + 1
+            tokens = int(x.numel())
+            ledger.add(train_flops(model.num_params(), tokens, mc.num_hidden_layers, mc.hidden_size, x.shape[1]), tokens)
+            dt = time.perf_counter() - t0
+            log.log(step, {"train/loss": round(loss.item(), 5), "train/lr": lr_at(step - 1, cfg),
+                           "train/grad_norm": round(grad_norm.item(), 4), "perf/tokens_per_s": round(tokens / dt),
+                           "perf/step_s": round(dt, 4)})
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save_stage(out, model, tok, cfg, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                                  "rng": rng_state(), "step": step, "data_pos": data_pos,
+                                                  "ledger": ledger.snapshot(), "config": asdict(cfg)})
+    ledger.finish(out / "ledger.json")
+    return out

@@ -1,0 +1,108 @@
+"""GRPO math against hand-computed values on small tensors."""
+import math
+
+import pytest
+import torch
+
+from qiusuo.grpo import (VARIANTS, GRPOConfig, agg_constant_norm, agg_sequence_mean, agg_token_mean,
+                         clipped_surrogate, group_advantages, kl_k3, policy_loss, token_logprobs, training_batch,
+                         Rollout)
+from qiusuo.engine import Completion
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
+    adv = group_advantages(r, eps=0.0 + 1e-12)
+    std = math.sqrt(((0.5 ** 2) * 4) / 3)  # unbiased std of [1,0,0,1]
+    assert torch.allclose(adv[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / std, atol=1e-6)
+    assert torch.equal(adv[1], torch.zeros(4))  # equal rewards: no signal
+    # Dr. GRPO: centred only
+    assert torch.allclose(group_advantages(r, scale_by_std=False)[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+
+
+def test_kl_k3_by_hand():
+    logp = torch.log(torch.tensor([0.5, 0.2]))
+    ref = torch.log(torch.tensor([0.25, 0.2]))
+    # ratio = ref/p = 0.5 → 0.5 − ln 0.5 − 1; identical → 0
+    expected = torch.tensor([0.5 - math.log(0.5) - 1, 0.0])
+    assert torch.allclose(kl_k3(logp, ref), expected, atol=1e-6)
+    assert (kl_k3(torch.randn(100), torch.randn(100)) >= 0).all()
+
+
+def test_ratio_and_clipping_by_hand():
+    logp_old = torch.zeros(2, 3)
+    # ratios 1.5, 1.0, 0.5 for both rows
+    logp = torch.log(torch.tensor([[1.5, 1.0, 0.5], [1.5, 1.0, 0.5]]))
+    adv = torch.tensor([2.0, -1.0])
+    obj, clipped = clipped_surrogate(logp, logp_old, adv, eps_low=0.2, eps_high=0.28)
+    # A>0: min(1.5·2, 1.28·2)=2.56, 2, min(0.5·2, 0.8·2)=1.0 ; A<0: min(-1.5, -1.28)=-1.5, -1, min(-0.5,-0.8)=-0.8
+    assert torch.allclose(obj, torch.tensor([[2.56, 2.0, 1.0], [-1.5, -1.0, -0.8]]), atol=1e-6)
+    assert clipped.tolist() == [[True, False, False], [False, False, True]]
+
+
+def test_aggregations_by_hand():
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    assert agg_sequence_mean(per_token, mask, 4).item() == pytest.approx((2.0 + 4.0) / 2)   # GRPO
+    assert agg_token_mean(per_token, mask, 4).item() == pytest.approx(10.0 / 4)             # DAPO
+    assert agg_constant_norm(per_token, mask, 4).item() == pytest.approx(10.0 / (2 * 4))    # Dr. GRPO
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "dapo"])
+def test_padding_never_contributes(loss):
+    torch.manual_seed(0)
+    logp = torch.randn(3, 5, requires_grad=True)
+    old, ref = torch.randn(3, 5), torch.randn(3, 5)
+    adv = torch.randn(3)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    v = VARIANTS[loss]
+    l1, _ = policy_loss(logp, old, ref, adv, mask, v, 0.2, v.eps_high, 0.1, 5)
+    l1.backward()
+    assert torch.all(logp.grad[~mask] == 0)
+    # changing padded values changes nothing
+    junk = torch.where(mask, logp.detach(), torch.full_like(logp, 50.0))
+    l2, _ = policy_loss(junk, torch.where(mask, old, -50.0), torch.where(mask, ref, 9.0), adv, mask, v, 0.2,
+                        v.eps_high, 0.1, 5)
+    assert l2.item() == pytest.approx(l1.item(), abs=1e-6)
+
+
+def test_mu_one_gradient_is_the_policy_gradient():
+    """With π_old = π_θ (detached) the loss value is −mean(A) and its gradient is −A·∇logp."""
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    adv = torch.tensor([3.0])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    loss, _ = policy_loss(logp, logp.detach(), None, adv, mask, VARIANTS["grpo"], 0.2, 0.2, 0.0, 2)
+    loss.backward()
+    assert loss.item() == pytest.approx(-3.0)
+    assert torch.allclose(logp.grad, torch.tensor([[-1.5, -1.5]]))
+
+
+def test_kl_term_in_loss_by_hand():
+    logp = torch.log(torch.tensor([[0.5]]))
+    ref = torch.log(torch.tensor([[0.25]]))
+    loss, parts = policy_loss(logp, logp, ref, torch.tensor([0.0]), torch.ones(1, 1, dtype=torch.bool),
+                              VARIANTS["grpo"], 0.2, 0.2, 0.5, 1)
+    kl = 0.5 - math.log(0.5) - 1
+    assert parts["kl"] == pytest.approx(kl)
+    assert loss.item() == pytest.approx(0.5 * kl)
+
+
+def test_variant_defaults_are_derived():
+    assert GRPOConfig(loss="dapo").eps_high == 0.28 and GRPOConfig(loss="dapo").beta == 0.0
+    assert GRPOConfig(loss="dapo").dynamic_sampling and GRPOConfig(loss="dapo").overlong_buffer > 0
+    assert GRPOConfig(loss="grpo").beta == 0.001 and not GRPOConfig(loss="grpo").dynamic_sampling
+    assert GRPOConfig(loss="grpo", beta=0.0).beta == 0.0
+    with pytest.raises(ValueError, match="loss must be one of"):
+        GRPOConfig(loss="ppo")
+
+
+def test_training_batch_masks_exactly_the_completion(model, tok):
+    prompts = [[5, 6, 7], [8]]
+    comps = [Completion(0, [20, 21]), Completion(0, [22]), Completion(1, [23, 24, 25]), Completion(1, [26])]
+    r = Rollout(problems=[None, None], prompt_ids=prompts, completions=comps, rewards=torch.zeros(2, 2), parts={})
+    ids, mask = training_batch(r, tok.pad_id, "cpu")
+    assert ids.tolist()[0] == [5, 6, 7, 20, 21] and ids.tolist()[2][:4] == [8, 23, 24, 25]
+    targets = ids[:, 1:]
+    assert targets[mask].tolist() == [20, 21, 22, 23, 24, 25, 26]
+    logp, ent = token_logprobs(model, ids)
+    assert logp.shape == mask.shape and (logp <= 0).all() and (ent >= 0).all()

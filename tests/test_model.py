@@ -1,0 +1,101 @@
+"""The model matches `transformers` on checkpoints it writes, and bad checkpoints fail clearly."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import tiny_model
+from qiusuo.model import CheckpointError, load_model, save_model
+
+TEXT = "<|user|>4821+397<|end|><|assistant|><think>1+7+0=8>8,2+9+0=11>18</think><answer>5218</answer><|end|>"
+
+
+@pytest.mark.parametrize("qkv_bias,tied", [(True, True), (False, True), (True, False)])
+def test_transformers_loads_same_logits_and_ids(tmp_path, tok, qkv_bias, tied):
+    model = tiny_model(tok, qkv_bias=qkv_bias, tie_word_embeddings=tied)
+    save_model(model, tmp_path)
+    tok.save(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json"} <= files
+    arch = json.loads((tmp_path / "config.json").read_text())["architectures"][0]
+    assert arch == ("Qwen2ForCausalLM" if qkv_bias else "LlamaForCausalLM")
+
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path)
+    ids = tok.encode(TEXT)
+    assert hf_tok(TEXT, add_special_tokens=False)["input_ids"] == ids
+    assert hf_tok.decode(ids) == TEXT == tok.decode(ids)
+    rendered = hf_tok.apply_chat_template([{"role": "user", "content": "4821+397"}], tokenize=False,
+                                          add_generation_prompt=True)
+    assert rendered == tok.render_chat([{"role": "user", "content": "4821+397"}])
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    x = torch.tensor([ids, ids[::-1]])
+    with torch.no_grad():
+        diff = (model(x) - hf(x).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_round_trip_is_exact(tmp_path, tok, model):
+    save_model(model, tmp_path)
+    loaded = load_model(tmp_path)
+    x = torch.tensor([tok.encode(TEXT)])
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still tied
+
+
+def test_kv_cache_matches_full_forward_at_every_position(tok, model):
+    ids = torch.tensor([tok.encode(TEXT)])
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(1, ids.shape[1])
+        prefix = 7
+        steps = [model(ids[:, :prefix], cache=cache)]
+        for t in range(prefix, ids.shape[1]):
+            steps.append(model(ids[:, t:t + 1], cache=cache))
+    cached = torch.cat(steps, dim=1)
+    assert (cached - full).abs().max().item() < 1e-5
+
+
+def test_left_padding_with_mask_matches_unpadded(tok, model):
+    ids = tok.encode("12+34")
+    pad = 5
+    x = torch.tensor([[tok.pad_id] * pad + ids])
+    mask = torch.tensor([[False] * pad + [True] * len(ids)])
+    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        padded = model(x, pos, model.new_cache(1, 32), mask)[:, pad:]
+        plain = model(torch.tensor([ids]))
+    assert (padded - plain).abs().max().item() < 1e-5
+
+
+def test_missing_and_corrupt_checkpoints_fail_clearly(tmp_path, model):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_model(tmp_path)
+    save_model(model, tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="cannot read weights"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_model(tmp_path)
+
+
+def test_sharded_checkpoint_loads(tmp_path, tok, model):
+    from safetensors.torch import save_file
+
+    save_model(model, tmp_path)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    keys = sorted(state)
+    half = len(keys) // 2
+    shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+    for name, ks in shards.items():
+        save_file({k: state[k] for k in ks}, str(tmp_path / name))
+    (tmp_path / "model.safetensors").unlink()
+    index = {"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    x = torch.tensor([tok.encode(TEXT)])
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path)(x), model(x))
