@@ -123,7 +123,9 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     atomic_write_text(path, json.dumps(result, indent=2))
     ledger = StageLedger(f"eval/{Path(cfg.checkpoint).name}", cfg.price_per_device_hour, hardware()["device"])
-    ledger.add(forward_flops(model.num_params(), gen_tokens, mc.num_hidden_layers, mc.hidden_size, cfg.max_new_tokens), gen_tokens)
+    # attention context: the mean prompt plus the mean completion length
+    ctx = sum(len(tok.prompt_ids(p.prompt)) for p in problems) / len(problems) + gen_tokens / len(completions)
+    ledger.add(forward_flops(model.num_params(), gen_tokens, mc.num_hidden_layers, mc.hidden_size, int(ctx)), gen_tokens)
     ledger.finish(path.with_suffix(".ledger.json"))
     print_table(result)
     return result

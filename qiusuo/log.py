@@ -10,7 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-console = Console(stderr=True, highlight=False)
+# Wide when not a terminal, so one step stays one line in logs and CI output.
+console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 240)
 
 
 def warn(message: str) -> None:

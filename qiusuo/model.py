@@ -232,6 +232,8 @@ class Transformer(nn.Module):
     """`forward(ids, positions=None, cache=None, key_mask=None) -> logits [B, T, V]`.
 
     - Training / scoring: `ids` right-padded [B, T], no cache; causal attention from position 0.
+    - Packed training: several documents per row; `doc_ids` [B, T] keeps attention inside each
+      document and `positions` restart at 0 for each.
     - Generation: pass a `KVCache`; `positions` [B, T] give each row's own positions (rows are
       left-padded), and `key_mask` [B, cache.length + T] marks real (True) vs padding keys."""
 
@@ -258,7 +260,7 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def hidden(self, ids, positions=None, cache: KVCache | None = None, key_mask=None):
+    def hidden(self, ids, positions=None, cache: KVCache | None = None, key_mask=None, doc_ids=None):
         B, T = ids.shape
         if positions is None:
             start = cache.length if cache is not None else 0
@@ -266,7 +268,11 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         attn_mask = None
-        if key_mask is not None:
+        if doc_ids is not None:
+            # Packed training rows: causal attention within each document only.
+            causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+            attn_mask = (causal[None] & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+        elif key_mask is not None:
             # [B, 1, T, S]: causal within the new tokens, padding keys hidden everywhere.
             S = key_mask.shape[1]
             causal = torch.ones(T, S, dtype=torch.bool, device=ids.device).tril(S - T)
@@ -277,8 +283,8 @@ class Transformer(nn.Module):
             cache.length += T
         return self.model.norm(x)
 
-    def forward(self, ids, positions=None, cache: KVCache | None = None, key_mask=None):
-        return self.lm_head(self.hidden(ids, positions, cache, key_mask))
+    def forward(self, ids, positions=None, cache: KVCache | None = None, key_mask=None, doc_ids=None):
+        return self.lm_head(self.hidden(ids, positions, cache, key_mask, doc_ids))
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.lm_head.weight

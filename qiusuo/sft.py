@@ -38,8 +38,8 @@ class SFTConfig:
     """ModelConfig fields of a fresh model (vocab size comes from the tokenizer)."""
     steps: int = 1200
     """Optimizer steps."""
-    batch_size: int = 64
-    """Sequences per step."""
+    batch_size: int = 16
+    """Rows per step; each row packs whole examples into `max_len` tokens."""
     lr: float = 3e-3
     """Peak learning rate (AdamW)."""
     warmup_steps: int = 50
@@ -51,7 +51,7 @@ class SFTConfig:
     grad_clip: float = 1.0
     """Gradient-norm clip."""
     max_len: int = 256
-    """Longer examples are dropped (with a count in the log)."""
+    """Row length of packed batches; longer examples are dropped (with a count in the log)."""
     loss_on_prompt: bool = False
     """Also learn to predict the prompt tokens."""
     log_every: int = 50
@@ -83,15 +83,47 @@ def encode_examples(rows: list[dict], tok: Tokenizer, max_len: int, loss_on_prom
     return seqs, dropped
 
 
-def collate(batch, pad_id: int):
-    """Right-pad to the longest sequence; targets are ids shifted by one, masked where no loss."""
-    width = max(len(ids) for ids, _ in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.bool)
-    for i, (seq, m) in enumerate(batch):
-        ids[i, :len(seq)] = torch.tensor(seq)
-        mask[i, :len(m)] = torch.tensor(m)
-    return ids[:, :-1], ids[:, 1:], mask[:, 1:]
+def pack(seqs: list, order: list[int], max_len: int) -> list[list[int]]:
+    """Greedily fill rows of `max_len` tokens with whole examples, in the given order.
+
+    Packing instead of padding: every batch holds a random mix of short direct answers and long
+    traces (batches sorted by length would alternate between styles and skew what the model
+    learns), and no compute is spent on padding."""
+    rows, row, used = [], [], 0
+    for i in order:
+        n = len(seqs[i][0])
+        if used + n > max_len and row:
+            rows.append(row)
+            row, used = [], 0
+        row.append(i)
+        used += n
+    if row:
+        rows.append(row)
+    return rows
+
+
+def collate(seqs: list, rows: list[list[int]], pad_id: int, max_len: int):
+    """Packed rows → inputs, targets, loss mask, positions and document ids, each [B, max_len − 1].
+
+    Targets never cross a document boundary: the last token of a document predicts nothing."""
+    B = len(rows)
+    ids = torch.full((B, max_len), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, max_len), dtype=torch.bool)
+    pos = torch.zeros((B, max_len), dtype=torch.long)
+    doc = torch.full((B, max_len), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for d, i in enumerate(row):
+            seq, m = seqs[i]
+            n = len(seq)
+            ids[r, at:at + n] = torch.tensor(seq)
+            mask[r, at:at + n] = torch.tensor(m)
+            pos[r, at:at + n] = torch.arange(n)
+            doc[r, at:at + n] = d
+            at += n
+    # target t+1 counts only if it is in the same document as t and carries loss
+    same_doc = (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] >= 0)
+    return ids[:, :-1], ids[:, 1:], mask[:, 1:] & same_doc, pos[:, :-1], doc[:, :-1]
 
 
 def lr_at(step: int, cfg: SFTConfig) -> float:
@@ -109,34 +141,24 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 
 
-def batches(lengths: list[int], batch_size: int, seed: int, position: int, bucket: int = 32):
-    """Endless shuffled index batches; `position` counts batches already consumed (for resume).
-
-    Each epoch is shuffled, cut into groups of `bucket` batches, and each group sorted by length
-    before it is split: batches then hold similar lengths and padding waste drops by about half,
-    while the data order stays random at the scale of a few hundred examples."""
-    epoch_len = len(lengths) // batch_size
-    if epoch_len == 0:
-        raise ValueError(f"fewer examples ({len(lengths)}) than batch_size={batch_size}")
+def batches(seqs: list, batch_size: int, max_len: int, seed: int, position: int):
+    """Endless batches of packed rows; `position` counts batches already consumed (for resume).
+    Each epoch reshuffles the examples (deterministically from seed and epoch) and repacks them."""
     cached = None
     while True:
-        epoch, offset = divmod(position, epoch_len)
-        if cached is None or cached[0] != epoch:
-            cached = (epoch, _epoch_batches(lengths, batch_size, epoch_len, random.Random(seed * 7919 + epoch), bucket))
-        yield cached[1][offset]
+        if cached is None or position >= cached[0] + len(cached[1]):
+            epoch = 0 if cached is None else cached[2] + 1
+            start = 0 if cached is None else cached[0] + len(cached[1])
+            order = list(range(len(seqs)))
+            random.Random(seed * 7919 + epoch).shuffle(order)
+            rows = pack(seqs, order, max_len)
+            epoch_batches = [rows[i:i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)]
+            if not epoch_batches:
+                raise ValueError(f"corpus fills fewer than batch_size={batch_size} rows of {max_len} tokens")
+            cached = (start, epoch_batches, epoch)
+            continue
+        yield cached[1][position - cached[0]]
         position += 1
-
-
-def _epoch_batches(lengths, batch_size, epoch_len, rng, bucket):
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    order = order[:epoch_len * batch_size]
-    out = []
-    for start in range(0, len(order), bucket * batch_size):
-        group = sorted(order[start:start + bucket * batch_size], key=lengths.__getitem__)
-        out += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
-    rng.shuffle(out)
-    return out
 
 
 def train(cfg: SFTConfig, resume: bool = False) -> Path:
@@ -153,8 +175,6 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
         model = Transformer(mcfg).to(cfg.device)
     # --- data
     seqs, dropped = encode_examples(read_corpus(Path(cfg.data)), tok, cfg.max_len, cfg.loss_on_prompt)
-    if len(seqs) < cfg.batch_size:
-        raise ValueError(f"corpus has {len(seqs)} usable examples, fewer than batch_size={cfg.batch_size}")
     console.print(f"pretrain: {model.num_params() / 1e6:.2f} M parameters, {len(seqs)} examples"
                   + (f" ({dropped} longer than {cfg.max_len} dropped)" if dropped else ""))
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -172,17 +192,15 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
     mc = model.config
     # --- loop
     model.train()
-    data = batches([len(ids) for ids, _ in seqs], cfg.batch_size, cfg.seed, data_pos)
+    data = batches(seqs, cfg.batch_size, cfg.max_len, cfg.seed, data_pos)
     with StepLog(out, cfg.steps, step, {"train/loss": "loss", "train/lr": "lr", "perf/tokens_per_s": "tok/s"},
                  every=cfg.log_every, resume=resume) as log:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            idx = next(data)
-            x, y, mask = collate([seqs[i] for i in idx], tok.pad_id)
-            x, y, mask = x.to(cfg.device), y.to(cfg.device), mask.to(cfg.device)
+            x, y, mask, pos, doc = (t.to(cfg.device) for t in collate(seqs, next(data), tok.pad_id, cfg.max_len))
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            logits = model(x)
+            logits = model(x, positions=pos, doc_ids=doc)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
             loss = (loss * mask.flatten()).sum() / mask.sum()
             opt.zero_grad(set_to_none=True)
@@ -190,7 +208,7 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             step, data_pos = step + 1, data_pos + 1
-            tokens = int(x.numel())
+            tokens = int((doc >= 0).sum())
             ledger.add(train_flops(model.num_params(), tokens, mc.num_hidden_layers, mc.hidden_size, x.shape[1]), tokens)
             dt = time.perf_counter() - t0
             log.log(step, {"train/loss": round(loss.item(), 5), "train/lr": lr_at(step - 1, cfg),

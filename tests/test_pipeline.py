@@ -1,0 +1,107 @@
+"""Smoke runs of every CLI stage with tiny settings, resume after a stop, and clear errors on bad input."""
+import json
+
+import pytest
+import torch
+
+from qiusuo.cli import main
+
+pytestmark = pytest.mark.slow
+
+TINY_MODEL = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, num_key_value_heads: 1}"
+
+
+def run(*args):
+    assert main([str(a) for a in args]) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    run("corpus", "--out", root / "corpus", "--n-examples", 400)
+    run("pretrain", "--data", root / "corpus", "--out", root / "base", "--model", TINY_MODEL,
+        "--steps", 6, "--batch-size", 4, "--save-every", 3, "--log-every", 3)
+    return root
+
+
+def test_corpus_mixes_styles_and_tasks(tiny_run):
+    rows = [json.loads(line) for line in (tiny_run / "corpus" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 400
+    assert {r["style"] for r in rows} == {"direct", "steps", "flawed"}
+    assert {r["task"] for r in rows} == {"arith", "countdown"}
+
+
+def test_pretrain_writes_a_complete_stage(tiny_run):
+    base = tiny_run / "base"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json", "train_state.pt", "metrics.jsonl", "config.yaml", "ledger.json"):
+        assert (base / name).exists(), name
+    lines = [json.loads(x) for x in (base / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 7))
+    ledger = json.loads((base / "ledger.json").read_text())
+    assert ledger["flops"] > 0 and ledger["cost"] >= 0
+
+
+def test_pretrain_resume_continues_exactly(tiny_run, tmp_path):
+    """6 steps in one go == 3 steps, stop, resume for the rest (same weights, bit for bit)."""
+    args = ["--data", tiny_run / "corpus", "--model", TINY_MODEL, "--batch-size", 4, "--save-every", 3]
+    run("pretrain", "--out", tmp_path / "a", "--steps", 6, *args)
+    run("pretrain", "--out", tmp_path / "b", "--steps", 3, *args)
+    run("pretrain", "--out", tmp_path / "b", "--steps", 6, "--resume", *args)
+    a = torch.load(tmp_path / "a" / "train_state.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "dapo"])
+def test_grpo_eval_report(tiny_run, tmp_path, loss):
+    out = tmp_path / "zero"
+    run("grpo", "--init", tiny_run / "base", "--out", out, "--loss", loss, "--steps", 2, "--prompts-per-step", 2,
+        "--group-size", 4, "--max-new-tokens", 16, "--mu", 2, "--minibatches", 2, "--beta", 0.01, "--sample-every", 1)
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2
+    for key in ("rollout/reward_mean", "rollout/accuracy", "rollout/len_mean", "rollout/zero_std_frac",
+                "train/kl", "train/entropy", "train/clip_frac", "train/grad_norm", "perf/tokens_per_s", "perf/step_s"):
+        assert key in metrics[0], key
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert {"prompt", "completion", "reward", "advantage"} <= set(samples[0])
+    run("eval", "--checkpoint", out, "--n-per-difficulty", 2, "--k", 2, "--max-new-tokens", 16,
+        "--tasks", "{arith: [2], countdown: [3]}")
+    result = json.loads((tmp_path / "eval" / "zero.json").read_text())
+    assert result["k"] == 2 and result["overall"]["n"] == 4
+    assert set(result["tasks"]) == {"arith", "countdown"}
+    assert 0.0 <= result["overall"]["pass@1"] <= 1.0
+    run("report", tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "zero" in report and (tmp_path / "plots" / "zero_reward.png").exists()
+
+
+def test_grpo_resume(tiny_run, tmp_path):
+    args = ["--init", tiny_run / "base", "--out", tmp_path / "z", "--prompts-per-step", 2, "--group-size", 2,
+            "--max-new-tokens", 8, "--save-every", 1]
+    run("grpo", "--steps", 1, *args)
+    run("grpo", "--steps", 2, "--resume", *args)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "z" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_bad_input_gives_clear_errors(tmp_path, capsys):
+    assert main(["pretrain", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1", "completion": "<think></think><answer>2</answer>"}\n{oops\n')
+    assert main(["pretrain", "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "bad.jsonl:2: malformed" in capsys.readouterr().err
+    assert main(["grpo", "--init", str(tmp_path / "missing"), "--out", str(tmp_path / "z")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["grpo", "--loss", "ppo"]) == 2
+    assert "loss must be one of" in capsys.readouterr().err
+    assert main(["pretrain", "--steps", "many"]) == 2
+    assert "steps" in capsys.readouterr().err
+    assert main(["grpo", "--out", str(tmp_path / "fresh"), "--resume"]) == 2
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("grpo:\n  stepz: 3\n")
+    assert main(["grpo", "--config", str(cfg)]) == 2
+    assert "unknown GRPOConfig setting(s): stepz" in capsys.readouterr().err
