@@ -54,13 +54,10 @@ def demo(run: Path, config: Path | None, resume: bool, price: float | None) -> N
     price_kw = {} if price is None else {"price_per_device_hour": price}
 
     def cfg(cls, section, **wiring):
-        values = {**(sections.get(section) or {}), **wiring}
-        if cls is not CorpusConfig:
-            values.update(price_kw)
-        return build(cls, values)
+        return build(cls, {**(sections.get(section) or {}), **wiring, **price_kw})
 
     plan = [
-        ("corpus", cfg(CorpusConfig, "corpus", out=str(run / "corpus")), run / "corpus" / "train.jsonl"),
+        ("corpus", cfg(CorpusConfig, "corpus", out=str(run / "corpus")), run / "corpus" / "ledger.json"),
         ("pretrain", cfg(SFTConfig, "pretrain", data=str(run / "corpus"), out=str(run / "base")), run / "base" / "ledger.json"),
         ("eval", cfg(EvalConfig, "eval", checkpoint=str(run / "base")), run / "eval" / "base.json"),
         ("grpo", cfg(GRPOConfig, "grpo", init=str(run / "base"), out=str(run / "zero")), run / "zero" / "ledger.json"),

@@ -33,6 +33,8 @@ class CorpusConfig:
     """Examples to write."""
     seed: int = 0
     """Seed of the problem and style draws."""
+    price_per_device_hour: float = 0.10
+    """Dollars per device-hour for the cost ledger."""
 
     def __post_init__(self) -> None:
         for name in self.tasks:
@@ -66,7 +68,9 @@ def examples(cfg: CorpusConfig):
 def write_corpus(cfg: CorpusConfig) -> dict:
     """Write `<out>/train.jsonl` atomically; return counts per task and style."""
     from .config import save_config
+    from .ledger import StageLedger, hardware
 
+    ledger = StageLedger("corpus", cfg.price_per_device_hour, hardware()["device"])
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}
@@ -78,6 +82,7 @@ def write_corpus(cfg: CorpusConfig) -> dict:
             counts[key] = counts.get(key, 0) + 1
     tmp.replace(out / "train.jsonl")
     save_config(cfg, out)
+    ledger.finish(out / "ledger.json")  # no model FLOPs: the cost is the wall time
     return counts
 
 

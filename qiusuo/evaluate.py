@@ -95,6 +95,7 @@ def summarise(rows: list[dict]) -> dict:
 
 def evaluate(cfg: EvalConfig) -> dict:
     t0 = time.perf_counter()
+    ledger = StageLedger(f"eval/{Path(cfg.checkpoint).name}", cfg.price_per_device_hour, hardware()["device"])
     model, tok = load_checkpoint(cfg.checkpoint, cfg.device)
     model.eval()
     engine = Engine(model, tok)
@@ -122,7 +123,6 @@ def evaluate(cfg: EvalConfig) -> dict:
     from .model import atomic_write_text
 
     atomic_write_text(path, json.dumps(result, indent=2))
-    ledger = StageLedger(f"eval/{Path(cfg.checkpoint).name}", cfg.price_per_device_hour, hardware()["device"])
     # attention context: the mean prompt plus the mean completion length
     ctx = sum(len(tok.prompt_ids(p.prompt)) for p in problems) / len(problems) + gen_tokens / len(completions)
     ledger.add(forward_flops(model.num_params(), gen_tokens, mc.num_hidden_layers, mc.hidden_size, int(ctx)), gen_tokens)

@@ -105,3 +105,32 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
     cfg.write_text("grpo:\n  stepz: 3\n")
     assert main(["grpo", "--config", str(cfg)]) == 2
     assert "unknown GRPOConfig setting(s): stepz" in capsys.readouterr().err
+
+
+def test_demo_runs_every_stage_and_resume_skips_them(tmp_path, capsys):
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(f"""
+corpus: {{n_examples: 300}}
+pretrain: {{steps: 4, batch_size: 4, model: {TINY_MODEL}}}
+eval: {{n_per_difficulty: 2, k: 2, max_new_tokens: 12, tasks: {{arith: [2]}}}}
+grpo: {{steps: 2, prompts_per_step: 2, group_size: 2, max_new_tokens: 12, tasks: {{arith: [2]}}}}
+""")
+    run("demo", "--run", tmp_path / "r", "--config", cfg, "--price-per-device-hour", 2.0)
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "`base`" in report and "`zero`" in report and "pass@1" in report
+    assert json.loads((tmp_path / "r" / "zero" / "ledger.json").read_text())["price_per_device_hour"] == 2.0
+    capsys.readouterr()
+    run("demo", "--run", tmp_path / "r", "--config", cfg, "--resume")
+    out = capsys.readouterr().out
+    assert out.count("already done") == 5
+
+
+@pytest.mark.parametrize("stage", ["corpus", "pretrain", "grpo", "eval", "demo", "report"])
+def test_every_stage_has_help(stage, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([stage, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "--config" in text or stage == "report"
+    if stage == "grpo":
+        assert "KL coefficient" in text and "--resume" in text
