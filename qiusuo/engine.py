@@ -1,15 +1,22 @@
 """Token-in / token-out generation engine: one engine for GRPO rollouts, evaluation, chat and serving.
 
-- Prompts are left-padded into one batch and prefilled once; with `n > 1` the prefilled KV cache is
-  fanned out to the n samples of each prompt (GRPO's group), so a prompt is never recomputed.
-- A preallocated KV cache; each decode step feeds one token per running row.
-- Sampling: temperature, top-k, top-p; every row has its own `torch.Generator`, so a row's tokens
-  depend on its seed only — the same seed gives the same tokens alone or in any batch.
-- Rows stop on eos / stop token ids / stop strings / `max_new_tokens`; finished rows are dropped
-  from the batch (the cache is compacted) so they stop costing compute.
+- `DecodeBatch`: rows decoding together over one preallocated KV cache. Prompts are prefilled once,
+  right-padded from position 0; with `n > 1` the prefilled cache is fanned out to the n samples of
+  each prompt (GRPO's group), so a prompt is never recomputed. Each step samples one token per row
+  and feeds it back; finished rows are dropped from the batch (the cache is compacted in bursts) so
+  they stop costing compute; new rows can join between steps.
+- Sampling: temperature, top-k, top-p, per row; every row has its own `torch.Generator`, so a row's
+  tokens depend on its seed only — the same seed gives the same tokens alone or in any batch.
+- Rows stop on eos / stop token ids / stop strings / `max_new_tokens` / the context limit.
+- `Engine.generate` (static batches: rollouts, evaluation), `Engine.stream` (one prompt, chat) and
+  `Scheduler` (continuous batching for the server) all run on `DecodeBatch`.
 """
 from __future__ import annotations
 
+import asyncio
+import queue
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -57,26 +64,27 @@ class Completion:
     """Decoded text without the stop token / stop string (set when the engine has a tokenizer)."""
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """Pick one token per row from `logits` [B, V] → ids [B].
+def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+                generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row from `logits` [B, V] with per-row temperature / top-p / top-k [B] → ids [B].
 
     Inverse-CDF sampling with one uniform draw per row from that row's generator: unlike
     `torch.multinomial` on the batch, a row's draw does not depend on the other rows."""
-    if params.temperature == 0:
+    greedy = temperature == 0
+    if bool(greedy.all()):
         return logits.argmax(-1)
-    logits = logits.float() / params.temperature
-    if params.top_k:
-        kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
+    logits = logits.float() / torch.where(greedy, 1.0, temperature)[:, None]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1], device=logits.device)
+    outside_k = (top_k[:, None] > 0) & (rank[None, :] >= top_k[:, None])
+    probs = sorted_logits.masked_fill(outside_k, float("-inf")).softmax(-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+    probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], 0.0)
     cum = probs.cumsum(-1)
-    if params.top_p < 1.0:
-        # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
-        probs = probs.masked_fill(cum - probs >= params.top_p, 0.0)
-        cum = probs.cumsum(-1)
-    u = torch.stack([torch.rand((), generator=g) for g in generators]) * cum[:, -1]
+    u = torch.stack([torch.rand((), generator=g) for g in generators]).to(logits.device) * cum[:, -1]
     pick = torch.searchsorted(cum, u[:, None]).clamp_max(probs.shape[-1] - 1)
-    return order.gather(-1, pick).squeeze(-1)
+    token = order.gather(-1, pick).squeeze(-1)
+    return torch.where(greedy, logits.argmax(-1), token)
 
 
 def _generator(seed: int | None) -> torch.Generator:
@@ -88,8 +96,136 @@ def _generator(seed: int | None) -> torch.Generator:
     return g
 
 
+def _find_stop_string(text: str, stop_strings: Sequence[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+@dataclass
+class Row:
+    """One sequence being decoded. `owner` is whatever the caller uses to route its tokens."""
+
+    owner: object
+    params: SamplingParams
+    stops: frozenset
+    generator: torch.Generator
+    limit: int                      # last position this row may reach (context or max_new_tokens)
+    pos: int = 0                    # position of the next token fed to the model
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    cancelled: bool = False
+
+
+class DecodeBatch:
+    """Rows that decode together over one KV cache; rows join (`admit`) and leave between steps."""
+
+    def __init__(self, engine: "Engine", max_len: int):
+        self.engine, self.model, self.max_len = engine, engine.model, max_len
+        self.rows: list[Row] = []
+        self.cache: KVCache | None = None
+        self.logits: torch.Tensor | None = None   # next-token logits of every row [B, V]
+        self.alive: list[bool] = []
+
+    def __len__(self) -> int:
+        return sum(self.alive)
+
+    def cached_tokens(self) -> int:
+        """Cache positions reserved by the rows (their prompt plus what they may still generate)."""
+        return sum(r.limit + 1 for r, a in zip(self.rows, self.alive) if a)
+
+    @torch.no_grad()
+    def admit(self, prompts: list[list[int]], rows: list[Row], n: int = 1) -> None:
+        """Prefill `prompts` once and add n rows per prompt (rows[i * n + j] is sample j of prompt i)."""
+        device = self.engine.device
+        lengths = [len(p) for p in prompts]
+        if min(lengths) < 1:
+            raise ValueError("every prompt needs at least one token")
+        if max(lengths) >= self.max_len:
+            raise ValueError(f"prompt of {max(lengths)} tokens leaves no room in a context of {self.max_len}")
+        ids = torch.full((len(prompts), max(lengths)), self.engine.pad_id, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p)
+        cache = self.model.new_cache(len(prompts), self.max_len)
+        hidden = self.model.hidden(ids.to(device), cache=cache)
+        last = hidden[torch.arange(len(prompts)), torch.tensor(lengths) - 1]
+        logits = self.model.lm_head(last)                         # [P, V]
+        if n > 1:
+            fan = torch.arange(len(prompts), device=device).repeat_interleave(n)
+            cache, logits = cache.select(fan, upto=max(lengths)), logits[fan]
+        for i, row in enumerate(rows):
+            row.pos = lengths[i // n]
+            row.limit = min(self.max_len - 1, row.pos + row.params.max_new_tokens - 1)
+        self._compact(force=True)
+        if self.cache is None:
+            self.cache, self.logits = cache, logits
+        else:
+            self.cache = KVCache.concat(self.cache, cache)
+            self.logits = torch.cat([self.logits, logits])
+        self.rows += rows
+        self.alive += [True] * len(rows)
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[Row, int, bool]]:
+        """Sample one token for every live row and feed it back; return (row, token, finished) triples."""
+        if not any(self.alive):
+            return []
+        rows = self.rows
+        temperature = torch.tensor([r.params.temperature for r in rows])
+        top_p = torch.tensor([r.params.top_p for r in rows])
+        top_k = torch.tensor([r.params.top_k for r in rows])
+        tokens = sample_next(self.logits, temperature, top_p, top_k, [r.generator for r in rows]).tolist()
+        events = []
+        for i, (row, token) in enumerate(zip(rows, tokens)):
+            if not self.alive[i]:
+                continue
+            row.generated.append(token)
+            if row.cancelled:
+                row.finish_reason = "cancelled"
+            elif token in row.stops or self._hit_stop_string(row):
+                row.finish_reason = "stop"
+            elif row.pos >= row.limit:
+                row.finish_reason = "length"
+            if row.finish_reason:
+                self.alive[i] = False
+            events.append((row, token, row.finish_reason is not None))
+        self._compact()
+        if self.rows:
+            # Finished rows still in the batch are fed in place (their position stays put, so they
+            # never write past the cache); what they produce is never reported.
+            feed = torch.tensor([[r.generated[-1]] for r in self.rows], device=self.engine.device)
+            pos = torch.tensor([[r.pos] for r in self.rows], device=self.engine.device)
+            self.logits = self.model(feed, pos, self.cache)[:, -1]
+            for r, alive in zip(self.rows, self.alive):
+                r.pos += alive
+        return events
+
+    def _hit_stop_string(self, row: Row) -> bool:
+        if not row.params.stop_strings or self.engine.tokenizer is None:
+            return False
+        tail = self.engine.tokenizer.decode(row.generated[-64:])
+        return _find_stop_string(tail, row.params.stop_strings) is not None
+
+    def _compact(self, force: bool = False) -> None:
+        """Drop finished rows once they are a quarter of the batch (or all of it, or when `force`d
+        by an admission, which copies the cache anyway). Done in bursts, not on every finish,
+        because each compaction copies the cache; until then finished rows decode junk that is
+        never reported."""
+        n_alive = sum(self.alive)
+        if n_alive == len(self.rows) or (not force and n_alive > 0.75 * len(self.rows)):
+            return
+        keep = [i for i, a in enumerate(self.alive) if a]
+        if not keep:
+            self.rows, self.alive, self.cache, self.logits = [], [], None, None
+            return
+        idx = torch.tensor(keep, device=self.engine.device)
+        upto = max(self.rows[i].pos for i in keep)
+        self.cache, self.logits = self.cache.select(idx, upto=upto), self.logits[idx]
+        self.rows = [self.rows[i] for i in keep]
+        self.alive = [True] * len(keep)
+
+
 class Engine:
-    """Batched sampling from a `Transformer`. `tokenizer` (optional) decodes texts and stop strings."""
+    """Sampling from a `Transformer`. `tokenizer` (optional) decodes texts and stop strings."""
 
     def __init__(self, model: Transformer, tokenizer=None, eos_ids: Sequence[int] = (), max_batch: int = 256):
         self.model = model
@@ -99,122 +235,228 @@ class Engine:
             ids.update(tokenizer.stop_ids)
         self.eos_ids = tuple(sorted(ids))
         self.max_batch = max_batch
+        self.pad_id = tokenizer.pad_id if tokenizer is not None else (self.eos_ids[0] if self.eos_ids else 0)
 
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
 
-    @torch.no_grad()
+    def new_row(self, owner, params: SamplingParams, seed: int | None) -> Row:
+        return Row(owner=owner, params=params, stops=frozenset(self.eos_ids) | frozenset(params.stop_token_ids),
+                   generator=_generator(seed), limit=0)
+
     def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> list[Completion]:
         """n completions for every prompt, prompt-major: result[i * n + j] is sample j of prompt i."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        per_chunk = max(1, self.max_batch // n)
+        if not prompts:
+            raise ValueError("no prompts")
         out: list[Completion] = []
+        per_chunk = max(1, self.max_batch // n)
         for start in range(0, len(prompts), per_chunk):
             chunk = prompts[start:start + per_chunk]
-            seeds = None if params.seed is None else [params.seed + (start + i) * n + j
-                                                       for i in range(len(chunk)) for j in range(n)]
-            out.extend(self._run(chunk, params, n, seeds, first_index=start))
+            done = [Completion(prompt_index=start + i // n) for i in range(len(chunk) * n)]
+            rows = [self.new_row(c, params, None if params.seed is None else params.seed + start * n + i)
+                    for i, c in enumerate(done)]
+            batch = DecodeBatch(self, self._context(chunk, params))
+            batch.admit(chunk, rows, n)
+            while len(batch):
+                batch.step()
+            for row in rows:
+                self._finish(row.owner, row)
+            out += done
         return out
 
     def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[int]:
         """Yield the ids of one completion as they are generated (stop token excluded)."""
-        seeds = None if params.seed is None else [params.seed]
-        for _, token in self._steps([prompt], params, 1, seeds):
-            if token not in self._stops(params):
-                yield token
+        row = self.new_row(None, params, params.seed)
+        batch = DecodeBatch(self, self._context([prompt], params))
+        batch.admit([prompt], [row])
+        while len(batch):
+            for r, token, finished in batch.step():
+                if not (finished and r.finish_reason == "stop" and token in r.stops):
+                    yield token
 
-    # --- internals -------------------------------------------------------------------------------
-    def _stops(self, params: SamplingParams) -> set[int]:
-        return set(self.eos_ids) | set(params.stop_token_ids)
+    def _context(self, prompts, params: SamplingParams) -> int:
+        return min(self.model.config.max_position_embeddings, max(len(p) for p in prompts) + params.max_new_tokens)
 
-    def _run(self, prompts, params, n, seeds, first_index: int) -> list[Completion]:
-        done = [Completion(prompt_index=first_index + i // n) for i in range(len(prompts) * n)]
-        for row, token in self._steps(prompts, params, n, seeds):
-            done[row].token_ids.append(token)
-        stops = self._stops(params)
-        for c in done:
-            hit_stop_token = bool(c.token_ids) and c.token_ids[-1] in stops
-            if self.tokenizer is not None:
-                ids = c.token_ids[:-1] if hit_stop_token else c.token_ids
-                c.text = self.tokenizer.decode(ids)
-                cut = _find_stop_string(c.text, params.stop_strings)
-                if cut is not None:
-                    c.text, hit_stop_token = c.text[:cut], True
-            c.finish_reason = "stop" if hit_stop_token else "length"
-        return done
-
-    def _steps(self, prompts, params: SamplingParams, n: int, seeds) -> Iterator[tuple[int, int]]:
-        """Yield (row, token) pairs until every row has finished. Row r is sample r % n of prompt r // n."""
-        model, device = self.model, self.device
-        stops = torch.tensor(sorted(self._stops(params)), device=device)
-        lengths = [len(p) for p in prompts]
-        width = max(lengths)
-        max_len = width + params.max_new_tokens
-        limit = model.config.max_position_embeddings
-        # ids/positions/mask of the left-padded prompt batch
-        ids = torch.full((len(prompts), width), self._pad_id(), dtype=torch.long)
-        key_mask = torch.zeros((len(prompts), width), dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            key_mask[i, width - len(p):] = True
-        positions = (key_mask.long().cumsum(-1) - 1).clamp_min(0)
-        ids, key_mask, positions = ids.to(device), key_mask.to(device), positions.to(device)
-
-        cache = model.new_cache(len(prompts), max_len)
-        logits = model(ids, positions, cache, key_mask)[:, -1]  # [P, V]
-        # Fan the prefilled prompts out to n samples each.
-        fan = torch.arange(len(prompts), device=device).repeat_interleave(n)
-        if n > 1:
-            cache, logits, key_mask = cache.select(fan), logits[fan], key_mask[fan]
-        pos = positions[fan, -1] + 1                     # next position of each row  [B]
-        rows = torch.arange(len(fan), device=device)     # original row index of each running row
-        gens = [_generator(s) for s in (seeds or [None] * len(fan))]
-        texts = [[] for _ in range(len(fan))] if params.stop_strings else None
-
-        alive = torch.ones(len(rows), dtype=torch.bool, device=device)
-        for step in range(params.max_new_tokens):
-            token = sample_next(logits, params, gens)
-            for r, t, a in zip(rows.tolist(), token.tolist(), alive.tolist()):
-                if a:
-                    yield r, t
-            finished = torch.isin(token, stops)
-            if step == params.max_new_tokens - 1 or int(pos.max()) + 1 >= limit:
-                finished[:] = True
-            if texts is not None:
-                finished |= self._stop_string_hit(texts, rows, token, alive, params.stop_strings)
-            alive &= ~finished
-            if not alive.any():
-                return
-            if alive.sum() <= 0.75 * len(rows):
-                # Compact: drop finished rows so they stop costing compute. Done in bursts, not on
-                # every finish, because each compaction copies the cache.
-                idx = alive.nonzero().squeeze(-1)
-                cache, key_mask, token, pos, rows = cache.select(idx), key_mask[idx], token[idx], pos[idx], rows[idx]
-                gens = [gens[i] for i in idx.tolist()]
-                alive = alive[idx]
-            # Finished rows not yet dropped decode on, but nothing they produce is yielded.
-            key_mask = torch.cat([key_mask, torch.ones(len(rows), 1, dtype=torch.bool, device=device)], dim=1)
-            logits = model(token[:, None], pos[:, None], cache, key_mask)[:, -1]
-            pos = pos + 1
-
-    def _stop_string_hit(self, texts, rows, token, alive, stop_strings) -> torch.Tensor:
-        hit = torch.zeros(len(rows), dtype=torch.bool)
-        for i, (r, t, a) in enumerate(zip(rows.tolist(), token.tolist(), alive.tolist())):
-            if not a:
-                continue
-            texts[r].append(t)
-            tail = self.tokenizer.decode(texts[r][-64:])
-            hit[i] = _find_stop_string(tail, stop_strings) is not None
-        return hit.to(token.device)
-
-    def _pad_id(self) -> int:
+    def _finish(self, c: Completion, row: Row) -> None:
+        c.token_ids = row.generated
+        hit_stop_token = bool(row.generated) and row.finish_reason == "stop" and row.generated[-1] in row.stops
+        c.finish_reason = "stop" if row.finish_reason == "stop" else "length"
         if self.tokenizer is not None:
-            return self.tokenizer.pad_id
-        return self.eos_ids[0] if self.eos_ids else 0
+            c.text = self.tokenizer.decode(row.generated[:-1] if hit_stop_token else row.generated)
+            cut = _find_stop_string(c.text, row.params.stop_strings)
+            if cut is not None:
+                c.text = c.text[:cut]
 
 
-def _find_stop_string(text: str, stop_strings: Sequence[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
-    return min(hits) if hits else None
+# --- continuous batching ----------------------------------------------------------------------------
+
+class QueueFull(RuntimeError):
+    """The scheduler's waiting queue is at capacity."""
+
+
+_DONE = object()
+
+
+class Request:
+    """A submitted generation: iterate it (blocking or `async for`) to receive token ids as they come."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None):
+        self.prompt_ids, self.params = prompt_ids, params
+        self.output_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.started = False
+        self.row: Row | None = None
+        self._loop = loop
+        self._sync: queue.SimpleQueue = queue.SimpleQueue()
+        self._async: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop generating at the next step (or never start, if still waiting)."""
+        self._cancelled.set()
+        if self.row is not None:
+            self.row.cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def _put(self, item) -> None:
+        if self._async is not None:
+            self._loop.call_soon_threadsafe(self._async.put_nowait, item)
+        else:
+            self._sync.put(item)
+
+    def _deliver(self, token: int | None, finish_reason: str | None) -> None:
+        """Called from the scheduler thread."""
+        if token is not None:
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            self.output_ids.append(token)
+            self._put(token)
+        if finish_reason is not None:
+            self.finish_reason = finish_reason
+            self.finished_at = time.perf_counter()
+            self._put(_DONE)
+
+    def __iter__(self) -> Iterator[int]:
+        if self._async is not None:
+            raise RuntimeError("this request was submitted from an event loop: use `async for`")
+        while (item := self._sync.get()) is not _DONE:
+            yield item
+
+    async def __aiter__(self):
+        if self._async is None:
+            raise RuntimeError("this request was submitted outside an event loop: iterate it normally")
+        while (item := await self._async.get()) is not _DONE:
+            yield item
+
+
+class Scheduler:
+    """Continuous batching: a background thread admits waiting requests into the running batch
+    between decode steps and retires finished ones, within a cap on running sequences and on
+    reserved KV-cache positions. Each request gets the same tokens alone or among others (its own
+    seed and generator), so batching changes throughput, never results."""
+
+    def __init__(self, engine: Engine, max_running: int = 64, max_queue: int = 256, max_cache_tokens: int = 1 << 16,
+                 max_len: int | None = None):
+        self.engine = engine
+        self.max_running, self.max_queue, self.max_cache_tokens = max_running, max_queue, max_cache_tokens
+        self.max_len = max_len or engine.model.config.max_position_embeddings
+        self._waiting: list[Request] = []
+        self._lock = threading.Condition()
+        self._batch = DecodeBatch(engine, self.max_len)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.steps = 0
+
+    # --- public
+    def start(self) -> "Scheduler":
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="qiusuo-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_ids) >= self.max_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit a context of {self.max_len}")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        req = Request(prompt_ids, params, loop)
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests already waiting")
+            self._waiting.append(req)
+            self._lock.notify_all()
+        return req
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._batch)
+
+    # --- the loop
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self._waiting and not len(self._batch):
+                    self._lock.wait()
+                if self._stop:
+                    break
+                admit = self._take_admissible()
+            if admit:
+                self._admit(admit)
+            for row, token, finished in self._batch.step():
+                req: Request = row.owner
+                excluded = finished and row.finish_reason in ("stop", "cancelled") and (token in row.stops or row.cancelled)
+                req._deliver(None if excluded else token, row.finish_reason if finished else None)
+            self.steps += 1
+        for req in self._waiting:
+            req._deliver(None, "cancelled")
+        for row in self._batch.rows:
+            row.owner._deliver(None, "cancelled")
+
+    def _take_admissible(self) -> list[Request]:
+        """Waiting requests that fit the running-sequence and cache budgets, oldest first."""
+        admit, reserved = [], self._batch.cached_tokens()
+        running = len(self._batch)
+        for req in list(self._waiting):
+            if req.cancelled:
+                self._waiting.remove(req)
+                req._deliver(None, "cancelled")
+                continue
+            need = min(self.max_len, len(req.prompt_ids) + req.params.max_new_tokens)
+            over_budget = running + len(admit) >= self.max_running or reserved + need > self.max_cache_tokens
+            if over_budget and (running or admit):  # an idle engine always takes the oldest request
+                break
+            admit.append(req)
+            reserved += need
+            self._waiting.remove(req)
+        return admit
+
+    def _admit(self, reqs: list[Request]) -> None:
+        rows = []
+        for req in reqs:
+            req.row = self.engine.new_row(req, req.params, req.params.seed)
+            req.row.cancelled = req.cancelled
+            req.started = True
+            rows.append(req.row)
+        self._batch.admit([r.prompt_ids for r in reqs], rows)

@@ -146,27 +146,57 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated key/value buffers for every layer: [B, kv_heads, max_len, head_dim] each.
+    """Preallocated key/value buffers for every layer: [layers, B, kv_heads, max_len, head_dim] each.
 
-    `length` is the number of filled positions, shared by all rows (rows are left-padded, and the
-    padding is masked by the caller's `key_mask`)."""
+    Rows are right-aligned from position 0, so a token's cache index *is* its position: a row of
+    length n holds its keys at [0, n) and writes its next one at n. Rows of different lengths share
+    the buffer; each query attends only to keys at or before its own position."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def select(self, rows: torch.Tensor) -> "KVCache":
-        """Keep only `rows` (a gather along the batch axis); used to drop finished rows and to fan
-        a prefilled prompt out to G samples."""
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def select(self, rows: torch.Tensor, upto: int | None = None) -> "KVCache":
+        """A new cache holding only `rows` (a gather along the batch axis): used to drop finished rows
+        and to fan a prefilled prompt out to G samples. Only the first `upto` positions are copied."""
         new = object.__new__(KVCache)
-        new.k, new.v, new.length = self.k[:, rows], self.v[:, rows], self.length
+        shape = (self.k.shape[0], len(rows), *self.k.shape[2:])
+        new.k, new.v = self.k.new_zeros(shape), self.v.new_zeros(shape)
+        n = self.max_len if upto is None else upto
+        new.k[:, :, :, :n] = self.k[:, rows, :, :n]
+        new.v[:, :, :, :n] = self.v[:, rows, :, :n]
         return new
+
+    @staticmethod
+    def concat(a: "KVCache", b: "KVCache") -> "KVCache":
+        """Rows of `a` then rows of `b` (same max_len): how new requests join a running batch."""
+        new = object.__new__(KVCache)
+        new.k, new.v = torch.cat([a.k, b.k], dim=1), torch.cat([a.v, b.v], dim=1)
+        return new
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> int:
+        """Store k/v [B, kv, T, D] of tokens at `positions` [B, T]; return the key length to attend to.
+        Two shapes occur: a prefill from position 0 (T ≥ 1, same positions on every row) and a decode
+        step (T = 1, each row at its own position)."""
+        T = k.shape[2]
+        if T == 1:
+            rows = torch.arange(k.shape[0], device=k.device)
+            pos = positions[:, 0]
+            self.k[layer, rows, :, pos] = k[:, :, 0]
+            self.v[layer, rows, :, pos] = v[:, :, 0]
+            return int(pos.max()) + 1
+        self.k[layer, :, :, :T] = k
+        self.v[layer, :, :, :T] = v
+        return T
 
 
 class Attention(nn.Module):
@@ -178,21 +208,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache | None, attn_mask):
+    def forward(self, x, cos, sin, layer: int, cache: KVCache | None, attn_mask, positions):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            start = cache.length
-            cache.k[layer, :, :, start:start + T] = k
-            cache.v[layer, :, :, start:start + T] = v
-            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
+            S = cache.write(layer, k, v, positions)
+            k, v = cache.k[layer, :, :, :S], cache.v[layer, :, :, :S]
+        gqa = self.n_kv != self.n_heads
         if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv != self.n_heads)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -215,8 +244,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, layer, cache, attn_mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, attn_mask)
+    def forward(self, x, cos, sin, layer, cache, attn_mask, positions):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, attn_mask, positions)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -229,13 +258,14 @@ class Backbone(nn.Module):
 
 
 class Transformer(nn.Module):
-    """`forward(ids, positions=None, cache=None, key_mask=None) -> logits [B, T, V]`.
+    """`forward(ids, positions=None, cache=None, doc_ids=None) -> logits [B, T, V]`.
 
     - Training / scoring: `ids` right-padded [B, T], no cache; causal attention from position 0.
     - Packed training: several documents per row; `doc_ids` [B, T] keeps attention inside each
       document and `positions` restart at 0 for each.
-    - Generation: pass a `KVCache`; `positions` [B, T] give each row's own positions (rows are
-      left-padded), and `key_mask` [B, cache.length + T] marks real (True) vs padding keys."""
+    - Generation with a `KVCache`: a prefill writes right-padded prompts [B, T] from position 0
+      (padding keys are overwritten by later tokens before any real query can see them); a decode
+      step feeds one token per row at that row's own position `positions` [B, 1]."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -260,11 +290,10 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def hidden(self, ids, positions=None, cache: KVCache | None = None, key_mask=None, doc_ids=None):
+    def hidden(self, ids, positions=None, cache: KVCache | None = None, doc_ids=None):
         B, T = ids.shape
         if positions is None:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + T, device=ids.device).expand(B, T)
+            positions = torch.arange(T, device=ids.device).expand(B, T)
         x = self.model.embed_tokens(ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         attn_mask = None
@@ -272,19 +301,16 @@ class Transformer(nn.Module):
             # Packed training rows: causal attention within each document only.
             causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
             attn_mask = (causal[None] & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
-        elif key_mask is not None:
-            # [B, 1, T, S]: causal within the new tokens, padding keys hidden everywhere.
-            S = key_mask.shape[1]
-            causal = torch.ones(T, S, dtype=torch.bool, device=ids.device).tril(S - T)
-            attn_mask = causal[None, None] & key_mask[:, None, None, :]
+        elif cache is not None and T == 1:
+            # Decode: each row sees its keys up to and including its own position.
+            S = int(positions.max()) + 1
+            attn_mask = (torch.arange(S, device=ids.device)[None, :] <= positions)[:, None, None, :]
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, i, cache, attn_mask)
-        if cache is not None:
-            cache.length += T
+            x = layer(x, cos, sin, i, cache, attn_mask, positions)
         return self.model.norm(x)
 
-    def forward(self, ids, positions=None, cache: KVCache | None = None, key_mask=None, doc_ids=None):
-        return self.lm_head(self.hidden(ids, positions, cache, key_mask, doc_ids))
+    def forward(self, ids, positions=None, cache: KVCache | None = None, doc_ids=None):
+        return self.lm_head(self.hidden(ids, positions, cache, doc_ids))
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.lm_head.weight

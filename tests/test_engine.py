@@ -91,16 +91,34 @@ def test_finished_rows_leave_the_batch(tok, model):
     assert min(widths[1:]) < 8  # the batch shrank once rows finished
 
 
+def _sample(logits, temperature=1.0, top_p=1.0, top_k=0, seed=0):
+    B = logits.shape[0]
+    return sample_next(logits, torch.full((B,), temperature), torch.full((B,), top_p), torch.full((B,), top_k),
+                       [torch.Generator().manual_seed(seed + i) for i in range(B)])
+
+
 def test_top_k_one_is_greedy_and_top_p_keeps_the_head():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
-    gens = [torch.Generator().manual_seed(i) for i in range(1)]
     for seed in range(20):
-        gens = [torch.Generator().manual_seed(seed)]
-        assert sample_next(logits, SamplingParams(top_k=1), gens).item() == 1
+        assert _sample(logits, top_k=1, seed=seed).item() == 1
         # top_p small enough keeps only the most likely token
-        assert sample_next(logits, SamplingParams(top_p=0.1), gens).item() == 1
+        assert _sample(logits, top_p=0.1, seed=seed).item() == 1
         # top_k=2 never picks outside the two best
-        assert sample_next(logits, SamplingParams(top_k=2), gens).item() in (1, 3)
+        assert _sample(logits, top_k=2, seed=seed).item() in (1, 3)
+    # temperature 0 is argmax, row by row, whatever the other rows do
+    two = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 0.0]])
+    t = sample_next(two, torch.tensor([0.0, 1.0]), torch.ones(2), torch.tensor([0, 1]),
+                    [torch.Generator().manual_seed(0) for _ in range(2)])
+    assert t.tolist() == [1, 0]
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(4000, 1)
+    counts = torch.bincount(_sample(logits), minlength=3).float() / 4000
+    assert torch.allclose(counts, torch.tensor([0.5, 0.3, 0.2]), atol=0.03)
+    # top-p 0.7 keeps {0.5, 0.3} renormalised to 5/8, 3/8
+    counts = torch.bincount(_sample(logits, top_p=0.7), minlength=3).float() / 4000
+    assert counts[2] == 0 and abs(counts[0] - 0.625) < 0.03
 
 
 def test_bad_params_are_rejected():
@@ -110,3 +128,86 @@ def test_bad_params_are_rejected():
         SamplingParams(max_new_tokens=0)
     with pytest.raises(ValueError):
         SamplingParams(temperature=-1)
+
+
+# --- continuous batching ----------------------------------------------------------------------------
+
+from qiusuo.engine import QueueFull, Scheduler  # noqa: E402
+
+
+def _alone(engine, prompt, params):
+    return list(engine.stream(prompt, params))
+
+
+def test_scheduler_gives_each_request_its_solo_tokens(tok, model, engine):
+    prompts = [tok.prompt_ids(p) for p in PROMPTS * 3]
+    params = [SamplingParams(max_new_tokens=10 + 3 * i, temperature=0.9, top_p=0.95, seed=100 + i)
+              for i in range(len(prompts))]
+    widths = []
+    hook = model.register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[0]))
+    sched = Scheduler(Engine(model, tok), max_running=5).start()
+    try:
+        reqs = [sched.submit(p, sp) for p, sp in zip(prompts[:6], params[:6])]
+        got = [list(r) for r in reqs[:2]]          # first two finish while the rest still run
+        reqs += [sched.submit(p, sp) for p, sp in zip(prompts[6:], params[6:])]  # join mid-way
+        got += [list(r) for r in reqs[2:]]
+    finally:
+        sched.stop()
+        hook.remove()
+    assert max(widths) <= 5          # never more running sequences than the cap
+    for p, sp, tokens, r in zip(prompts, params, got, reqs):
+        assert tokens == _alone(engine, p, sp)
+        assert r.finish_reason in ("stop", "length") and r.first_token_at >= r.submitted_at
+
+
+def test_scheduler_respects_cache_budget_and_queue_cap(tok, model):
+    sched = Scheduler(Engine(model, tok), max_running=8, max_queue=2, max_cache_tokens=60)
+    params = SamplingParams(max_new_tokens=40, seed=1)
+    p = tok.prompt_ids("1+1")
+    reqs = [sched.submit(p, params), sched.submit(p, params)]
+    with pytest.raises(QueueFull):
+        sched.submit(p, params)
+    assert sched.queue_depth == 2
+    sched.start()
+    try:
+        # each request reserves len(p)+40 > 30 positions: only one runs at a time under a 60 budget
+        for r in reqs:
+            list(r)
+    finally:
+        sched.stop()
+    first, second = reqs
+    assert second.first_token_at >= first.finished_at or second.submitted_at > first.finished_at
+
+
+def test_scheduler_cancel_stops_generation(tok, model):
+    sched = Scheduler(Engine(model, tok)).start()
+    try:
+        req = sched.submit(tok.prompt_ids("1+1"), SamplingParams(max_new_tokens=400, temperature=1.0, seed=0,
+                                                                 stop_token_ids=()))
+        seen = []
+        for t in req:
+            seen.append(t)
+            if len(seen) == 3:
+                req.cancel()
+        assert req.finish_reason in ("cancelled", "stop")
+        assert len(req.output_ids) < 10
+    finally:
+        sched.stop()
+
+
+def test_scheduler_async_iteration(tok, model, engine):
+    import asyncio
+
+    p = tok.prompt_ids("12*7")
+    params = SamplingParams(max_new_tokens=12, seed=5)
+    sched = Scheduler(Engine(model, tok)).start()
+
+    async def go():
+        reqs = [sched.submit(p, params) for _ in range(3)]
+        return [[t async for t in r] for r in reqs]
+
+    try:
+        outs = asyncio.run(go())
+    finally:
+        sched.stop()
+    assert outs[0] == outs[1] == outs[2] == _alone(engine, p, params)

@@ -54,21 +54,29 @@ def test_kv_cache_matches_full_forward_at_every_position(tok, model):
         prefix = 7
         steps = [model(ids[:, :prefix], cache=cache)]
         for t in range(prefix, ids.shape[1]):
-            steps.append(model(ids[:, t:t + 1], cache=cache))
+            steps.append(model(ids[:, t:t + 1], torch.tensor([[t]]), cache))
     cached = torch.cat(steps, dim=1)
     assert (cached - full).abs().max().item() < 1e-5
 
 
-def test_left_padding_with_mask_matches_unpadded(tok, model):
-    ids = tok.encode("12+34")
-    pad = 5
-    x = torch.tensor([[tok.pad_id] * pad + ids])
-    mask = torch.tensor([[False] * pad + [True] * len(ids)])
-    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+def test_right_padded_prefill_then_decode_matches_each_row_alone(tok, model):
+    """Prompts of different lengths share one cache; each row's next-token logits equal its own."""
+    prompts = [tok.encode("12+34"), tok.encode("reach 46 with 3 7 25")]
+    width = max(map(len, prompts))
+    ids = torch.full((2, width), tok.pad_id)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p)
     with torch.no_grad():
-        padded = model(x, pos, model.new_cache(1, 32), mask)[:, pad:]
-        plain = model(torch.tensor([ids]))
-    assert (padded - plain).abs().max().item() < 1e-5
+        cache = model.new_cache(2, 40)
+        h = model(ids, cache=cache)
+        first = torch.stack([h[i, len(p) - 1] for i, p in enumerate(prompts)])
+        nxt = torch.tensor([[7], [9]])
+        pos = torch.tensor([[len(p)] for p in prompts])
+        second = model(nxt, pos, cache)[:, -1]
+        for i, p in enumerate(prompts):
+            alone = model(torch.tensor([p + [nxt[i, 0].item()]]))
+            assert (alone[0, len(p) - 1] - first[i]).abs().max() < 1e-5
+            assert (alone[0, len(p)] - second[i]).abs().max() < 1e-5
 
 
 def test_missing_and_corrupt_checkpoints_fail_clearly(tmp_path, model):
