@@ -5,8 +5,9 @@
   each prompt (GRPO's group), so a prompt is never recomputed. Each step samples one token per row
   and feeds it back; finished rows are dropped from the batch (the cache is compacted in bursts) so
   they stop costing compute; new rows can join between steps.
-- Sampling: temperature, top-k, top-p, per row; every row has its own `torch.Generator`, so a row's
-  tokens depend on its seed only — the same seed gives the same tokens alone or in any batch.
+- Sampling: temperature, top-k, top-p, per row; every row draws from its own counter-based random
+  stream, so a row's tokens depend on its seed only — the same seed gives the same tokens alone or in
+  any batch.
 - Rows stop on eos / stop token ids / stop strings / `max_new_tokens` / the context limit.
 - `Engine.generate` (static batches: rollouts, evaluation), `Engine.stream` (one prompt, chat) and
   `Scheduler` (continuous batching for the server) all run on `DecodeBatch`.
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 import time
@@ -22,7 +24,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .model import KVCache, Transformer
+from .model import DecodeWeights, KVCache, Transformer
 
 
 @dataclass(frozen=True)
@@ -64,12 +66,34 @@ class Completion:
     """Decoded text without the stop token / stop string (set when the engine has a tokenizer)."""
 
 
-def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-                generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """One token per row from `logits` [B, V] with per-row temperature / top-p / top-k [B] → ids [B].
+def _wrap(c: int) -> int:
+    """A 64-bit constant as the signed int64 torch stores."""
+    return c - (1 << 64) if c >= 1 << 63 else c
 
-    Inverse-CDF sampling with one uniform draw per row from that row's generator: unlike
-    `torch.multinomial` on the batch, a row's draw does not depend on the other rows."""
+
+_GOLDEN, _MIX1, _MIX2 = _wrap(0x9E3779B97F4A7C15), _wrap(0xBF58476D1CE4E5B9), _wrap(0x94D049BB133111EB)
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic on signed integers)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def uniform(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """Counter-based uniforms in [0, 1): splitmix64 of (row key, draw index), computed for the whole
+    batch in a few tensor ops. A row's stream depends only on its own key and how many tokens it has
+    drawn — never on the batch around it — and no per-row generator object is stepped in Python."""
+    z = keys + counters * _GOLDEN          # int64 arithmetic wraps modulo 2^64, as splitmix64 expects
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    return _shr(z, 11).double() / float(1 << 53)
+
+
+def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+                u: torch.Tensor) -> torch.Tensor:
+    """One token per row from `logits` [B, V] with per-row temperature / top-p / top-k [B] and one
+    uniform draw per row `u` [B] (inverse-CDF sampling) → ids [B]."""
     greedy = temperature == 0
     if bool(greedy.all()):
         return logits.argmax(-1)
@@ -81,19 +105,16 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
     probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], 0.0)
     cum = probs.cumsum(-1)
-    u = torch.stack([torch.rand((), generator=g) for g in generators]).to(logits.device) * cum[:, -1]
-    pick = torch.searchsorted(cum, u[:, None]).clamp_max(probs.shape[-1] - 1)
+    pick = torch.searchsorted(cum, (u.to(cum.dtype) * cum[:, -1])[:, None]).clamp_max(probs.shape[-1] - 1)
     token = order.gather(-1, pick).squeeze(-1)
     return torch.where(greedy, logits.argmax(-1), token)
 
 
-def _generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator()
+def _key(seed: int | None) -> int:
+    """A row's 64-bit sampling key: from its seed, or fresh entropy when it has none."""
     if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(seed)
-    return g
+        return _wrap(int.from_bytes(os.urandom(8), "little"))
+    return _wrap((seed * 0x2545F4914F6CDD1D + 0x632BE59BD9B4E019) % (1 << 64))
 
 
 def _find_stop_string(text: str, stop_strings: Sequence[str]) -> int | None:
@@ -108,7 +129,7 @@ class Row:
     owner: object
     params: SamplingParams
     stops: frozenset
-    generator: torch.Generator
+    key: int                        # sampling stream of this row (see `uniform`)
     limit: int                      # last position this row may reach (context or max_new_tokens)
     pos: int = 0                    # position of the next token fed to the model
     generated: list[int] = field(default_factory=list)
@@ -121,9 +142,11 @@ class DecodeBatch:
 
     def __init__(self, engine: "Engine", max_len: int):
         self.engine, self.model, self.max_len = engine, engine.model, max_len
+        self.fast = DecodeWeights(engine.model, max_len)
         self.rows: list[Row] = []
         self.cache: KVCache | None = None
         self.logits: torch.Tensor | None = None   # next-token logits of every row [B, V]
+        self.row_tensors: dict[str, torch.Tensor] = {}
         self.alive: list[bool] = []
 
     def __len__(self) -> int:
@@ -156,13 +179,24 @@ class DecodeBatch:
             row.pos = lengths[i // n]
             row.limit = min(self.max_len - 1, row.pos + row.params.max_new_tokens - 1)
         self._compact(force=True)
+        new = self._tensors(rows)
         if self.cache is None:
-            self.cache, self.logits = cache, logits
+            self.cache, self.logits, self.row_tensors = cache, logits, new
         else:
             self.cache = KVCache.concat(self.cache, cache)
             self.logits = torch.cat([self.logits, logits])
+            self.row_tensors = {k: torch.cat([v, new[k]]) for k, v in self.row_tensors.items()}
         self.rows += rows
         self.alive += [True] * len(rows)
+
+    @staticmethod
+    def _tensors(rows: list[Row]) -> dict[str, torch.Tensor]:
+        """Per-row sampling settings as tensors, built once per admission rather than every step."""
+        return {"temperature": torch.tensor([r.params.temperature for r in rows], dtype=torch.float32),
+                "top_p": torch.tensor([r.params.top_p for r in rows], dtype=torch.float32),
+                "top_k": torch.tensor([r.params.top_k for r in rows], dtype=torch.long),
+                "key": torch.tensor([r.key for r in rows], dtype=torch.long),
+                "drawn": torch.tensor([len(r.generated) for r in rows], dtype=torch.long)}
 
     @torch.no_grad()
     def step(self) -> list[tuple[Row, int, bool]]:
@@ -170,10 +204,10 @@ class DecodeBatch:
         if not any(self.alive):
             return []
         rows = self.rows
-        temperature = torch.tensor([r.params.temperature for r in rows])
-        top_p = torch.tensor([r.params.top_p for r in rows])
-        top_k = torch.tensor([r.params.top_k for r in rows])
-        tokens = sample_next(self.logits, temperature, top_p, top_k, [r.generator for r in rows]).tolist()
+        t = self.row_tensors
+        u = uniform(t["key"], t["drawn"])
+        tokens = sample_next(self.logits, t["temperature"], t["top_p"], t["top_k"], u).tolist()
+        t["drawn"] += 1
         events = []
         for i, (row, token) in enumerate(zip(rows, tokens)):
             if not self.alive[i]:
@@ -192,9 +226,9 @@ class DecodeBatch:
         if self.rows:
             # Finished rows still in the batch are fed in place (their position stays put, so they
             # never write past the cache); what they produce is never reported.
-            feed = torch.tensor([[r.generated[-1]] for r in self.rows], device=self.engine.device)
-            pos = torch.tensor([[r.pos] for r in self.rows], device=self.engine.device)
-            self.logits = self.model(feed, pos, self.cache)[:, -1]
+            feed = torch.tensor([r.generated[-1] for r in self.rows], device=self.engine.device)
+            pos = torch.tensor([r.pos for r in self.rows], device=self.engine.device)
+            self.logits = self.fast.step(feed, pos, self.cache)
             for r, alive in zip(self.rows, self.alive):
                 r.pos += alive
         return events
@@ -215,11 +249,12 @@ class DecodeBatch:
             return
         keep = [i for i, a in enumerate(self.alive) if a]
         if not keep:
-            self.rows, self.alive, self.cache, self.logits = [], [], None, None
+            self.rows, self.alive, self.cache, self.logits, self.row_tensors = [], [], None, None, {}
             return
         idx = torch.tensor(keep, device=self.engine.device)
         upto = max(self.rows[i].pos for i in keep)
         self.cache, self.logits = self.cache.select(idx, upto=upto), self.logits[idx]
+        self.row_tensors = {k: v[idx.cpu()] for k, v in self.row_tensors.items()}
         self.rows = [self.rows[i] for i in keep]
         self.alive = [True] * len(keep)
 
@@ -243,7 +278,7 @@ class Engine:
 
     def new_row(self, owner, params: SamplingParams, seed: int | None) -> Row:
         return Row(owner=owner, params=params, stops=frozenset(self.eos_ids) | frozenset(params.stop_token_ids),
-                   generator=_generator(seed), limit=0)
+                   key=_key(seed), limit=0)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> list[Completion]:
         """n completions for every prompt, prompt-major: result[i * n + j] is sample j of prompt i."""
@@ -360,7 +395,7 @@ class Scheduler:
     """Continuous batching: a background thread admits waiting requests into the running batch
     between decode steps and retires finished ones, within a cap on running sequences and on
     reserved KV-cache positions. Each request gets the same tokens alone or among others (its own
-    seed and generator), so batching changes throughput, never results."""
+    seed and random stream), so batching changes throughput, never results."""
 
     def __init__(self, engine: Engine, max_running: int = 64, max_queue: int = 256, max_cache_tokens: int = 1 << 16,
                  max_len: int | None = None):

@@ -317,6 +317,75 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch, max_len or self.config.max_position_embeddings, p.device, p.dtype)
 
 
+class DecodeWeights:
+    """The model's weights laid out for one-token decode steps: q/k/v and gate/up projections fused
+    into one matmul each, and a rotary table for every position. A decode step of a ~1 M-parameter
+    model is dominated by per-op overhead, not arithmetic, so fewer, larger ops are what makes it fast.
+
+    Built from the live parameters (a copy): rebuild after the weights change (the engine does so for
+    every batch, which costs one pass over the weights)."""
+
+    @torch.no_grad()
+    def __init__(self, model: "Transformer", max_len: int):
+        cfg = model.config
+        self.cfg = cfg
+        self.embed = model.model.embed_tokens.weight
+        self.lm_head = model.lm_head.weight
+        self.norm = model.model.norm.weight
+        self.layers = []
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv_w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+            qkv_b = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if cfg.qkv_bias else None
+            self.layers.append((layer.input_layernorm.weight, qkv_w, qkv_b, a.o_proj.weight,
+                                layer.post_attention_layernorm.weight,
+                                torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight))
+        pos = torch.arange(max_len, device=self.embed.device)[None]
+        cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, self.embed.dtype)
+        self.cos, self.sin = cos[0, 0], sin[0, 0]          # [max_len, head_dim]
+
+    def _norm(self, x, w):
+        # Same arithmetic as RMSNorm (fp32 statistics), in fewer ops.
+        if x.dtype == torch.float32:
+            return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps))
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)).to(x.dtype)
+
+    @staticmethod
+    def _rope(x, cos, sin):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decode step: tokens [B] at positions [B] → next-token logits [B, V]; writes the cache."""
+        cfg = self.cfg
+        B, H, KV, D = tokens.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        G = H // KV
+        S = int(positions.max()) + 1
+        rows = torch.arange(B, device=tokens.device)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]      # [B, 1, D]
+        # keys a row may see: its own positions up to the current one  → additive mask [B, 1, 1, S]
+        hide = torch.arange(S, device=tokens.device)[None] > positions[:, None]
+        bias = torch.zeros(B, S, dtype=cos.dtype, device=tokens.device).masked_fill_(hide, float("-inf"))[:, None, None]
+        x = self.embed[tokens]                                                     # [B, hidden]
+        for i, (ln1, qkv_w, qkv_b, o_w, ln2, gu_w, down_w) in enumerate(self.layers):
+            qkv = F.linear(self._norm(x, ln1), qkv_w, qkv_b)
+            qk = self._rope(qkv[:, :(H + KV) * D].view(B, H + KV, D), cos, sin)   # q and k rotated at once
+            q, k = qk[:, :H], qk[:, H:]
+            v = qkv[:, (H + KV) * D:].view(B, KV, D)
+            cache.k[i, rows, :, positions] = k
+            cache.v[i, rows, :, positions] = v
+            keys, values = cache.k[i, :, :, :S], cache.v[i, :, :, :S]              # [B, KV, S, D]
+            # grouped-query attention without repeating k/v: the G query heads of a kv head share it
+            scores = q.view(B, KV, G, D) @ keys.transpose(-1, -2) * (D ** -0.5) + bias   # [B, KV, G, S]
+            att = scores.softmax(-1) @ values                                      # [B, KV, G, D]
+            x = x + F.linear(att.reshape(B, H * D), o_w)
+            gate, up = F.linear(self._norm(x, ln2), gu_w).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, down_w)
+        return F.linear(self._norm(x, self.norm), self.lm_head)
+
+
 # --- checkpoint I/O in the Hugging Face layout -------------------------------------------------
 
 def _atomic_write(path: Path, write) -> None:
