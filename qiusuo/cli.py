@@ -92,7 +92,70 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=None, help="multi-stage YAML (default: each stage's defaults)")
     p.add_argument("--resume", action="store_true", help="skip finished stages, continue a stopped one")
     p.add_argument("--price-per-device-hour", type=float, default=None, help="dollars per device-hour")
+    # ==== serving (DESIGN §5): `qiusuo serve | keys | chat` — the one block the serving layer owns ====
+    from .serve.keys import DEFAULT_DB
+
+    try:
+        from .serve.app import ServeConfig
+    except ImportError:  # FastAPI & co. come with the `serve` extra
+        ServeConfig = None
+    p = sub.add_parser("serve", help="serve a checkpoint: OpenAI/DeepSeek-compatible API, chat page, keys, limits",
+                       description=ServeConfig.__doc__ if ServeConfig else "needs: pip install 'qiusuo[serve]'",
+                       conflict_handler="resolve")
+    p.add_argument("checkpoint_path", nargs="?", metavar="CHECKPOINT", help="stage folder, e.g. runs/tiny/zero")
+    p.add_argument("--config", help="YAML file: a ServeConfig mapping, or a file with a `serve` section")
+    if ServeConfig:
+        add_arguments(p, ServeConfig)
+    p.add_argument("--no-auth", dest="cfg_no_auth", action="store_const", const="true", default=None,
+                   help="serve without API keys (local use only; off by default)")
+    p = sub.add_parser("keys", help="create, list and revoke API keys of `qiusuo serve`")
+    keys_sub = p.add_subparsers(dest="keys_command", required=True)
+    k = keys_sub.add_parser("create", help="a new key (printed once)")
+    k.add_argument("--name", required=True, help="who or what the key is for")
+    k.add_argument("--rpm", type=int, default=60, help="requests per minute (default 60)")
+    k.add_argument("--tpm", type=int, default=100_000, help="prompt + completion tokens per minute (default 100000)")
+    k.add_argument("--balance", type=float, default=5.0, help="USD the key may spend (default 5.00)")
+    keys_sub.add_parser("list", help="every key with its limits, balance and spend")
+    keys_sub.add_parser("revoke", help="revoke a key by id").add_argument("key_id")
+    for k in keys_sub.choices.values():
+        k.add_argument("--db", default=DEFAULT_DB, help=f"SQLite file (default {DEFAULT_DB})")
+    p = sub.add_parser("chat", help="chat with a running `qiusuo serve` in the terminal")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server address (default http://127.0.0.1:8000)")
+    p.add_argument("--api-key", default=None, help="API key (default: $QIUSUO_API_KEY; none with --no-auth)")
+    p.add_argument("--model", default=None, help="model id (default: the server's)")
+    p.add_argument("--system", default=None, help="system prompt")
     args = parser.parse_args(argv)
+    if args.command in ("serve", "keys", "chat"):
+        try:
+            if args.command == "serve":
+                if ServeConfig is None:
+                    raise ConfigError("the server needs its extra: pip install -c constraints.txt -e '.[serve]'")
+                from .serve.app import serve
+
+                if args.checkpoint_path:
+                    args.cfg_checkpoint = args.checkpoint_path
+                cfg = from_args(ServeConfig, args, "serve")
+                if not cfg.checkpoint:
+                    raise ConfigError("which checkpoint? e.g. qiusuo serve runs/tiny/zero")
+                serve(cfg)
+            elif args.command == "keys":
+                from .serve.keys import keys_command
+
+                keys_command(args)
+            else:
+                import os
+
+                from .serve.chat import ChatSession, run
+
+                run(ChatSession(url=args.url, api_key=args.api_key or os.environ.get("QIUSUO_API_KEY"),
+                                model=args.model, system=args.system))
+        except (ConfigError, CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
+            print(f"qiusuo {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+        return 0
+    # ==== end of serving ====
     try:
         if args.command == "report":
             from .report import write_report

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import queue
 import threading
@@ -408,6 +409,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.steps = 0
+        self.error: BaseException | None = None
 
     # --- public
     def start(self) -> "Scheduler":
@@ -433,6 +435,8 @@ class Scheduler:
         except RuntimeError:
             loop = None
         req = Request(prompt_ids, params, loop)
+        if self.error is not None:
+            raise RuntimeError(f"the scheduler stopped after an error: {self.error!r}")
         with self._lock:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests already waiting")
@@ -450,6 +454,18 @@ class Scheduler:
 
     # --- the loop
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:  # a failed step must not leave clients waiting forever
+            self.error = e
+            with self._lock:
+                waiting, self._waiting = self._waiting, []
+            for req in waiting + [row.owner for row in self._batch.rows]:
+                if req.finish_reason is None:
+                    req._deliver(None, "error")
+            logging.getLogger(__name__).exception("scheduler stopped")
+
+    def _run(self) -> None:
         while True:
             with self._lock:
                 while not self._stop and not self._waiting and not len(self._batch):

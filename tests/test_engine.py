@@ -225,3 +225,27 @@ def test_scheduler_async_iteration(tok, model, engine):
     finally:
         sched.stop()
     assert outs[0] == outs[1] == outs[2] == _alone(engine, p, params)
+
+
+def test_scheduler_error_finishes_every_request(tok, model):
+    """If a step raises, waiting and running requests end with reason "error" instead of hanging."""
+    from qiusuo.model import DecodeWeights
+
+    original = DecodeWeights.step
+
+    def broken(self, *a):
+        raise RuntimeError("boom")
+
+    DecodeWeights.step = broken
+    sched = Scheduler(Engine(model, tok))
+    try:
+        reqs = [sched.submit(tok.prompt_ids("1+1"), SamplingParams(max_new_tokens=20, seed=i)) for i in range(3)]
+        sched.start()
+        for r in reqs:
+            list(r)
+        sched._thread.join()
+    finally:
+        DecodeWeights.step = original
+    assert all(r.finish_reason == "error" for r in reqs)
+    with pytest.raises(RuntimeError, match="stopped after an error"):
+        sched.submit(tok.prompt_ids("1+1"), SamplingParams())

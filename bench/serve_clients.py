@@ -1,0 +1,171 @@
+"""Serving throughput and latency: N concurrent streaming clients vs one client alone, through the real
+HTTP server (`qiusuo serve` in its own process) and the continuous-batching scheduler.
+
+Each client sends streaming chat requests back to back for `--seconds`; tokens are counted from the
+server's own `usage` (include_usage), time to first token (TTFT) and inter-token latency (ITL) are
+measured at the client from the arrival of the SSE chunks. Target: N = 32 clients together make ≥ 6×
+the tokens/s of one client alone.
+
+    .venv/bin/python bench/serve_clients.py [--checkpoint runs/tiny/base] [--clients 32] [--seconds 15]
+
+Without --checkpoint a random ~0.8 M-parameter model is served (bench/generate.py's), so completions
+run to max_tokens or a random end-of-text. Results also go to bench/out/serve_clients.json.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.generate import checkpoint  # noqa: E402
+from qiusuo.ledger import hardware  # noqa: E402
+
+PROMPTS = ["4821+397", "reach 46 with 3 7 25 2", "12*7", "90817-3349", "reach 100 with 5 5 4", "77+77"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(ckpt: Path, *flags: str):
+    """`qiusuo serve` in a child process on a free loopback port; yields (url, pid)."""
+    port = free_port()
+    db = Path(tempfile.mkdtemp()) / "bench.sqlite"
+    proc = subprocess.Popen([sys.executable, "-m", "qiusuo.cli", "serve", str(ckpt), "--port", str(port),
+                             "--db", str(db), *flags], cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.2)
+        yield url, proc.pid
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def one_request(http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, stats: dict) -> None:
+    body = {"messages": [{"role": "user", "content": prompt}], "stream": True, "max_tokens": max_tokens,
+            "temperature": 1.0, "stream_options": {"include_usage": True}}
+    sent = time.perf_counter()
+    last = None
+    async with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            stats["errors"] += 1
+            await r.aread()
+            return
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                stats["tokens"] += chunk["usage"]["completion_tokens"]
+            delta = chunk["choices"][0]["delta"] if chunk.get("choices") else {}
+            if delta.get("reasoning_content") or delta.get("content"):
+                now = time.perf_counter()
+                if last is None:
+                    stats["ttft"].append(now - sent)
+                else:
+                    stats["itl"].append(now - last)
+                last = now
+    stats["requests"] += 1
+
+
+async def phase(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
+    """Every client first sends one unmeasured request (opening its connection), then all start
+    together and send requests back to back for `seconds`."""
+    stats = {"tokens": 0, "requests": 0, "errors": 0, "ttft": [], "itl": []}
+    warm = {"tokens": 0, "requests": 0, "errors": 0, "ttft": [], "itl": []}
+    ready, go = [0], asyncio.Event()
+    stop_at = [0.0]
+
+    async def client(i: int) -> None:
+        async with httpx.AsyncClient(timeout=120) as http:
+            await one_request(http, url, PROMPTS[i % len(PROMPTS)], max_tokens, warm)
+            ready[0] += 1
+            if ready[0] == clients:
+                stop_at[0] = time.perf_counter() + seconds
+                go.set()
+            await go.wait()
+            n = 0
+            while time.perf_counter() < stop_at[0]:
+                await one_request(http, url, PROMPTS[(i + n) % len(PROMPTS)], max_tokens, stats)
+                n += 1
+
+    tasks = [asyncio.create_task(client(i)) for i in range(clients)]
+    await go.wait()
+    t0 = time.perf_counter()
+    await asyncio.gather(*tasks)
+    wall = time.perf_counter() - t0  # includes the requests still finishing after the deadline
+    return {"clients": clients, "wall_s": wall, "requests": stats["requests"], "errors": stats["errors"],
+            "tokens": stats["tokens"], "tok_per_s": stats["tokens"] / wall,
+            "ttft_p50_ms": 1000 * pct(stats["ttft"], 50), "ttft_p95_ms": 1000 * pct(stats["ttft"], 95),
+            "itl_p50_ms": 1000 * pct(stats["itl"], 50), "itl_p95_ms": 1000 * pct(stats["itl"], 95)}
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    return statistics.quantiles(xs, n=100, method="inclusive")[int(q) - 1] if len(xs) > 1 else xs[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=15.0, help="length of each phase")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    args = ap.parse_args()
+    ckpt = checkpoint(args.checkpoint)
+    with server(ckpt, "--no-auth", "--max-concurrent", str(max(64, args.clients))) as (url, _):
+        alone = asyncio.run(phase(url, 1, args.seconds, args.max_tokens))
+        together = asyncio.run(phase(url, args.clients, args.seconds, args.max_tokens))
+    ratio = together["tok_per_s"] / alone["tok_per_s"]
+    hw = hardware()
+    print(f"# {hw['device']} ({hw['cpu']}, {hw['logical_cores']} cores), "
+          f"checkpoint {args.checkpoint or 'random 0.8M'}, max_tokens {args.max_tokens}, {args.seconds:g} s per phase")
+    print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'tok/s':>8} {'TTFT p50':>9} {'p95':>7} {'ITL p50':>8} "
+          f"{'p95':>7}")
+    for r in (alone, together):
+        print(f"{r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['tok_per_s']:>8.0f} "
+              f"{r['ttft_p50_ms']:>7.0f}ms {r['ttft_p95_ms']:>5.0f}ms {r['itl_p50_ms']:>6.1f}ms "
+              f"{r['itl_p95_ms']:>5.1f}ms")
+    print(f"aggregate speed-up with {args.clients} clients: {ratio:.1f}x (target ≥ 6x) — "
+          f"{'PASS' if ratio >= 6 else 'FAIL'}")
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve_clients.json").write_text(json.dumps(
+        {"hardware": hw, "args": vars(args), "alone": alone, "together": together, "ratio": ratio}, indent=2))
+    sys.exit(0 if ratio >= 6 else 1)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,561 @@
+"""The OpenAI / DeepSeek-compatible HTTP server (DESIGN §5): `create_app(cfg)` returns a FastAPI app.
+
+A chat request goes: authenticate (401) → read the body within its size limit (413) → parse and
+validate (400 / 422) → balance (402) → tokenise, prompt limit (400) → per-key token buckets (429) →
+a place in the gate's queue (503) → [response headers go out when streaming] → wait for a running
+slot (queue timeout: 503) → the scheduler generates → the splitter turns tokens into
+`reasoning_content` / `content` → one usage row in the ledger.
+
+Generation runs in a task of its own (`Service.run`) that owns the gate slot, the scheduler request
+and the ledger row; the HTTP side only reads its events. Whatever ends the request — the answer is
+complete, the client disconnects, the queue times out, an error — the task's `finally` releases the
+slot, cancels the generation and records what was generated, exactly once.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import jinja2
+import prometheus_client as prom
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine import Engine, SamplingParams, Scheduler
+from ..engine import QueueFull as SchedulerFull
+from .keys import DEFAULT_DB, Key, KeyStore, Usage
+from .limits import Gate, KeyLimits, QueueFull, retry_after_header
+from .reasoning import THINK, IncrementalDecoder, ReasoningSplitter
+from .schemas import ChatRequest, classify_error
+
+log = logging.getLogger("qiusuo.serve")
+
+
+@dataclass
+class ServeConfig:
+    """Settings of `qiusuo serve`."""
+
+    checkpoint: str = ""
+    """Stage folder to serve, e.g. runs/tiny/zero (also the first positional argument)."""
+    host: str = "127.0.0.1"
+    """Address to listen on (loopback only by default)."""
+    port: int = 8000
+    """TCP port."""
+    model_name: str = ""
+    """Model id clients ask for; empty: qiusuo-<run>-<stage> from the checkpoint path."""
+    db: str = DEFAULT_DB
+    """SQLite file holding the API keys and the usage ledger (the same default as `qiusuo keys`)."""
+    no_auth: bool = False
+    """Serve without API keys (local use only): no key limits or balance; usage is still recorded."""
+    device: str = "cpu"
+    """Device to run the model on (cpu, cuda)."""
+    max_concurrent: int = 32
+    """Requests generating at once (the scheduler's running batch)."""
+    max_queue: int = 128
+    """Requests waiting for a running slot; one more gets 503 with Retry-After."""
+    queue_timeout: float = 30.0
+    """Seconds a request may wait for a running slot before it gets 503."""
+    overload_retry_after: float = 2.0
+    """Retry-After (seconds) sent with a 503."""
+    keepalive_interval: float = 5.0
+    """Seconds of silence after which a stream gets a `: keep-alive` comment."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body; a larger one gets 413."""
+    max_messages: int = 64
+    """Most messages in one request."""
+    max_prompt_tokens: int = 0
+    """Longest prompt in tokens; 0: the model's context minus one."""
+    max_tokens_limit: int = 1024
+    """Largest max_tokens / max_completion_tokens a request may ask for (larger: 422)."""
+    default_max_tokens: int = 256
+    """Completion budget of a request that sets no max_tokens (cut to fit the context)."""
+    default_temperature: float = 0.6
+    """Temperature of a request that sets none (R1's recommended 0.6)."""
+    default_top_p: float = 0.95
+    """top_p of a request that sets none (R1's recommended 0.95)."""
+    price_prompt: float = 0.55
+    """USD per million prompt tokens."""
+    price_completion: float = 2.19
+    """USD per million completion tokens (reasoning included)."""
+    max_cache_tokens: int = 1 << 16
+    """KV-cache positions the scheduler may reserve across running requests."""
+
+    def __post_init__(self) -> None:
+        if not self.model_name and self.checkpoint:
+            self.model_name = "qiusuo-" + "-".join(Path(self.checkpoint).parts[-2:])
+        if self.max_concurrent < 1 or self.max_queue < 0 or self.queue_timeout <= 0:
+            raise ValueError("max_concurrent must be ≥ 1, max_queue ≥ 0 and queue_timeout > 0")
+        if self.default_max_tokens < 1 or self.max_tokens_limit < self.default_max_tokens:
+            raise ValueError("need 1 ≤ default_max_tokens ≤ max_tokens_limit")
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+class ApiError(Exception):
+    """An error the client gets as `{"error": {message, type, param, code}}` with this status."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_balance",
+             404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
+             429: "rate_limit_error", 500: "server_error", 503: "overloaded_error"}
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 retry_after: float | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.retry_after = status, message, code, param, retry_after
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "api_error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {} if self.retry_after is None else {"Retry-After": retry_after_header(self.retry_after)}
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every failure leaves as an OpenAI-shaped body; a bug is logged here and never shown."""
+
+    @app.exception_handler(ApiError)
+    async def _api(request, e: ApiError):
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return ApiError(e.status_code, str(e.detail), code).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, e: RequestValidationError):
+        return ApiError(400, "malformed request", "invalid_request").response()
+
+    @app.exception_handler(Exception)
+    async def _bug(request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return ApiError(500, "internal server error", "internal_error").response()
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+class Metrics:
+    """Prometheus series, in a registry of their own so several apps can live in one process."""
+
+    def __init__(self, service: "Service"):
+        r = self.registry = prom.CollectorRegistry()
+        self.requests = prom.Counter("qiusuo_requests", "HTTP requests by route and status", ["route", "status"],
+                                     registry=r)
+        prom.Gauge("qiusuo_queue_depth", "Requests waiting for a running slot", registry=r).set_function(
+            lambda: service.gate.waiting + service.scheduler.queue_depth)
+        prom.Gauge("qiusuo_running_sequences", "Sequences in the running batch", registry=r).set_function(
+            lambda: service.scheduler.running)
+        self.tokens = prom.Counter("qiusuo_tokens", "Tokens processed", ["kind"], registry=r)
+        self.ttft = prom.Histogram("qiusuo_time_to_first_token_seconds", "Request arrival to first token",
+                                   buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=r)
+        self.itl = prom.Histogram("qiusuo_inter_token_latency_seconds", "Time between consecutive tokens",
+                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1), registry=r)
+
+    def render(self) -> Response:
+        return Response(prom.generate_latest(self.registry), media_type=prom.CONTENT_TYPE_LATEST)
+
+
+class CountRequests:
+    """ASGI middleware counting responses by route and status. (A pure ASGI wrapper rather than
+    BaseHTTPMiddleware, which would buffer streams and hide client disconnects.)"""
+
+    ROUTES = {"/v1/chat/completions", "/chat/completions", "/v1/models", "/models", "/health", "/metrics",
+              "/user/balance", "/"}
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [499]  # nginx's "client closed request": the client left before any response
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception:
+            status[0] = 500
+            raise
+        finally:
+            route = scope["path"] if scope["path"] in self.ROUTES else "other"  # bounded label values
+            self.metrics.requests.labels(route, str(status[0])).inc()
+
+
+# --- one chat request --------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One chat completion from validation to its ledger row."""
+
+    key: Key | None
+    model: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    in_think: bool
+    reserved_tokens: int
+    id: str = field(default_factory=lambda: "chatcmpl-" + secrets.token_hex(12))
+    created: int = field(default_factory=lambda: int(time.time()))
+    arrived: float = field(default_factory=time.perf_counter)
+    reasoning: list[str] = field(default_factory=list)
+    content: list[str] = field(default_factory=list)
+    thought: bool = False
+    """The model opened a think block (so `reasoning_content` is a string, maybe empty, not null)."""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    error: ApiError | None = None
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    """("piece", (field, text)) … then ("done", None) or ("error", ApiError)."""
+
+
+class Service:
+    """What the routes share: tokenizer, scheduler, admission control, keys and metrics."""
+
+    def __init__(self, cfg: ServeConfig, engine: Engine):
+        self.cfg = cfg
+        self.tok = engine.tokenizer
+        self.context = engine.model.config.max_position_embeddings
+        self.max_prompt = min(cfg.max_prompt_tokens or self.context - 1, self.context - 1)  # ≥ 1 token of room
+        # The gate caps running requests; the scheduler's own queue only needs room for requests the
+        # gate let through whose previous occupant has not left the batch yet.
+        self.scheduler = Scheduler(engine, max_running=cfg.max_concurrent, max_queue=cfg.max_concurrent + cfg.max_queue,
+                                   max_cache_tokens=cfg.max_cache_tokens)
+        self.gate = Gate(cfg.max_concurrent, cfg.max_queue)
+        self.limits = KeyLimits()
+        self.store = KeyStore(cfg.db)
+        self.metrics = Metrics(self)
+        self.think_id = self.tok.token_id(THINK)
+
+    @asynccontextmanager
+    async def lifespan(self, app):
+        self.scheduler.start()
+        try:
+            yield
+        finally:
+            self.scheduler.stop()
+            self.store.close()
+
+    # --- admission -------------------------------------------------------------------------------
+    def authenticate(self, request: Request) -> Key | None:
+        if self.cfg.no_auth:
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+        key = self.store.authenticate(token.strip())
+        if key is None:
+            raise ApiError(401, "invalid or revoked API key", "invalid_api_key")
+        return key
+
+    def prepare(self, body: dict, key: Key | None) -> Job:
+        """Validate and tokenise a request body; every refusal here happens before any work."""
+        try:
+            req = ChatRequest.model_validate(body)
+        except ValidationError as e:
+            status, message, param = classify_error(e)
+            code = "invalid_request" if status == 400 else "invalid_parameter"
+            raise ApiError(status, message, code, param) from None
+        cfg = self.cfg
+        if req.model and req.model != cfg.model_name:
+            raise ApiError(404, f"model {req.model!r} does not exist; this server has {cfg.model_name!r}",
+                           "model_not_found", "model")
+        if len(req.messages) > cfg.max_messages:
+            raise ApiError(400, f"at most {cfg.max_messages} messages per request", "too_many_messages", "messages")
+        for i, m in enumerate(req.messages):
+            if m.reasoning_content is not None:
+                raise ApiError(400, "reasoning_content must not be sent back in input messages; keep only content",
+                               "invalid_request", f"messages[{i}].reasoning_content")
+        asked = req.requested_max_tokens()
+        if asked is not None and asked > cfg.max_tokens_limit:
+            param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+            raise ApiError(422, f"{param} must be ≤ {cfg.max_tokens_limit}", "invalid_parameter", param)
+        if key is not None and key.remaining <= 0:
+            raise ApiError(402, "insufficient balance", "insufficient_balance")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        try:
+            prompt_ids = self.tok.encode_chat(messages, add_generation_prompt=True)
+        except jinja2.TemplateError as e:  # a real checkpoint's template may refuse an order of roles
+            raise ApiError(400, f"the chat template refused these messages: {e}", "invalid_request",
+                           "messages") from None
+        if len(prompt_ids) > self.max_prompt:
+            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; at most {self.max_prompt} are allowed",
+                           "context_length_exceeded", "messages")
+        max_new = min(asked or cfg.default_max_tokens, self.context - len(prompt_ids))
+        params = SamplingParams(
+            max_new_tokens=max_new,
+            temperature=cfg.default_temperature if req.temperature is None else req.temperature,
+            top_p=cfg.default_top_p if req.top_p is None else req.top_p,
+            stop_strings=req.stop_strings(), seed=req.seed)
+        return Job(key=key, model=cfg.model_name, prompt_ids=prompt_ids, params=params, stream=req.stream,
+                   include_usage=bool(req.stream_options and req.stream_options.include_usage),
+                   in_think=self.think_id is not None and prompt_ids[-1] == self.think_id,
+                   reserved_tokens=len(prompt_ids) + max_new)
+
+    def admit(self, job: Job) -> asyncio.Future:
+        """Per-key buckets (429), then a place in the gate (503). Returns the gate ticket."""
+        if job.key is not None:
+            wait = self.limits.admit(job.key.id, job.key.rpm, job.key.tpm, job.reserved_tokens)
+            if wait > 0:
+                raise ApiError(429, f"rate limit of key {job.key.id} reached ({job.key.rpm} requests, "
+                                    f"{job.key.tpm} tokens per minute)", "rate_limit_exceeded", retry_after=wait)
+        try:
+            return self.gate.join()
+        except QueueFull:
+            self._refund(job, job.reserved_tokens)
+            raise ApiError(503, "server overloaded: the queue is full", "overloaded",
+                           retry_after=self.cfg.overload_retry_after) from None
+
+    def _refund(self, job: Job, tokens: int) -> None:
+        if job.key is not None:
+            self.limits.refund(job.key.id, tokens)
+
+    # --- generation ------------------------------------------------------------------------------
+    async def run(self, job: Job, ticket: asyncio.Future) -> None:
+        """Wait for a slot, generate, split, record. Never raises: the outcome is in `job`."""
+        splitter = ReasoningSplitter(job.params.stop_strings, in_think=job.in_think)
+        decoder = IncrementalDecoder(lambda ids: self.tok.decode(ids, skip_special_tokens=True))
+        request, n, last = None, 0, None
+        try:
+            if not await self.gate.wait(ticket, self.cfg.queue_timeout):
+                raise ApiError(503, f"server overloaded: no slot within {self.cfg.queue_timeout:g} s",
+                               "queue_timeout", retry_after=self.cfg.overload_retry_after)
+            try:
+                request = self.scheduler.submit(job.prompt_ids, job.params)
+            except SchedulerFull:
+                raise ApiError(503, "server overloaded", "overloaded",
+                               retry_after=self.cfg.overload_retry_after) from None
+            async for token in request:
+                now = time.perf_counter()
+                if last is None:
+                    self.metrics.ttft.observe(now - job.arrived)
+                else:
+                    self.metrics.itl.observe(now - last)
+                last, n = now, n + 1
+                self._push(job, splitter.feed(decoder.add(token)))
+                if splitter.stopped:  # a stop string: the rest would be cut anyway
+                    break
+            if request.finish_reason == "error":  # the engine failed mid-generation (logged there)
+                raise ApiError(500, "generation failed", "internal_error")
+            self._push(job, splitter.finish())
+            job.thought = splitter.saw_think
+            job.finish_reason = "stop" if splitter.stopped else (request.finish_reason or "stop")
+            job.usage = self._record(job, n, splitter.reasoning_tokens)
+            job.events.put_nowait(("done", None))
+        except ApiError as e:
+            self._fail(job, e)
+        except Exception:  # not CancelledError (a BaseException): a disconnect is handled in finally
+            log.exception("generation failed for %s", job.id)
+            self._fail(job, ApiError(500, "generation failed", "internal_error"))
+        finally:
+            ran = request is not None and (n > 0 or request.started)  # the prompt was prefilled
+            if request is not None:
+                request.cancel()  # no-op once finished; frees the row when the client went away
+            if ran and job.usage is None:
+                self._record(job, n, splitter.reasoning_tokens, finish_reason="cancelled")
+            self.gate.leave(ticket)
+            self._refund(job, job.reserved_tokens - (len(job.prompt_ids) + n if ran else 0))
+
+    def _push(self, job: Job, pieces: list[tuple[str, str]]) -> None:
+        for fld, text in pieces:
+            (job.reasoning if fld == "reasoning_content" else job.content).append(text)
+            job.events.put_nowait(("piece", (fld, text)))
+
+    def _fail(self, job: Job, e: ApiError) -> None:
+        job.error = e
+        job.events.put_nowait(("error", e))
+
+    def _record(self, job: Job, n: int, reasoning: int, finish_reason: str | None = None) -> Usage:
+        p = len(job.prompt_ids)
+        usage = Usage(prompt_tokens=p, completion_tokens=n, reasoning_tokens=reasoning,
+                      cost=(p * self.cfg.price_prompt + n * self.cfg.price_completion) / 1e6)
+        now = time.time()
+        self.store.record(job.key.id if job.key else None, job.id, job.model, usage,
+                          finish_reason or job.finish_reason, started_at=now - (time.perf_counter() - job.arrived),
+                          finished_at=now)
+        for kind, count in (("prompt", p), ("completion", n), ("reasoning", reasoning)):
+            self.metrics.tokens.labels(kind).inc(count)
+        return usage
+
+    # --- responses -------------------------------------------------------------------------------
+    async def complete(self, job: Job, ticket: asyncio.Future, request: Request) -> Response:
+        """Non-streaming: wait for the whole answer, or cancel it when the client disconnects."""
+        task = asyncio.create_task(self.run(job, ticket))
+        gone = asyncio.create_task(_disconnected(request))
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return Response(status_code=499)  # nobody is listening
+        if job.error is not None:
+            raise job.error
+        message = {"role": "assistant", "content": "".join(job.content),
+                   "reasoning_content": "".join(job.reasoning) if job.thought else None}
+        return JSONResponse({
+            "id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": job.finish_reason}],
+            "usage": job.usage.as_openai(),
+        })
+
+    async def stream(self, job: Job, task: asyncio.Task):
+        """Server-sent events: role, reasoning deltas, content deltas, finish, [usage], [DONE].
+        Events that piled up while the client was being written to go out in one write."""
+        try:
+            yield self._chunk(job, {"role": "assistant", "content": ""})
+            while True:
+                try:
+                    async with asyncio.timeout(self.cfg.keepalive_interval):  # cheaper than wait_for per token
+                        events = [await job.events.get()]
+                except TimeoutError:
+                    yield ": keep-alive\n\n"  # queued or slow: keeps proxies and clients from timing out
+                    continue
+                while not job.events.empty():
+                    events.append(job.events.get_nowait())
+                out, finished = [], False
+                for kind, payload in events:
+                    if kind == "piece":
+                        out.append(self._chunk(job, {payload[0]: payload[1]}))
+                    elif kind == "error":
+                        out.append(f"data: {json.dumps(payload.body())}\n\n")  # headers are gone: report in-band
+                        finished = True
+                    else:
+                        out.append(self._final(job))
+                        finished = True
+                yield "".join(out)
+                if finished:
+                    return
+        finally:
+            task.cancel()  # the client went away (or we are done): stop generating
+
+    def _final(self, job: Job) -> str:
+        out = self._chunk(job, {}, finish_reason=job.finish_reason)
+        if job.include_usage:
+            out += _sse({"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model,
+                         "choices": [], "usage": job.usage.as_openai()})
+        return out + "data: [DONE]\n\n"
+
+    def _chunk(self, job: Job, delta: dict, finish_reason: str | None = None) -> str:
+        chunk = {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model,
+                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+        if job.include_usage:
+            chunk["usage"] = None
+        return _sse(chunk)
+
+    def balance(self, key: Key | None) -> dict:
+        remaining = 0.0 if key is None else max(0.0, key.remaining)
+        amount = f"{remaining:.2f}"
+        return {"is_available": key is None or key.remaining > 0,
+                "balance_infos": [{"currency": "USD", "total_balance": amount, "granted_balance": "0.00",
+                                   "topped_up_balance": amount}]}
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client closes the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object, refusing more than `limit` bytes without reading them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body larger than {limit} bytes", "request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"request body larger than {limit} bytes", "request_too_large")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise ApiError(400, "the body is not valid JSON", "invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object", "invalid_request")
+    return data
+
+
+# --- the app -----------------------------------------------------------------------------------
+
+def create_app(cfg: ServeConfig, model=None, tokenizer=None) -> FastAPI:
+    """The app serving `cfg.checkpoint` (or the given model and tokenizer)."""
+    if model is None:
+        from ..checkpoint import load_checkpoint
+
+        model, tokenizer = load_checkpoint(Path(cfg.checkpoint), device=cfg.device)
+    svc = Service(cfg, Engine(model, tokenizer))
+    app = FastAPI(title="qiusuo", lifespan=svc.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = svc
+    install_error_handlers(app)
+    app.add_middleware(CountRequests, metrics=svc.metrics)
+    page = resources.files(__package__).joinpath("static/index.html").read_text()
+
+    async def chat_completions(request: Request):
+        key = svc.authenticate(request)
+        job = svc.prepare(await read_json(request, cfg.max_body_bytes), key)
+        ticket = svc.admit(job)
+        if not job.stream:
+            return await svc.complete(job, ticket, request)
+        # Generation starts now, not when the response starts iterating: the task owns the ticket,
+        # so the slot is released even if the client vanishes before the first byte.
+        task = asyncio.create_task(svc.run(job, ticket))
+        return StreamingResponse(svc.stream(job, task), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def models(request: Request):
+        svc.authenticate(request)
+        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0,
+                                            "owned_by": "qiusuo"}]}
+
+    async def balance(request: Request):
+        return svc.balance(svc.authenticate(request))
+
+    # Every route is `async def`: FastAPI would run plain functions in a thread pool, a needless hop.
+    async def health():
+        return {"status": "ok", "model": cfg.model_name, "running": svc.scheduler.running,
+                "queue_depth": svc.gate.waiting + svc.scheduler.queue_depth}
+
+    async def metrics():
+        return svc.metrics.render()
+
+    async def chat_page():
+        return HTMLResponse(page)
+
+    for prefix in ("/v1", ""):
+        app.add_api_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"])
+        app.add_api_route(f"{prefix}/models", models, methods=["GET"])
+    app.add_api_route("/user/balance", balance, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.add_api_route("/", chat_page, methods=["GET"])
+    return app
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Run the server until interrupted."""
+    import uvicorn
+
+    app = create_app(cfg)
+    auth = "WITHOUT authentication (--no-auth)" if cfg.no_auth else f"keys from {cfg.db}"
+    print(f"serving {cfg.checkpoint} as {cfg.model_name!r} on http://{cfg.host}:{cfg.port} — {auth}")
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
