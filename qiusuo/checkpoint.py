@@ -52,6 +52,26 @@ def load_train_state(out: Path) -> dict:
         raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e})") from e
 
 
+def training_state(model, opt, ledger, cfg, **extra) -> dict:
+    """What `train_state.pt` holds: weights, optimizer, RNG states, the cost ledger so far, the config,
+    and each stage's own position (`step`, `data_pos`, …) passed as `extra`."""
+    from dataclasses import asdict
+
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
+            "ledger": ledger.snapshot(), "config": asdict(cfg), **extra}
+
+
+def resume_training(out: Path, model, opt, ledger) -> dict:
+    """Load `<out>/train_state.pt` into model, optimizer, global RNGs and ledger; return the state for
+    the stage's own fields."""
+    state = load_train_state(out)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    ledger.restore(state.get("ledger"))
+    return state
+
+
 def load_checkpoint(path: Path, device="cpu") -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer of a stage folder (or any HF-layout folder)."""
     path = Path(path)

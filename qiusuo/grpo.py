@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint, load_train_state, rng_state, save_stage, set_rng_state
+from .checkpoint import load_checkpoint, resume_training, save_stage, training_state
 from .engine import Engine, SamplingParams
 from .ledger import StageLedger, forward_flops, hardware, train_flops
 from .log import StepLog, console, warn
@@ -323,13 +323,9 @@ def train(cfg: GRPOConfig, resume: bool = False) -> Path:
     ledger = StageLedger(out.name, cfg.price_per_device_hour, hardware()["device"])
     step = 0
     if resume:
-        state = load_train_state(out)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+        state = resume_training(out, model, opt, ledger)
         rng.setstate(state["prompt_rng"])
         step = state["step"]
-        ledger.restore(state.get("ledger"))
         console.print(f"resumed {out} at step {step}")
     samples_path = out / "samples.jsonl"
     if not resume:
@@ -370,9 +366,8 @@ def train(cfg: GRPOConfig, resume: bool = False) -> Path:
             if step % cfg.sample_every == 0 or step == 1:
                 write_samples(samples_path, step, r, adv)
             if step % cfg.save_every == 0 or step == cfg.steps:
-                save_stage(out, model, tok, cfg, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                                  "rng": rng_state(), "prompt_rng": rng.getstate(), "step": step,
-                                                  "ledger": ledger.snapshot(), "config": asdict(cfg)})
+                save_stage(out, model, tok, cfg, training_state(model, opt, ledger, cfg, step=step,
+                                                                prompt_rng=rng.getstate()))
     ledger.finish(out / "ledger.json")
     return out
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint, load_train_state, rng_state, save_stage, set_rng_state
+from .checkpoint import load_checkpoint, resume_training, save_stage, training_state
 from .corpus import read_corpus
 from .ledger import StageLedger, hardware, train_flops
 from .log import StepLog, console
@@ -182,12 +182,8 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
     step, data_pos = 0, 0
     ledger = StageLedger(out.name, cfg.price_per_device_hour, hardware()["device"])
     if resume:
-        state = load_train_state(out)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+        state = resume_training(out, model, opt, ledger)
         step, data_pos = state["step"], state["data_pos"]
-        ledger.restore(state.get("ledger"))
         console.print(f"resumed {out} at step {step}")
     mc = model.config
     # --- loop
@@ -215,8 +211,6 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
                            "train/grad_norm": round(grad_norm.item(), 4), "perf/tokens_per_s": round(tokens / dt),
                            "perf/step_s": round(dt, 4)})
             if step % cfg.save_every == 0 or step == cfg.steps:
-                save_stage(out, model, tok, cfg, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                                  "rng": rng_state(), "step": step, "data_pos": data_pos,
-                                                  "ledger": ledger.snapshot(), "config": asdict(cfg)})
+                save_stage(out, model, tok, cfg, training_state(model, opt, ledger, cfg, step=step, data_pos=data_pos))
     ledger.finish(out / "ledger.json")
     return out
