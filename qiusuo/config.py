@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import json
 import textwrap
+import types
 import typing
 from functools import lru_cache
 from pathlib import Path
@@ -98,7 +99,8 @@ def _coerce(name: str, value, hint):
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if value is None:
         return None
-    base = args[0] if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1 else hint
+    # `int | None` and Optional[int] both coerce as int
+    base = args[0] if origin in (typing.Union, types.UnionType) and len(args) == 1 else hint
     try:
         if base is bool and not isinstance(value, bool):
             raise ConfigError(f"{name}: expected true/false, got {value!r}")

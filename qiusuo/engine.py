@@ -180,7 +180,7 @@ class DecodeBatch:
             row.pos = lengths[i // n]
             row.limit = min(self.max_len - 1, row.pos + row.params.max_new_tokens - 1)
         self._compact(force=True)
-        new = self._tensors(rows)
+        new = self._tensors(rows, device)
         if self.cache is None:
             self.cache, self.logits, self.row_tensors = cache, logits, new
         else:
@@ -191,13 +191,16 @@ class DecodeBatch:
         self.alive += [True] * len(rows)
 
     @staticmethod
-    def _tensors(rows: list[Row]) -> dict[str, torch.Tensor]:
+    def _tensors(rows: list[Row], device) -> dict[str, torch.Tensor]:
         """Per-row sampling settings as tensors, built once per admission rather than every step."""
-        return {"temperature": torch.tensor([r.params.temperature for r in rows], dtype=torch.float32),
-                "top_p": torch.tensor([r.params.top_p for r in rows], dtype=torch.float32),
-                "top_k": torch.tensor([r.params.top_k for r in rows], dtype=torch.long),
-                "key": torch.tensor([r.key for r in rows], dtype=torch.long),
-                "drawn": torch.tensor([len(r.generated) for r in rows], dtype=torch.long)}
+        def column(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return {"temperature": column([r.params.temperature for r in rows], torch.float32),
+                "top_p": column([r.params.top_p for r in rows], torch.float32),
+                "top_k": column([r.params.top_k for r in rows], torch.long),
+                "key": column([r.key for r in rows], torch.long),
+                "drawn": column([len(r.generated) for r in rows], torch.long)}
 
     @torch.no_grad()
     def step(self) -> list[tuple[Row, int, bool]]:
@@ -255,7 +258,7 @@ class DecodeBatch:
         idx = torch.tensor(keep, device=self.engine.device)
         upto = max(self.rows[i].pos for i in keep)
         self.cache, self.logits = self.cache.select(idx, upto=upto), self.logits[idx]
-        self.row_tensors = {k: v[idx.cpu()] for k, v in self.row_tensors.items()}
+        self.row_tensors = {k: v[idx] for k, v in self.row_tensors.items()}
         self.rows = [self.rows[i] for i in keep]
         self.alive = [True] * len(keep)
 
