@@ -15,6 +15,7 @@ All strings stay ASCII and short, because the model is tokenised per character.
 from __future__ import annotations
 
 import ast
+from abc import ABC, abstractmethod
 import hashlib
 import operator
 import random
@@ -65,19 +66,19 @@ class Problem:
         return f"{self.task}:{self.prompt}"
 
 
-class Task:
+class Task(ABC):
     """Base class: subclasses supply generation, completion styles and scoring."""
 
     name: str = ""
     difficulties: tuple[int, ...] = ()
 
+    @abstractmethod
     def generate(self, rng: random.Random, difficulty: int) -> Problem:
         """Draw one random problem of the given difficulty."""
-        raise NotImplementedError
 
+    @abstractmethod
     def score(self, problem: Problem, answer: str) -> tuple[float, str]:
         """Return (1.0, "correct") or (0.0, reason) for a final answer string."""
-        raise NotImplementedError
 
     def sample(self, split: str, seed: int, difficulty: int) -> Problem:
         """Draw a problem from ``split``; deterministic for (split, seed, difficulty).
@@ -112,14 +113,17 @@ class Task:
             )
 
     # Style writers return (think, answer); subclasses implement them.
+    @abstractmethod
     def _direct(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
-        raise NotImplementedError
+        """A short guess: often wrong on hard instances."""
 
+    @abstractmethod
     def _steps(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
-        raise NotImplementedError
+        """A correct step-by-step trace."""
 
+    @abstractmethod
     def _flawed(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
-        raise NotImplementedError
+        """A step-by-step trace with one slip, ending in a wrong answer."""
 
 
 # ---------------------------------------------------------------------------
