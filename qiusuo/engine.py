@@ -137,6 +137,12 @@ class Row:
     finish_reason: str | None = None
     cancelled: bool = False
 
+    def reports(self, token: int, finished: bool) -> bool:
+        """Whether a sampled token belongs to the output: the stop token that ended the row, and the
+        token drawn after a cancel, do not."""
+        return not (finished and self.finish_reason in ("stop", "cancelled")
+                    and (token in self.stops or self.cancelled))
+
 
 class DecodeBatch:
     """Rows that decode together over one KV cache; rows join (`admit`) and leave between steps."""
@@ -311,7 +317,7 @@ class Engine:
         batch.admit([prompt], [row])
         while len(batch):
             for r, token, finished in batch.step():
-                if not (finished and r.finish_reason == "stop" and token in r.stops):
+                if r.reports(token, finished):
                     yield token
 
     def _context(self, prompts, params: SamplingParams) -> int:
@@ -480,8 +486,7 @@ class Scheduler:
                 self._admit(admit)
             for row, token, finished in self._batch.step():
                 req: Request = row.owner
-                excluded = finished and row.finish_reason in ("stop", "cancelled") and (token in row.stops or row.cancelled)
-                req._deliver(None if excluded else token, row.finish_reason if finished else None)
+                req._deliver(token if row.reports(token, finished) else None, row.finish_reason if finished else None)
             self.steps += 1
         for req in self._waiting:
             req._deliver(None, "cancelled")

@@ -265,6 +265,11 @@ def keep_groups(r: Rollout, groups: list[int], G: int) -> Rollout:
                    [r.completions[i] for i in rows], r.rewards[groups], {k: v[groups] for k, v in r.parts.items()})
 
 
+def informative(r: Rollout, G: int) -> Rollout:
+    """Only the groups whose rewards differ: an all-equal group has zero advantage everywhere."""
+    return keep_groups(r, (r.rewards.std(1) > 0).nonzero().squeeze(-1).tolist(), G)
+
+
 def merge(a: Rollout, b: Rollout) -> Rollout:
     return Rollout(a.problems + b.problems, a.prompt_ids + b.prompt_ids, a.completions + b.completions,
                    torch.cat([a.rewards, b.rewards]), {k: torch.cat([a.parts[k], b.parts[k]]) for k in a.parts})
@@ -279,13 +284,13 @@ def collect(engine, tok, cfg: GRPOConfig, rng: random.Random, step: int) -> tupl
     generated, zero_std_frac = P * G, (batch.rewards.std(1) == 0).float().mean().item()
     if not cfg.dynamic_sampling:
         return batch, generated, zero_std_frac
-    kept = keep_groups(batch, (batch.rewards.std(1) > 0).nonzero().squeeze(-1).tolist(), G)
+    kept = informative(batch, G)
     for refill in range(1, cfg.max_refills + 1):
         if len(kept.problems) >= P:
             break
         more = rollout(engine, tok, draw_problems(cfg, rng, P), cfg, seed=cfg.seed * 1_000_003 + step * 7_919 + refill)
         generated += P * G
-        kept = merge(kept, keep_groups(more, (more.rewards.std(1) > 0).nonzero().squeeze(-1).tolist(), G))
+        kept = merge(kept, informative(more, G))
     if len(kept.problems) == 0:
         return batch, generated, zero_std_frac  # nothing informative: the step's update is zero
     return keep_groups(kept, list(range(min(P, len(kept.problems)))), G), generated, zero_std_frac

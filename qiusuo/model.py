@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -118,6 +118,15 @@ class ModelConfig:
         return cls(**kwargs)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight · x / rms(x), with the statistics in fp32 as transformers computes them (so bf16 runs
+    match it too); for fp32 inputs the casts are skipped."""
+    if x.dtype == torch.float32:
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -125,11 +134,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 as transformers does, so bf16 runs match it too.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -345,16 +350,7 @@ class DecodeWeights:
         self.cos, self.sin = cos[0, 0], sin[0, 0]          # [max_len, head_dim]
 
     def _norm(self, x, w):
-        # Same arithmetic as RMSNorm (fp32 statistics), in fewer ops.
-        if x.dtype == torch.float32:
-            return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps))
-        xf = x.float()
-        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)).to(x.dtype)
-
-    @staticmethod
-    def _rope(x, cos, sin):
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        return rms_norm(x, w, self.cfg.rms_norm_eps)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -371,7 +367,7 @@ class DecodeWeights:
         x = self.embed[tokens]                                                     # [B, hidden]
         for i, (ln1, qkv_w, qkv_b, o_w, ln2, gu_w, down_w) in enumerate(self.layers):
             qkv = F.linear(self._norm(x, ln1), qkv_w, qkv_b)
-            qk = self._rope(qkv[:, :(H + KV) * D].view(B, H + KV, D), cos, sin)   # q and k rotated at once
+            qk = apply_rope(qkv[:, :(H + KV) * D].view(B, H + KV, D), cos, sin)   # q and k rotated at once
             q, k = qk[:, :H], qk[:, H:]
             v = qkv[:, (H + KV) * D:].view(B, KV, D)
             cache.k[i, rows, :, positions] = k
@@ -470,6 +466,3 @@ def load_model(ckpt: Path, device="cpu", dtype=torch.float32) -> Transformer:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.to(device=device, dtype=dtype)
 
-
-def config_dict(cfg: ModelConfig) -> dict:
-    return asdict(cfg)
