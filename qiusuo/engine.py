@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from . import native
 from .model import DecodeWeights, KVCache, Transformer
 
 
@@ -91,24 +92,42 @@ def uniform(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     return _shr(z, 11).double() / float(1 << 53)
 
 
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index of the first entry of each row whose cumulative mass exceeds u · total."""
+    cum = probs.cumsum(-1)
+    pick = torch.searchsorted(cum, (u.to(cum.dtype) * cum[:, -1])[:, None])
+    return pick.clamp_max(probs.shape[-1] - 1).squeeze(-1)
+
+
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
                 u: torch.Tensor) -> torch.Tensor:
     """One token per row from `logits` [B, V] with per-row temperature / top-p / top-k [B] and one
-    uniform draw per row `u` [B] (inverse-CDF sampling) → ids [B]."""
+    uniform draw per row `u` [B] (inverse-CDF sampling) → ids [B].
+
+    A row without a top-p / top-k cut samples in vocabulary order and skips the sort; a row with one
+    samples in descending-probability order. Which order a row uses depends on its own settings
+    only, so a row draws the same token whatever batch it is in."""
     greedy = temperature == 0
     if bool(greedy.all()):
         return logits.argmax(-1)
     logits = logits.float() / torch.where(greedy, 1.0, temperature)[:, None]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    rank = torch.arange(logits.shape[-1], device=logits.device)
-    outside_k = (top_k[:, None] > 0) & (rank[None, :] >= top_k[:, None])
-    probs = sorted_logits.masked_fill(outside_k, float("-inf")).softmax(-1)
-    # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
-    probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], 0.0)
-    cum = probs.cumsum(-1)
-    pick = torch.searchsorted(cum, (u.to(cum.dtype) * cum[:, -1])[:, None]).clamp_max(probs.shape[-1] - 1)
-    token = order.gather(-1, pick).squeeze(-1)
-    return torch.where(greedy, logits.argmax(-1), token)
+    cut = (top_p < 1) | (top_k > 0)
+    any_cut, all_cut = bool(cut.any()), bool(cut.all())
+    token = None
+    if not all_cut:
+        token = _inverse_cdf(logits.softmax(-1), u)
+    if any_cut:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(logits.shape[-1], device=logits.device)
+        outside_k = (top_k[:, None] > 0) & (rank[None, :] >= top_k[:, None])
+        probs = sorted_logits.masked_fill(outside_k, float("-inf")).softmax(-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], 0.0)
+        truncated = order.gather(-1, _inverse_cdf(probs, u)[:, None]).squeeze(-1)
+        token = truncated if token is None else torch.where(cut, truncated, token)
+    if bool(greedy.any()):
+        token = torch.where(greedy, logits.argmax(-1), token)
+    return token
 
 
 def _key(seed: int | None) -> int:
@@ -215,8 +234,12 @@ class DecodeBatch:
             return []
         rows = self.rows
         t = self.row_tensors
-        u = uniform(t["key"], t["drawn"])
-        tokens = sample_next(self.logits, t["temperature"], t["top_p"], t["top_k"], u).tolist()
+        if self.fast.native is not None:  # the C kernel is in use: sample there too, in one call
+            tokens = native.sample(self.fast.native[0], self.logits, t["temperature"], t["top_p"], t["top_k"],
+                                   t["key"], t["drawn"]).tolist()
+        else:
+            u = uniform(t["key"], t["drawn"])
+            tokens = sample_next(self.logits, t["temperature"], t["top_p"], t["top_k"], u).tolist()
         t["drawn"] += 1
         events = []
         for i, (row, token) in enumerate(zip(rows, tokens)):

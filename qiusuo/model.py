@@ -12,6 +12,7 @@ The model knows nothing of text or data: it maps token ids (and an optional KV c
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -151,41 +152,51 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated key/value buffers for every layer: [layers, B, kv_heads, max_len, head_dim] each.
+    """Preallocated keys and values of every layer in one buffer `kv`:
+    [layers, 2, B, kv_heads, max_len, head_dim], keys at [:, 0] (`k`), values at [:, 1] (`v`). One
+    buffer lets a decode step store a token's key and value with a single write, and keeps each
+    (row, kv head)'s keys contiguous so attention can run as one batched matmul over B × kv_heads.
 
     Rows are right-aligned from position 0, so a token's cache index *is* its position: a row of
     length n holds its keys at [0, n) and writes its next one at n. Rows of different lengths share
     the buffer; each query attends only to keys at or before its own position."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (cfg.num_hidden_layers, 2, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.kv = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.kv[:, 0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv[:, 1]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.kv.shape[4]
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.kv.shape[2]
 
     def select(self, rows: torch.Tensor, upto: int | None = None) -> "KVCache":
         """A new cache holding only `rows` (a gather along the batch axis): used to drop finished rows
         and to fan a prefilled prompt out to G samples. Only the first `upto` positions are copied."""
         new = object.__new__(KVCache)
-        shape = (self.k.shape[0], len(rows), *self.k.shape[2:])
-        new.k, new.v = self.k.new_zeros(shape), self.v.new_zeros(shape)
+        shape = list(self.kv.shape)
+        shape[2] = len(rows)
+        new.kv = self.kv.new_zeros(shape)
         n = self.max_len if upto is None else upto
-        new.k[:, :, :, :n] = self.k[:, rows, :, :n]
-        new.v[:, :, :, :n] = self.v[:, rows, :, :n]
+        new.kv[..., :n, :] = self.kv[:, :, rows, :, :n]
         return new
 
     @staticmethod
     def concat(a: "KVCache", b: "KVCache") -> "KVCache":
         """Rows of `a` then rows of `b` (same max_len): how new requests join a running batch."""
         new = object.__new__(KVCache)
-        new.k, new.v = torch.cat([a.k, b.k], dim=1), torch.cat([a.v, b.v], dim=1)
+        new.kv = torch.cat([a.kv, b.kv], dim=2)
         return new
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> int:
@@ -196,11 +207,10 @@ class KVCache:
         if T == 1:
             rows = torch.arange(k.shape[0], device=k.device)
             pos = positions[:, 0]
-            self.k[layer, rows, :, pos] = k[:, :, 0]
-            self.v[layer, rows, :, pos] = v[:, :, 0]
+            self.kv[layer, :, rows, :, pos] = torch.stack([k[:, :, 0], v[:, :, 0]], dim=1)
             return int(pos.max()) + 1
-        self.k[layer, :, :, :T] = k
-        self.v[layer, :, :, :T] = v
+        self.kv[layer, 0, :, :, :T] = k
+        self.kv[layer, 1, :, :, :T] = v
         return T
 
 
@@ -323,63 +333,142 @@ class Transformer(nn.Module):
 
 
 class DecodeWeights:
-    """The model's weights laid out for one-token decode steps: q/k/v and gate/up projections fused
-    into one matmul each, and a rotary table for every position. A decode step of a ~1 M-parameter
-    model is dominated by per-op overhead, not arithmetic, so fewer, larger ops are what makes it fast.
+    """The model's weights laid out for one-token decode steps, where a ~1 M-parameter model is
+    dominated by per-op overhead rather than arithmetic, so the step is written in as few ops as the
+    maths allows:
+
+    - q/k/v and gate/up are fused into one matmul each, with weights stored transposed ([in, out]).
+    - RMSNorm's weight is folded into the matmul that follows it, W·(w ⊙ x/rms) = (W·diag w)·x/rms,
+      and the 1/rms factor scales the matmul's output rows (one fused multiply-add with the bias).
+    - Rotary embedding on q and k is one gather and two multiplies over the whole q|k|v row:
+      rotate_half is a fixed column permutation whose sign is folded into the sin table, and the v
+      columns get cos = 1, sin = 0, so the rotated row holds k|v ready for a single cache write.
+    - Residual adds ride on `addmm`; attention is baddbmm → softmax → bmm over B × kv_heads (faster on
+      CPU than SDPA's flash kernel for one query row), grouped-query heads sharing their kv head.
 
     Built from the live parameters (a copy): rebuild after the weights change (the engine does so for
-    every batch, which costs one pass over the weights)."""
+    every batch, which costs one pass over the weights). Logits equal `Transformer.forward`'s up to
+    float rounding.
+
+    On the CPU in fp32 the step runs as one call into the C kernel of `native.py` (same layout, same
+    maths, the whole step in one OpenMP region); `native=False` forces the PyTorch step, `True`
+    requires the kernel."""
 
     @torch.no_grad()
-    def __init__(self, model: "Transformer", max_len: int):
+    def __init__(self, model: "Transformer", max_len: int, native: bool | None = None):
         cfg = model.config
         self.cfg = cfg
+        H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.embed = model.model.embed_tokens.weight
-        self.lm_head = model.lm_head.weight
-        self.norm = model.model.norm.weight
+        dtype, device = self.embed.dtype, self.embed.device
         self.layers = []
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
-            qkv_w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-            qkv_b = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if cfg.qkv_bias else None
-            self.layers.append((layer.input_layernorm.weight, qkv_w, qkv_b, a.o_proj.weight,
-                                layer.post_attention_layernorm.weight,
-                                torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight))
-        pos = torch.arange(max_len, device=self.embed.device)[None]
-        cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, self.embed.dtype)
-        self.cos, self.sin = cos[0, 0], sin[0, 0]          # [max_len, head_dim]
+            qkv_w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) * layer.input_layernorm.weight
+            qkv_b = (torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if cfg.qkv_bias
+                     else qkv_w.new_zeros(qkv_w.shape[0]))
+            gu_w = torch.cat([m.gate_proj.weight, m.up_proj.weight]) * layer.post_attention_layernorm.weight
+            self.layers.append((qkv_w.t().contiguous(), qkv_b, a.o_proj.weight.t().contiguous(),
+                                gu_w.t().contiguous(), m.down_proj.weight.t().contiguous()))
+        self.head = (model.lm_head.weight * model.model.norm.weight).t().contiguous()
+        cos, sin = rope_cos_sin(torch.arange(max_len, device=device)[None], D, cfg.rope_theta, dtype)
+        half = D // 2
+        # rotate_half(y) = [−y₂, y₁] per head: y gathered by `perm`, the sign carried by the sin table
+        self.cos = cos[0, 0]                                                   # [max_len, D]
+        self.sin = sin[0, 0] * torch.cat([-torch.ones(half), torch.ones(half)]).to(device, dtype)
+        within = torch.cat([torch.arange(half, D), torch.arange(half)])
+        self.perm = (torch.arange(H + 2 * KV)[:, None] * D + within).flatten().to(device)
+        self.eps = torch.tensor(cfg.rms_norm_eps, dtype=torch.float32, device=device)
+        self.native = self._native(max_len) if native is not False else None
+        if native and self.native is None:
+            raise RuntimeError("the C decode step is unavailable (needs a CPU fp32 model and a C compiler)")
 
-    def _norm(self, x, w):
-        return rms_norm(x, w, self.cfg.rms_norm_eps)
+    def _native(self, max_len: int):
+        """The ctypes argument block for the C step, or None when it does not apply here."""
+        from . import native
+
+        cfg = self.cfg
+        dims_ok = all(n % 8 == 0 for n in (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim))
+        if self.embed.device.type != "cpu" or self.embed.dtype != torch.float32 or not dims_ok:
+            return None
+        lib = native.kernel()
+        if lib is None:
+            return None
+        V = self.embed.shape[0]
+        head = self.head.new_zeros(self.head.shape[0], -(-V // 8) * 8)     # columns padded to a multiple of 8
+        head[:, :V] = self.head
+        keep = [self.embed.contiguous(), head, self.cos.contiguous(), self.sin.contiguous()]
+
+        def per_layer(j):
+            arr = (ctypes.c_void_p * len(self.layers))()
+            for i, layer in enumerate(self.layers):
+                t = layer[j].contiguous()
+                keep.append(t)
+                arr[i] = t.data_ptr()
+            keep.append(arr)
+            return ctypes.cast(arr, ctypes.POINTER(ctypes.c_void_p))
+
+        m = native.Model(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
+                         cfg.num_key_value_heads, cfg.head_dim, V, head.shape[1], max_len, cfg.rms_norm_eps,
+                         keep[0].data_ptr(), per_layer(0), per_layer(1), per_layer(2), per_layer(3), per_layer(4),
+                         head.data_ptr(), keep[2].data_ptr(), keep[3].data_ptr())
+        return lib, m, keep
+
+    def _native_step(self, tokens, positions, cache: KVCache) -> torch.Tensor:
+        lib, m, _ = self.native
+        kv = cache.kv
+        if kv.dtype != torch.float32 or not kv.is_contiguous():
+            raise ValueError("the C decode step needs a contiguous fp32 cache")
+        tokens = tokens.to(torch.int64).contiguous()
+        positions = positions.to(torch.int64).contiguous()
+        logits = torch.empty(len(tokens), m.vocab_padded)
+        rc = lib.qiusuo_decode_step(ctypes.byref(m), len(tokens), tokens.data_ptr(), positions.data_ptr(),
+                                    kv.data_ptr(), cache.max_len, logits.data_ptr(), torch.get_num_threads())
+        if rc:
+            why = {1: "unsupported shape", 2: "a position outside the cache", 3: "a token id outside the vocabulary"}
+            raise ValueError(f"C decode step rejected its input: {why.get(rc, rc)}")
+        return logits[:, :self.embed.shape[0]]
+
+    def _inv_rms(self, x: torch.Tensor) -> torch.Tensor:
+        """1 / rms(x) per row [B, 1] (statistics in fp32, as transformers computes them)."""
+        n = torch.linalg.vector_norm(x, 2, -1, True, dtype=torch.float32)
+        r = torch.addcmul(self.eps, n, n, value=1 / x.shape[-1]).rsqrt_()
+        return r if x.dtype == torch.float32 else r.to(x.dtype)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decode step: tokens [B] at positions [B] → next-token logits [B, V]; writes the cache."""
+        if self.native is not None:
+            return self._native_step(tokens, positions, cache)
         cfg = self.cfg
         B, H, KV, D = tokens.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        G = H // KV
+        N, G, L = H + 2 * KV, H // KV, cache.max_len
         S = int(positions.max()) + 1
-        rows = torch.arange(B, device=tokens.device)
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]      # [B, 1, D]
-        # keys a row may see: its own positions up to the current one  → additive mask [B, 1, 1, S]
+        # Per-step tables shared by every layer. Rotary factors over the q|k|v row (v: cos 1, sin 0):
+        one, zero = self.cos.new_ones(1, 1, D).expand(B, KV, D), self.cos.new_zeros(1, 1, D).expand(B, KV, D)
+        cos = torch.cat([self.cos.index_select(0, positions)[:, None].expand(B, H + KV, D), one], 1).view(B, N * D)
+        sin = torch.cat([self.sin.index_select(0, positions)[:, None].expand(B, H + KV, D), zero], 1).view(B, N * D)
+        # The keys a row may see, its positions up to the current one: additive mask [B·KV, 1, S].
         hide = torch.arange(S, device=tokens.device)[None] > positions[:, None]
-        bias = torch.zeros(B, S, dtype=cos.dtype, device=tokens.device).masked_fill_(hide, float("-inf"))[:, None, None]
-        x = self.embed[tokens]                                                     # [B, hidden]
-        for i, (ln1, qkv_w, qkv_b, o_w, ln2, gu_w, down_w) in enumerate(self.layers):
-            qkv = F.linear(self._norm(x, ln1), qkv_w, qkv_b)
-            qk = apply_rope(qkv[:, :(H + KV) * D].view(B, H + KV, D), cos, sin)   # q and k rotated at once
-            q, k = qk[:, :H], qk[:, H:]
-            v = qkv[:, (H + KV) * D:].view(B, KV, D)
-            cache.k[i, rows, :, positions] = k
-            cache.v[i, rows, :, positions] = v
-            keys, values = cache.k[i, :, :, :S], cache.v[i, :, :, :S]              # [B, KV, S, D]
-            # grouped-query attention without repeating k/v: the G query heads of a kv head share it
-            scores = q.view(B, KV, G, D) @ keys.transpose(-1, -2) * (D ** -0.5) + bias   # [B, KV, G, S]
-            att = scores.softmax(-1) @ values                                      # [B, KV, G, D]
-            x = x + F.linear(att.reshape(B, H * D), o_w)
-            gate, up = F.linear(self._norm(x, ln2), gu_w).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, down_w)
-        return F.linear(self._norm(x, self.norm), self.lm_head)
+        bias = self.cos.new_zeros(B, S).masked_fill_(hide, float("-inf")).repeat_interleave(KV, dim=0)[:, None]
+        # Where each row's new key and value go in a layer's cache, viewed as [2·B·KV·L, D] rows.
+        b, c, h = torch.arange(B, device=tokens.device), torch.arange(2, device=tokens.device), torch.arange(KV, device=tokens.device)
+        slot = (((c[None, :, None] * B + b[:, None, None]) * KV + h[None, None, :]) * L + positions[:, None, None]).flatten()
+        x = self.embed.index_select(0, tokens)                                     # [B, hidden]
+        for i, (qkv_t, qkv_b, o_t, gu_t, down_t) in enumerate(self.layers):
+            y = torch.addcmul(qkv_b, torch.mm(x, qkv_t), self._inv_rms(x))        # q|k|v [B, N·D]
+            y = torch.addcmul(y * cos, y.index_select(1, self.perm), sin)        # rotary on q and k
+            y = y.view(B, N, D)
+            layer = cache.kv[i]                                                    # [2, B, KV, L, D]
+            layer.view(-1, D).index_copy_(0, slot, y[:, H:].reshape(-1, D))        # k and v, one write
+            keys = layer[0].view(B * KV, L, D)[:, :S]                              # views, no copy
+            values = layer[1].view(B * KV, L, D)[:, :S]
+            q = y[:, :H].reshape(B * KV, G, D)       # the G query heads of a kv head share its keys
+            att = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=D ** -0.5).softmax(-1)
+            x = torch.addmm(x, torch.bmm(att, values).view(B, H * D), o_t)
+            gu = torch.mm(x * self._inv_rms(x), gu_t)
+            x = torch.addmm(x, F.silu(gu[:, :gu.shape[1] // 2]).mul_(gu[:, gu.shape[1] // 2:]), down_t)
+        return torch.mm(x * self._inv_rms(x), self.head)
 
 
 # --- checkpoint I/O in the Hugging Face layout -------------------------------------------------

@@ -198,13 +198,15 @@ def test_scheduler_cancel_stops_generation(tok, model):
     try:
         req = sched.submit(tok.prompt_ids("1+1"), SamplingParams(max_new_tokens=400, temperature=1.0, seed=0,
                                                                  stop_token_ids=()))
-        seen = []
+        seen, at_cancel = [], None
         for t in req:
             seen.append(t)
             if len(seen) == 3:
+                at_cancel = len(req.output_ids)  # what the scheduler had produced when we cancelled
                 req.cancel()
-        assert req.finish_reason in ("cancelled", "stop")
-        assert len(req.output_ids) < 10
+        assert req.finish_reason == "cancelled"
+        # at most the step already in flight finishes; nothing is generated after it
+        assert len(req.output_ids) <= at_cancel + 1 < 400
     finally:
         sched.stop()
 

@@ -59,6 +59,36 @@ def test_kv_cache_matches_full_forward_at_every_position(tok, model):
     assert (cached - full).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "C"])
+@pytest.mark.parametrize("qkv_bias,kv_heads", [(True, 2), (False, 4), (True, 1)])
+def test_fused_decode_step_matches_full_forward(tok, qkv_bias, kv_heads, native):
+    """Both decode steps — PyTorch (norms folded into matmuls, rotary as a gather) and the C kernel —
+    give the logits of a full forward, for rows at different positions in one batch, with and without
+    q/k/v bias and for every grouping of query heads."""
+    from qiusuo.model import DecodeWeights
+
+    model = tiny_model(tok, qkv_bias=qkv_bias, num_key_value_heads=kv_heads)
+    rows = [tok.encode(TEXT), tok.encode(TEXT[::-1])[:31], tok.encode("12+34=46")]
+    width = max(map(len, rows))
+    fast = DecodeWeights(model, width, native=native)
+    with torch.no_grad():
+        cache = model.new_cache(len(rows), width)
+        prefix = 5
+        model(torch.tensor([r[:prefix] for r in rows]), cache=cache)  # prefill from position 0
+        pos = [prefix] * len(rows)
+        for _ in range(width - prefix):
+            live = [i for i, r in enumerate(rows) if pos[i] < len(r)]
+            if not live:
+                break
+            # rows that are done stay put (they rewrite their last slot, like finished engine rows)
+            at = [min(pos[i], len(r) - 1) for i, r in enumerate(rows)]
+            logits = fast.step(torch.tensor([r[a] for r, a in zip(rows, at)]), torch.tensor(at), cache)
+            for i in live:
+                full = model(torch.tensor([rows[i][:at[i] + 1]]))[0, -1]
+                assert (logits[i] - full).abs().max().item() < 1e-4
+                pos[i] += 1
+
+
 def test_right_padded_prefill_then_decode_matches_each_row_alone(tok, model):
     """Prompts of different lengths share one cache; each row's next-token logits equal its own."""
     prompts = [tok.encode("12+34"), tok.encode("reach 46 with 3 7 25")]

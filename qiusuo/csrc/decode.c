@@ -1,0 +1,307 @@
+/* One decode step of a Llama / Qwen2 decoder on the CPU, in fp32: the whole forward pass of one new
+ * token per row — embedding, every layer, the LM head — in a single call.
+ *
+ * Why this exists: a decode step of a ~1 M-parameter model is a few hundred tiny tensor ops, and in
+ * PyTorch eager each costs 2-50 µs of dispatch, threading and allocation overhead, several times the
+ * arithmetic (bench/RESULTS.md has the profile; torch.compile made it slower). Here a step is one
+ * OpenMP region: the rows are split into blocks, each thread runs every layer for its blocks, and no
+ * thread waits for another until the step ends. It computes exactly what `DecodeWeights.step` in
+ * model.py computes (that PyTorch version is the reference the tests compare against).
+ *
+ * Layout conventions (all row-major, fp32):
+ *   weights are stored transposed, [in, out]; RMSNorm gains are folded into the matmul after them;
+ *   q|k|v is one matmul of width (H + 2·KV)·D; gate|up one matmul of width 2·I;
+ *   the cache is [layers, 2 (k, v), B, KV, L, D]; a row's token at position p goes to index p;
+ *   rotary: out[c] = y[c]·cos[p][c] + y[c ± D/2]·sin_signed[p][c] within each head.
+ * Every column count must be a multiple of 8 (the Python side pads the LM head).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 ld(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
+static inline void st(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+static inline v8 bc(float s) { return (v8){s, s, s, s, s, s, s, s}; }
+static inline float hsum(v8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+static inline v8 vsel(v8i mask, v8 a, v8 b) { return (v8)((mask & (v8i)a) | (~mask & (v8i)b)); }
+
+/* e^x for 8 lanes (Cephes' expf: x = n·ln2 + r, a degree-6 polynomial for e^r, 2^n in the exponent
+ * bits; ~1 ulp). Inputs are clamped to [-87.3, 88] (results ~1e-38 … 1.6e38), which only matters for
+ * softmax tails and silu of large negatives, where the exact value rounds the same way. */
+static inline v8 vexp(v8 x) {
+    x = vsel(x > bc(88.0f), bc(88.0f), x);
+    x = vsel(x < bc(-87.3365447505531f), bc(-87.3365447505531f), x);
+    v8 t = x * bc(1.44269504088896341f) + bc(0.5f);
+    v8 n = __builtin_convertvector(__builtin_convertvector(t, v8i), v8);
+    n -= (v8)((n > t) & (v8i)bc(1.0f));                       /* floor(t): truncation rounds up below 0 */
+    x = x - n * bc(0.693359375f) - n * bc(-2.12194440e-4f);
+    v8 y = bc(1.9875691500e-4f);
+    y = y * x + bc(1.3981999507e-3f);
+    y = y * x + bc(8.3334519073e-3f);
+    y = y * x + bc(4.1665795894e-2f);
+    y = y * x + bc(1.6666665459e-1f);
+    y = y * x + bc(5.0000001201e-1f);
+    y = y * (x * x) + x + bc(1.0f);
+    return y * (v8)((__builtin_convertvector(n, v8i) + 127) << 23);
+}
+
+typedef struct {
+    int32_t hidden, inter, layers, heads, kv_heads, head_dim, vocab, vocab_padded, max_pos;
+    float eps;
+    const float *embed;        /* [vocab, hidden] */
+    const float *const *qkv;   /* per layer [hidden, (H + 2KV)·D], input norm folded in */
+    const float *const *qkv_b; /* per layer [(H + 2KV)·D] (zeros without bias) */
+    const float *const *o;     /* per layer [H·D, hidden] */
+    const float *const *gu;    /* per layer [hidden, 2·inter], post-attention norm folded in */
+    const float *const *down;  /* per layer [inter, hidden] */
+    const float *head;         /* [hidden, vocab_padded], final norm folded in */
+    const float *cos;          /* [max_pos, D] */
+    const float *sin;          /* [max_pos, D], sign of rotate_half folded in */
+} Model;
+
+/* y[r, 0:N] = (accumulate ? y : 0) + x[r, 0:K] @ W[0:K, 0:N] for r < R4 (a multiple of 4).
+ * Register tiles of 4 rows × 24 columns (12 accumulators: enough independent FMAs to hide their
+ * latency), then 8-column tiles for the rest; the K×24 slice of W stays in L1 across the row groups. */
+static void matmul(int R4, int K, int N, const float *x, int ldx, const float *W, float *y, int ldy, int accumulate) {
+    int j = 0;
+    for (; j + 24 <= N; j += 24) {
+        for (int r = 0; r < R4; r += 4) {
+            const float *x0 = x + (size_t)r * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
+            float *y0 = y + (size_t)r * ldy + j, *y1 = y0 + ldy, *y2 = y1 + ldy, *y3 = y2 + ldy;
+            v8 c00 = {0}, c01 = {0}, c02 = {0}, c10 = {0}, c11 = {0}, c12 = {0};
+            v8 c20 = {0}, c21 = {0}, c22 = {0}, c30 = {0}, c31 = {0}, c32 = {0};
+            if (accumulate) {
+                c00 = ld(y0); c01 = ld(y0 + 8); c02 = ld(y0 + 16); c10 = ld(y1); c11 = ld(y1 + 8); c12 = ld(y1 + 16);
+                c20 = ld(y2); c21 = ld(y2 + 8); c22 = ld(y2 + 16); c30 = ld(y3); c31 = ld(y3 + 8); c32 = ld(y3 + 16);
+            }
+            const float *w = W + j;
+            for (int k = 0; k < K; k++, w += N) {
+                v8 w0 = ld(w), w1 = ld(w + 8), w2 = ld(w + 16), a;
+                a = bc(x0[k]); c00 += a * w0; c01 += a * w1; c02 += a * w2;
+                a = bc(x1[k]); c10 += a * w0; c11 += a * w1; c12 += a * w2;
+                a = bc(x2[k]); c20 += a * w0; c21 += a * w1; c22 += a * w2;
+                a = bc(x3[k]); c30 += a * w0; c31 += a * w1; c32 += a * w2;
+            }
+            st(y0, c00); st(y0 + 8, c01); st(y0 + 16, c02); st(y1, c10); st(y1 + 8, c11); st(y1 + 16, c12);
+            st(y2, c20); st(y2 + 8, c21); st(y2 + 16, c22); st(y3, c30); st(y3 + 8, c31); st(y3 + 16, c32);
+        }
+    }
+    for (; j < N; j += 8) {
+        for (int r = 0; r < R4; r += 4) {
+            const float *x0 = x + (size_t)r * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
+            float *y0 = y + (size_t)r * ldy + j, *y1 = y0 + ldy, *y2 = y1 + ldy, *y3 = y2 + ldy;
+            v8 c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
+            if (accumulate) { c0 = ld(y0); c1 = ld(y1); c2 = ld(y2); c3 = ld(y3); }
+            const float *w = W + j;
+            for (int k = 0; k < K; k++, w += N) {
+                v8 w0 = ld(w);
+                c0 += bc(x0[k]) * w0; c1 += bc(x1[k]) * w0; c2 += bc(x2[k]) * w0; c3 += bc(x3[k]) * w0;
+            }
+            st(y0, c0); st(y1, c1); st(y2, c2); st(y3, c3);
+        }
+    }
+}
+
+/* out[r] = x[r] / rms(x[r]) (the gain is folded into the next matmul). */
+static void rms_scale(int R, int n, const float *x, float *out, float eps) {
+    for (int r = 0; r < R; r++) {
+        const float *xr = x + (size_t)r * n;
+        v8 acc = {0};
+        for (int i = 0; i < n; i += 8) { v8 v = ld(xr + i); acc += v * v; }
+        float inv = 1.0f / sqrtf(hsum(acc) / n + eps);
+        for (int i = 0; i < n; i += 8) st(out + (size_t)r * n + i, ld(xr + i) * bc(inv));
+    }
+}
+
+/* One block of rows through the whole model. */
+static void run_block(const Model *m, int R, const int64_t *tokens, const int64_t *positions, int b0, int B,
+                      float *cache, int L, float *logits) {
+    const int hd = m->hidden, I = m->inter, H = m->heads, KV = m->kv_heads, D = m->head_dim;
+    const int N = (H + 2 * KV) * D, G = H / KV, R4 = (R + 3) & ~3, half = D / 2;
+    int S = 1;
+    for (int r = 0; r < R; r++) if (positions[r] + 1 > S) S = (int)positions[r] + 1;
+    const size_t width = (size_t)(N > 2 * I ? N : 2 * I);
+    float *x = calloc((size_t)R4 * hd, sizeof(float));      /* residual stream */
+    float *xn = calloc((size_t)R4 * (hd > I ? hd : I), sizeof(float));
+    float *y = calloc((size_t)R4 * width, sizeof(float));
+    float *att = calloc((size_t)R4 * H * D, sizeof(float));
+    float *scores = malloc((size_t)G * S * sizeof(float));
+    const float scale = 1.0f / sqrtf((float)D);
+    for (int r = 0; r < R; r++) memcpy(x + (size_t)r * hd, m->embed + (size_t)tokens[r] * hd, hd * sizeof(float));
+
+    for (int l = 0; l < m->layers; l++) {
+        /* q|k|v = (x / rms) @ Wqkv + b, then rotary on the q and k heads */
+        rms_scale(R4, hd, x, xn, m->eps);
+        matmul(R4, hd, N, xn, hd, m->qkv[l], y, N, 0);
+        for (int r = 0; r < R; r++) {
+            float *yr = y + (size_t)r * N;
+            const float *c = m->cos + (size_t)positions[r] * D, *s = m->sin + (size_t)positions[r] * D;
+            for (int i = 0; i < N; i++) yr[i] += m->qkv_b[l][i];
+            for (int h = 0; h < H + KV; h++) {
+                float *v = yr + h * D;
+                for (int i = 0; i < half; i++) {
+                    float a = v[i], b = v[i + half];
+                    v[i] = a * c[i] + b * s[i];
+                    v[i + half] = b * c[i + half] + a * s[i + half];
+                }
+            }
+            /* store this token's keys and values at its position */
+            const int64_t p = positions[r];
+            for (int j = 0; j < KV; j++) {
+                float *kd = cache + ((((size_t)l * 2 + 0) * B + b0 + r) * KV + j) * L * D + (size_t)p * D;
+                float *vd = cache + ((((size_t)l * 2 + 1) * B + b0 + r) * KV + j) * L * D + (size_t)p * D;
+                memcpy(kd, yr + (H + j) * D, D * sizeof(float));
+                memcpy(vd, yr + (H + KV + j) * D, D * sizeof(float));
+            }
+            /* attention over this row's own positions 0..p; the G query heads of kv head j share it */
+            const int Sr = (int)p + 1;
+            for (int j = 0; j < KV; j++) {
+                const float *K = cache + ((((size_t)l * 2 + 0) * B + b0 + r) * KV + j) * L * D;
+                const float *V = cache + ((((size_t)l * 2 + 1) * B + b0 + r) * KV + j) * L * D;
+                for (int g = 0; g < G; g++) {
+                    const float *q = yr + (j * G + g) * D;
+                    float *sc = scores + (size_t)g * S, mx = -INFINITY;
+                    for (int t = 0; t < Sr; t++) {
+                        v8 acc = {0};
+                        for (int d = 0; d < D; d += 8) acc += ld(q + d) * ld(K + (size_t)t * D + d);
+                        sc[t] = hsum(acc) * scale;
+                        if (sc[t] > mx) mx = sc[t];
+                    }
+                    float sum = 0.0f;
+                    int t = 0;
+                    v8 vsum = {0};
+                    for (; t + 8 <= Sr; t += 8) { v8 e = vexp(ld(sc + t) - bc(mx)); st(sc + t, e); vsum += e; }
+                    for (; t < Sr; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
+                    const float inv = 1.0f / (sum + hsum(vsum));
+                    float *o = att + (size_t)r * H * D + (j * G + g) * D;
+                    for (int d = 0; d < D; d += 8) {
+                        v8 acc = {0};
+                        for (int u = 0; u < Sr; u++) acc += bc(sc[u]) * ld(V + (size_t)u * D + d);
+                        st(o + d, acc * bc(inv));
+                    }
+                }
+            }
+        }
+        matmul(R4, H * D, hd, att, H * D, m->o[l], x, hd, 1);           /* x += attn @ Wo */
+
+        /* MLP: x += (silu(gate) * up) @ Wdown, gate|up = (x / rms) @ Wgu */
+        rms_scale(R4, hd, x, xn, m->eps);
+        matmul(R4, hd, 2 * I, xn, hd, m->gu[l], y, 2 * I, 0);
+        for (int r = 0; r < R4; r++) {
+            const float *g = y + (size_t)r * 2 * I, *u = g + I;
+            float *a = xn + (size_t)r * I;
+            for (int i = 0; i < I; i += 8) {
+                v8 gi = ld(g + i);
+                st(a + i, gi / (bc(1.0f) + vexp(-gi)) * ld(u + i));
+            }
+        }
+        matmul(R4, I, hd, xn, I, m->down[l], x, hd, 1);
+    }
+    rms_scale(R4, hd, x, xn, m->eps);
+    float *out = y;  /* reuse: [R4, vocab_padded] fits when vocab_padded <= width, else allocate */
+    float *extra = NULL;
+    if ((size_t)m->vocab_padded > width) out = extra = malloc((size_t)R4 * m->vocab_padded * sizeof(float));
+    matmul(R4, hd, m->vocab_padded, xn, hd, m->head, out, m->vocab_padded, 0);
+    memcpy(logits, out, (size_t)R * m->vocab_padded * sizeof(float));
+    free(extra); free(x); free(xn); free(y); free(att); free(scores);
+}
+
+/* Decode one token for each of B rows: tokens/positions [B] → logits [B, vocab_padded]; writes the
+ * new keys and values into cache [layers, 2, B, KV, L, D]. Rows are independent, so blocks of rows
+ * run on `threads` OpenMP threads with no synchronisation inside the step. */
+int qiusuo_decode_step(const Model *m, int B, const int64_t *tokens, const int64_t *positions, float *cache, int L,
+                       float *logits, int threads) {
+    if (m->head_dim % 8 || m->hidden % 8 || m->inter % 8 || m->vocab_padded % 8 || m->heads % m->kv_heads) return 1;
+    for (int b = 0; b < B; b++) {
+        if (positions[b] < 0 || positions[b] >= L || positions[b] >= m->max_pos) return 2;
+        if (tokens[b] < 0 || tokens[b] >= m->vocab) return 3;
+    }
+    if (threads < 1) threads = 1;
+    /* rows per block: enough blocks for every thread, at most 32 rows so a block's activations stay in cache */
+    int per = (B + threads - 1) / threads;
+    if (per > 32) per = 32;
+    const int blocks = (B + per - 1) / per;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads < blocks ? threads : blocks)
+    for (int blk = 0; blk < blocks; blk++) {
+        const int b0 = blk * per, R = (b0 + per <= B ? per : B - b0);
+        run_block(m, R, tokens + b0, positions + b0, b0, B, cache, L, logits + (size_t)b0 * m->vocab_padded);
+    }
+    return 0;
+}
+
+/* ---- sampling ------------------------------------------------------------------------------------
+ * What `engine.sample_next` does, per row, in one call: the row's uniform u is splitmix64 of (key,
+ * counter) exactly as `engine.uniform` computes it; temperature 0 is argmax; a row with no top-p /
+ * top-k cut draws by inverse CDF in vocabulary order, a row with a cut in descending-probability
+ * order (ties by index) after dropping what top-k and top-p exclude. */
+
+static double splitmix_uniform(uint64_t key, uint64_t counter) {
+    uint64_t z = key + counter * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z = z ^ (z >> 31);
+    return (double)(z >> 11) / 9007199254740992.0;
+}
+
+static const float *sort_probs;
+static int by_prob_desc(const void *a, const void *b) {
+    const int i = *(const int *)a, j = *(const int *)b;
+    if (sort_probs[i] != sort_probs[j]) return sort_probs[i] < sort_probs[j] ? 1 : -1;
+    return i - j;
+}
+
+static int sample_row(const float *logits, int V, float temperature, float top_p, int64_t top_k, double u,
+                      float *probs, int *order) {
+    int best = 0;
+    for (int i = 1; i < V; i++) if (logits[i] > logits[best]) best = i;
+    if (temperature == 0.0f) return best;
+    const float mx = logits[best] / temperature;
+    double total = 0.0;
+    for (int i = 0; i < V; i++) { probs[i] = expf(logits[i] / temperature - mx); total += probs[i]; }
+    const int cut = top_p < 1.0f || top_k > 0;
+    if (!cut) {
+        const double target = u * total;
+        double cum = 0.0;
+        for (int i = 0; i < V; i++) { cum += probs[i]; if (cum > target) return i; }
+        return V - 1;
+    }
+    for (int i = 0; i < V; i++) order[i] = i;
+    sort_probs = probs;  /* qsort has no context argument; sampling runs on one thread */
+    qsort(order, V, sizeof(int), by_prob_desc);
+    int keep = (top_k > 0 && top_k < V) ? (int)top_k : V;
+    double kept_total = 0.0;
+    for (int i = 0; i < keep; i++) kept_total += probs[order[i]];
+    /* the smallest prefix whose mass reaches top_p (the first token always stays) */
+    double cum = 0.0;
+    int n = 0;
+    for (; n < keep; n++) {
+        if (n > 0 && cum / kept_total >= top_p) break;
+        cum += probs[order[n]];
+    }
+    const double target = u * cum;
+    double run = 0.0;
+    for (int i = 0; i < n; i++) { run += probs[order[i]]; if (run > target) return order[i]; }
+    return order[n - 1];
+}
+
+/* tokens[b] for b < B from logits [B, ld] (first V columns); counters[b] is the row's draw index. */
+int qiusuo_sample(int B, int V, const float *logits, int ld, const float *temperature, const float *top_p,
+                  const int64_t *top_k, const int64_t *keys, const int64_t *counters, int64_t *tokens) {
+    float *probs = malloc((size_t)V * sizeof(float));
+    int *order = malloc((size_t)V * sizeof(int));
+    if (!probs || !order) { free(probs); free(order); return 1; }
+    for (int b = 0; b < B; b++) {
+        const double u = splitmix_uniform((uint64_t)keys[b], (uint64_t)counters[b]);
+        tokens[b] = sample_row(logits + (size_t)b * ld, V, temperature[b], top_p[b], top_k[b], u, probs, order);
+    }
+    free(probs); free(order);
+    return 0;
+}

@@ -1,0 +1,131 @@
+"""The C decode step (`csrc/decode.c`): built with the system C compiler on first use, cached, loaded
+with ctypes. Not a build dependency: when no compiler is found (or `QIUSUO_NATIVE=0`), `kernel()`
+returns None and the engine runs the PyTorch step instead, which computes the same logits.
+
+The shared object is cached under `$QIUSUO_CACHE` (default `~/.cache/qiusuo`), keyed by a hash of the
+source, the compiler flags and this CPU's feature flags (it is built with `-march=native`); it is
+written through a temporary file and renamed, so concurrent first uses cannot load half a file.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("csrc") / "decode.c"
+# Tried in order: the fast build first, then more portable ones.
+FLAG_SETS = (
+    ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
+    ["-O3", "-fno-math-errno", "-fopenmp"],
+    ["-O3", "-fno-math-errno"],
+)
+
+_lock = threading.Lock()
+_loaded: dict[str, object] = {}
+
+
+class Model(ctypes.Structure):
+    """Mirror of `Model` in decode.c."""
+
+    _fields_ = [(name, ctypes.c_int32) for name in
+                ("hidden", "inter", "layers", "heads", "kv_heads", "head_dim", "vocab", "vocab_padded", "max_pos")] + [
+        ("eps", ctypes.c_float),
+        ("embed", ctypes.c_void_p),
+        ("qkv", ctypes.POINTER(ctypes.c_void_p)),
+        ("qkv_b", ctypes.POINTER(ctypes.c_void_p)),
+        ("o", ctypes.POINTER(ctypes.c_void_p)),
+        ("gu", ctypes.POINTER(ctypes.c_void_p)),
+        ("down", ctypes.POINTER(ctypes.c_void_p)),
+        ("head", ctypes.c_void_p),
+        ("cos", ctypes.c_void_p),
+        ("sin", ctypes.c_void_p),
+    ]
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("QIUSUO_CACHE") or Path.home() / ".cache" / "qiusuo")
+
+
+def _build(compiler: str) -> Path | None:
+    source = SOURCE.read_bytes()
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(source + " ".join([compiler, *flags]).encode() + _cpu_flags().encode()).hexdigest()[:16]
+        target = _cache_dir() / f"decode-{key}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        cmd = [compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+            os.replace(tmp, target)
+            return target
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+            errors.append(f"{' '.join(cmd)}: {getattr(e, 'stderr', '') or e}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    log.warning("could not build the C decode step; using the PyTorch one:\n%s", "\n".join(errors))
+    return None
+
+
+def kernel():
+    """The loaded library (with `qiusuo_decode_step`), or None when it is disabled or cannot be built."""
+    if os.environ.get("QIUSUO_NATIVE", "1") == "0":
+        return None
+    with _lock:
+        if "lib" not in _loaded:
+            lib = None
+            compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+            path = _build(compiler) if compiler else None
+            if path is not None:
+                try:
+                    lib = ctypes.CDLL(str(path))
+                    fn = lib.qiusuo_decode_step
+                    fn.restype = ctypes.c_int
+                    fn.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                   ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+                    fn = lib.qiusuo_sample
+                    fn.restype = ctypes.c_int
+                    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 6
+                except OSError as e:
+                    log.warning("could not load %s (%s); using the PyTorch decode step", path, e)
+                    lib = None
+            _loaded["lib"] = lib
+        return _loaded["lib"]
+
+
+def sample(lib, logits, temperature, top_p, top_k, keys, counters):
+    """`engine.sample_next(logits, …, engine.uniform(keys, counters))` in one C call (CPU tensors)."""
+    import torch
+
+    if logits.dtype != torch.float32 or logits.stride(-1) != 1:
+        logits = logits.float().contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    args = [temperature.float().contiguous(), top_p.float().contiguous(), top_k.long().contiguous(),
+            keys.long().contiguous(), counters.long().contiguous()]
+    rc = lib.qiusuo_sample(logits.shape[0], logits.shape[1], logits.data_ptr(), logits.stride(0),
+                           *[a.data_ptr() for a in args], out.data_ptr())
+    if rc:
+        raise MemoryError("C sampler could not allocate its buffers")
+    return out

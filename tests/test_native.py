@@ -1,0 +1,78 @@
+"""The C decode step and sampler (`qiusuo/native.py`): same results as the PyTorch versions, clear
+errors on bad input, and a clean fallback when no compiler is available."""
+import logging
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from qiusuo import native
+from qiusuo.engine import Engine, SamplingParams, sample_next, uniform
+from qiusuo.model import DecodeWeights
+
+
+def test_the_kernel_builds_here():
+    # CI machines have gcc: the fast path must be the one the tests exercise.
+    assert native.kernel() is not None
+
+
+def test_c_step_writes_the_same_cache_and_logits_as_the_torch_step(tok):
+    model = tiny_model(tok)
+    c_step, torch_step = DecodeWeights(model, 48, native=True), DecodeWeights(model, 48, native=False)
+    a, b = model.new_cache(5, 48), model.new_cache(5, 48)
+    torch.manual_seed(1)
+    a.kv.normal_()
+    b.kv.copy_(a.kv)
+    tokens, positions = torch.tensor([3, 9, 27, 5, 11]), torch.tensor([0, 7, 47, 20, 20])
+    la, lb = c_step.step(tokens, positions, a), torch_step.step(tokens, positions, b)
+    assert la.shape == lb.shape == (5, tok.vocab_size)
+    assert (la - lb).abs().max() < 1e-4
+    assert (a.kv - b.kv).abs().max() < 1e-5
+
+
+def test_c_step_rejects_positions_and_tokens_out_of_range(tok):
+    model = tiny_model(tok)
+    step = DecodeWeights(model, 16, native=True)
+    cache = model.new_cache(2, 16)
+    with pytest.raises(ValueError, match="position outside the cache"):
+        step.step(torch.tensor([1, 2]), torch.tensor([3, 16]), cache)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        step.step(torch.tensor([1, tok.vocab_size]), torch.tensor([3, 4]), cache)
+
+
+def test_c_sampler_draws_what_the_torch_sampler_draws():
+    torch.manual_seed(0)
+    B, V = 600, 50
+    logits = torch.randn(B, V) * 3
+    temperature = torch.tensor([0.0, 0.6, 1.0, 1.7] * (B // 4))
+    top_p = torch.tensor([1.0, 0.9, 0.5, 1.0, 0.95, 1.0] * (B // 6))
+    top_k = torch.tensor([0, 0, 5, 1, 0] * (B // 5))
+    keys, counters = torch.arange(B) * 7919 - 10**6, torch.arange(B) % 13
+    expected = sample_next(logits, temperature, top_p, top_k, uniform(keys, counters))
+    got = native.sample(native.kernel(), logits, temperature, top_p, top_k, keys, counters)
+    assert torch.equal(got, expected)
+
+
+def test_engine_gives_the_same_tokens_with_and_without_the_kernel(tok, monkeypatch):
+    model = tiny_model(tok)
+    prompts = [tok.prompt_ids("12+34"), tok.prompt_ids("reach 46 with 3 7 25 2")]
+    params = SamplingParams(max_new_tokens=20, temperature=0.8, top_p=0.9, seed=5)
+    fast = [c.token_ids for c in Engine(model, tok).generate(prompts, params, n=2)]
+    monkeypatch.setenv("QIUSUO_NATIVE", "0")
+    assert DecodeWeights(model, 8).native is None
+    slow = [c.token_ids for c in Engine(model, tok).generate(prompts, params, n=2)]
+    assert fast == slow
+
+
+def test_without_a_compiler_the_engine_falls_back_with_a_warning(tok, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("QIUSUO_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")
+    with caplog.at_level(logging.WARNING, logger="qiusuo.native"):
+        assert native.kernel() is None
+    assert "could not build the C decode step" in caplog.text
+    assert list(tmp_path.iterdir()) == []        # no half-written library left behind
+    model = tiny_model(tok)
+    assert DecodeWeights(model, 8).native is None
+    out = Engine(model, tok).generate([tok.prompt_ids("1+1")], SamplingParams(max_new_tokens=5, temperature=0))
+    assert len(out[0].token_ids) >= 1
