@@ -42,9 +42,9 @@ def ours(ckpt: Path, steps: int) -> tuple[list[float], list[float]]:
         model.eval()
         r, _, _ = collect(engine, tok, cfg, rng, step)
         t_gen = time.perf_counter() - t0
-        ids, mask = training_batch(r, tok.pad_id, "cpu")
+        batch = training_batch(r, tok.pad_id, "cpu")
         model.train()
-        update(model, opt, ids, mask, group_advantages(r.rewards).flatten(), None, None, VARIANTS["grpo"], cfg)
+        update(model, opt, batch, group_advantages(r.rewards).flatten(), None, None, VARIANTS["grpo"], cfg)
         if step:  # the first step warms up
             step_s.append(time.perf_counter() - t0)
             gen_s.append(t_gen)

@@ -119,13 +119,18 @@ def policy_loss(logp, logp_old, logp_ref, adv, mask, variant: Variant, eps_low, 
     return loss, {"kl": ((kl * m).sum() / n).item(), "clip_frac": ((clipped.float() * m).sum() / n).item()}
 
 
-def token_logprobs(model, ids: torch.Tensor, temperature: float = 1.0):
-    """log π(ids[t+1] | ids[≤t]) and the entropy of π at each position: both [B, T−1]."""
-    logits = model(ids[:, :-1]).float() / temperature
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+def token_logprobs(model, batch: "TrainBatch", temperature: float = 1.0):
+    """log π of every completion token given what precedes it, and the entropy of π there, both in the
+    per-sequence layout [S, T] of `batch.mask` (zero elsewhere). The LM head and softmax run only at
+    the positions that predict a completion token; the entropy carries no gradient (it is a statistic)."""
+    h = model.hidden(batch.ids, batch.positions, doc_ids=batch.doc_ids)
+    h = h.reshape(-1, h.shape[-1]).index_select(0, batch.source)
+    logp_all = F.log_softmax(model.lm_head(h).float() / temperature, dim=-1)
+    logp = logp_all.gather(-1, batch.target[:, None]).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    zeros = torch.zeros(batch.mask.shape, device=logp.device)
+    return zeros.masked_scatter(batch.mask, logp), zeros.masked_scatter(batch.mask, entropy)
 
 
 # --- config ---------------------------------------------------------------------------------------
@@ -296,18 +301,72 @@ def collect(engine, tok, cfg: GRPOConfig, rng: random.Random, step: int) -> tupl
     return keep_groups(kept, list(range(min(P, len(kept.problems)))), G), generated, zero_std_frac
 
 
-def training_batch(r: Rollout, pad_id: int, device):
-    """Right-padded [prompt ‖ completion] rows and the mask of completion targets (ids[:, 1:])."""
+@dataclass
+class TrainBatch:
+    """A rollout batch as the model trains on it. Every [prompt ‖ completion] sequence is packed whole
+    into rows (first-fit by decreasing length, attention kept inside each sequence by `doc_ids`), so
+    no compute goes to padding — about half of a right-padded GRPO batch when completion lengths vary.
+    The loss still sees one row per completion: `mask` [S, T] marks the completion targets in that
+    layout, and `source` / `target` say which packed output predicts each of them (in `mask` order)."""
+
+    seqs: list                # [S] token ids of prompt ‖ completion
+    starts: list              # [S] index of each sequence's first completion token
+    ids: torch.Tensor         # [R, W] packed tokens
+    positions: torch.Tensor   # [R, W] position of each token within its sequence
+    doc_ids: torch.Tensor     # [R, W] which sequence of the row a token belongs to (−1: padding)
+    source: torch.Tensor      # [n] flat index into the R·W outputs, one per completion target
+    target: torch.Tensor      # [n] the completion token it predicts
+    mask: torch.Tensor        # [S, T] completion targets in the per-sequence layout (T = longest − 1)
+    pad_id: int = 0
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def subset(self, sl: slice) -> "TrainBatch":
+        """The sequences in `sl`, packed anew, in the same per-sequence width (for minibatches)."""
+        return pack_sequences(self.seqs[sl], self.starts[sl], self.pad_id, self.ids.device, self.mask.shape[1])
+
+
+def pack_sequences(seqs: list, starts: list, pad_id: int, device, seq_width: int | None = None) -> TrainBatch:
+    width = max(len(s) for s in seqs)
+    seq_width = seq_width or width - 1
+    rows, free, place = [], [], {}
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):   # first fit, longest first
+        r = next((r for r, f in enumerate(free) if f >= len(seqs[i])), None)
+        if r is None:
+            r = len(rows)
+            rows.append([])
+            free.append(width)
+        place[i] = (r, width - free[r])
+        rows[r].append(i)
+        free[r] -= len(seqs[i])
+    R = len(rows)
+    ids = torch.full((R, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((R, width), dtype=torch.long)
+    doc = torch.full((R, width), -1, dtype=torch.long)
+    mask = torch.zeros((len(seqs), seq_width), dtype=torch.bool)
+    source, target = [], []
+    for i, seq in enumerate(seqs):
+        r, at = place[i]
+        n = len(seq)
+        ids[r, at:at + n] = torch.tensor(seq)
+        pos[r, at:at + n] = torch.arange(n)
+        doc[r, at:at + n] = i
+        first = starts[i] - 1                      # the output at t predicts token t + 1
+        mask[i, first:n - 1] = True
+        source.extend(range(r * width + at + first, r * width + at + n - 1))
+        target.extend(seq[first + 1:])
+    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)
+    return TrainBatch(seqs, starts, ids.to(device), pos.to(device), doc.to(device), t(source), t(target),
+                      mask.to(device), pad_id)
+
+
+def training_batch(r: Rollout, pad_id: int, device) -> TrainBatch:
+    """The step's [prompt ‖ completion] sequences, packed (see `TrainBatch`)."""
     G = len(r.completions) // len(r.prompt_ids)
     seqs = [r.prompt_ids[i // G] + c.token_ids for i, c in enumerate(r.completions)]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
-    for i, (s, c) in enumerate(zip(seqs, r.completions)):
-        ids[i, :len(s)] = torch.tensor(s)
-        start = len(s) - len(c.token_ids) - 1  # target index of the first completion token
-        mask[i, start:len(s) - 1] = True
-    return ids.to(device), mask.to(device)
+    starts = [len(r.prompt_ids[i // G]) for i in range(len(r.completions))]
+    return pack_sequences(seqs, starts, pad_id, device)
 
 
 # --- the loop ---------------------------------------------------------------------------------------
@@ -348,21 +407,22 @@ def train(cfg: GRPOConfig, resume: bool = False) -> Path:
             r, generated, zero_std_frac = collect(engine, tok, cfg, rng, step)
             t_gen = time.perf_counter() - t0
             adv = group_advantages(r.rewards, variant.scale_by_std).flatten()  # [P*G]
-            ids, mask = training_batch(r, tok.pad_id, cfg.device)
+            batch = training_batch(r, tok.pad_id, cfg.device)
             gen_tokens = sum(len(c.token_ids) for c in r.completions)
             # 2. log-probs of π_old and π_ref (only needed when μ > 1 / β > 0)
             with torch.no_grad():
-                logp_old = token_logprobs(model, ids, cfg.temperature)[0] if cfg.mu > 1 or cfg.minibatches > 1 else None
-                logp_ref = token_logprobs(ref, ids, cfg.temperature)[0] if ref is not None else None
+                logp_old = token_logprobs(model, batch, cfg.temperature)[0] if cfg.mu > 1 or cfg.minibatches > 1 else None
+                logp_ref = token_logprobs(ref, batch, cfg.temperature)[0] if ref is not None else None
             # 3. μ passes of minibatch updates
             model.train()
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-            stats = update(model, opt, ids, mask, adv, logp_old, logp_ref, variant, cfg)
+            stats = update(model, opt, batch, adv, logp_old, logp_ref, variant, cfg)
             step += 1
-            train_tokens = int(ids.numel()) * cfg.mu * (2 if ref is not None else 1)
-            ledger.add(forward_flops(n_params, gen_tokens, mc.num_hidden_layers, mc.hidden_size, ids.shape[1])
-                       + train_flops(n_params, train_tokens, mc.num_hidden_layers, mc.hidden_size, ids.shape[1]),
+            width = batch.ids.shape[1]
+            train_tokens = int(batch.ids.numel()) * cfg.mu * (2 if ref is not None else 1)
+            ledger.add(forward_flops(n_params, gen_tokens, mc.num_hidden_layers, mc.hidden_size, width)
+                       + train_flops(n_params, train_tokens, mc.num_hidden_layers, mc.hidden_size, width),
                        gen_tokens + train_tokens)
             dt = time.perf_counter() - t0
             metrics = step_metrics(r, zero_std_frac, stats, generated, gen_tokens, dt, t_gen)
@@ -377,26 +437,31 @@ def train(cfg: GRPOConfig, resume: bool = False) -> Path:
     return out
 
 
-def update(model, opt, ids, mask, adv, logp_old, logp_ref, variant: Variant, cfg: GRPOConfig) -> dict:
+def update(model, opt, batch: TrainBatch, adv, logp_old, logp_ref, variant: Variant, cfg: GRPOConfig) -> dict:
     """μ passes over the rollout batch in `minibatches` optimizer steps each; returns mean stats."""
-    B = ids.shape[0]
+    B = len(batch)
     size = B // cfg.minibatches
+    parts_of = {0: batch} if cfg.minibatches == 1 else {}   # minibatch start → its packed sequences
     totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     n = 0
     for _ in range(cfg.mu):
         for start in range(0, B, size):
             sl = slice(start, start + size)
-            logp, entropy = token_logprobs(model, ids[sl], cfg.temperature)
+            if start not in parts_of:
+                parts_of[start] = batch.subset(sl)
+            part = parts_of[start]
+            mask = part.mask
+            logp, entropy = token_logprobs(model, part, cfg.temperature)
             # With μ = 1 and one minibatch π_old = π_θ: the ratio is 1 in value, its gradient the policy gradient.
             old = logp.detach() if logp_old is None else logp_old[sl]
             ref = None if logp_ref is None else logp_ref[sl]
-            loss, parts = policy_loss(logp, old, ref, adv[sl], mask[sl], variant, cfg.eps_low, cfg.eps_high,
+            loss, parts = policy_loss(logp, old, ref, adv[sl], mask, variant, cfg.eps_low, cfg.eps_high,
                                       cfg.beta, cfg.max_new_tokens)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            m = mask[sl].float()
+            m = mask.float()
             totals["loss"] += loss.item()
             totals["kl"] += parts["kl"]
             totals["clip_frac"] += parts["clip_frac"]

@@ -98,11 +98,40 @@ def test_variant_defaults_are_derived():
 
 def test_training_batch_masks_exactly_the_completion(model, tok):
     prompts = [[5, 6, 7], [8]]
-    comps = [Completion(0, [20, 21]), Completion(0, [22]), Completion(1, [23, 24, 25]), Completion(1, [26])]
+    comps = [Completion(0, [20, 21]), Completion(0, [22]), Completion(1, [23]), Completion(1, [24, 25])]
     r = Rollout(problems=[None, None], prompt_ids=prompts, completions=comps, rewards=torch.zeros(2, 2), parts={})
-    ids, mask = training_batch(r, tok.pad_id, "cpu")
-    assert ids.tolist()[0] == [5, 6, 7, 20, 21] and ids.tolist()[2][:4] == [8, 23, 24, 25]
-    targets = ids[:, 1:]
-    assert targets[mask].tolist() == [20, 21, 22, 23, 24, 25, 26]
-    logp, ent = token_logprobs(model, ids)
-    assert logp.shape == mask.shape and (logp <= 0).all() and (ent >= 0).all()
+    batch = training_batch(r, tok.pad_id, "cpu")
+    # sequences are packed whole (5, 4, 2 and 3 tokens fit 3 rows of 5), none split, none duplicated
+    assert batch.ids.shape == (3, 5)
+    rows = [[t for t, d in zip(ids, doc) if d == i] for i in range(4)
+            for ids, doc in zip(batch.ids.tolist(), batch.doc_ids.tolist()) if i in doc]
+    assert rows == [[5, 6, 7, 20, 21], [5, 6, 7, 22], [8, 23], [8, 24, 25]]
+    # the per-sequence layout marks exactly the completion targets, and the packed outputs predict them
+    assert batch.mask.shape == (4, 4) and batch.mask.sum() == 6
+    assert batch.target.tolist() == [20, 21, 22, 23, 24, 25]
+    assert batch.ids.flatten()[batch.source + 1].tolist() == batch.target.tolist()
+    logp, ent = token_logprobs(model, batch)
+    assert logp.shape == batch.mask.shape and (logp[batch.mask] < 0).all() and (ent[batch.mask] > 0).all()
+    assert (logp[~batch.mask] == 0).all()
+
+
+def test_packed_log_probs_equal_each_sequence_alone(model, tok):
+    """Packing is only a layout: every completion token's log-prob (and its gradient) equals what the
+    sequence gives when run alone."""
+    prompts = [tok.prompt_ids("12+34"), tok.prompt_ids("reach 46 with 3 7 25 2")]
+    comps = [Completion(0, tok.encode(t)) for t in ("<think>4+2=6</think>", "<answer>46</answer>", "x")] + \
+            [Completion(1, tok.encode(t)) for t in ("<think>7*2=14", "25+14+7=46</think><answer>", "")]
+    comps[-1].token_ids = [tok.eos_id]
+    r = Rollout(problems=[None, None], prompt_ids=prompts, completions=comps, rewards=torch.zeros(2, 3), parts={})
+    batch = training_batch(r, tok.pad_id, "cpu")
+    assert batch.ids.shape[0] < len(comps)          # something was actually packed together
+    logp, _ = token_logprobs(model, batch, temperature=0.7)
+    for i, c in enumerate(comps):
+        seq = prompts[i // 3] + c.token_ids
+        alone = torch.log_softmax(model(torch.tensor([seq[:-1]]))[0] / 0.7, -1)
+        expected = alone[torch.arange(len(seq) - 1), torch.tensor(seq[1:])][-len(c.token_ids):]
+        assert torch.allclose(logp[i][batch.mask[i]], expected, atol=1e-5)
+    # minibatch subsets keep the full per-sequence width so π_old / π_ref rows line up
+    part = batch.subset(slice(3, 6))
+    assert part.mask.shape == (3, batch.mask.shape[1]) and torch.equal(part.mask, batch.mask[3:])
+    assert torch.allclose(token_logprobs(model, part, 0.7)[0], logp[3:], atol=1e-5)
