@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from . import native
@@ -164,15 +165,28 @@ class Row:
 
 
 class DecodeBatch:
-    """Rows that decode together over one KV cache; rows join (`admit`) and leave between steps."""
+    """Rows that decode together over one KV cache; rows join (`admit`) and leave between steps.
+
+    The cache is allocated with room for more rows than are running (it grows by doubling) and row i
+    of the batch is cache row i. A prompt is prefilled once and its cache copied to its n samples in
+    the free rows after the running ones; a row that finishes is replaced by the last running row
+    (its cache moved, up to its position). So joining and leaving cost a copy of the rows that move,
+    never of the whole batch, and a finished row never takes part in another step.
+
+    With the C kernel (CPU, fp32) the per-row state lives in numpy arrays and a step is two C calls
+    and some Python bookkeeping, with no torch op: in the server, every torch op would give up the
+    GIL to the event loop and wait to get it back. Otherwise (GPU, bf16, no compiler) the same steps
+    run as PyTorch ops."""
 
     def __init__(self, engine: "Engine", max_len: int):
         self.engine, self.model, self.max_len = engine, engine.model, max_len
         self.fast = DecodeWeights(engine.model, max_len)
+        self.native = self.fast.native is not None
         self.rows: list[Row] = []
         self.cache: KVCache | None = None
-        self.logits: torch.Tensor | None = None   # next-token logits of every row [B, V]
-        self.row_tensors: dict[str, torch.Tensor] = {}
+        # next-token logits of every row: numpy [capacity, vocab padded] (C) or a tensor [B, V] (torch)
+        self.logits = None
+        self.state: dict[str, np.ndarray] = {}     # per-row sampling settings and draw counters
         self.alive: list[bool] = []
 
     def __len__(self) -> int:
@@ -185,66 +199,88 @@ class DecodeBatch:
     @torch.no_grad()
     def admit(self, prompts: list[list[int]], rows: list[Row], n: int = 1) -> None:
         """Prefill `prompts` once and add n rows per prompt (rows[i * n + j] is sample j of prompt i)."""
-        device = self.engine.device
         lengths = [len(p) for p in prompts]
         if min(lengths) < 1:
             raise ValueError("every prompt needs at least one token")
         if max(lengths) >= self.max_len:
             raise ValueError(f"prompt of {max(lengths)} tokens leaves no room in a context of {self.max_len}")
-        ids = torch.full((len(prompts), max(lengths)), self.engine.pad_id, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = torch.tensor(p)
-        cache = self.model.new_cache(len(prompts), self.max_len)
-        hidden = self.model.hidden(ids.to(device), cache=cache)
-        last = hidden[torch.arange(len(prompts)), torch.tensor(lengths) - 1]
-        logits = self.model.lm_head(last)                         # [P, V]
-        if n > 1:
-            fan = torch.arange(len(prompts), device=device).repeat_interleave(n)
-            cache, logits = cache.select(fan, upto=max(lengths)), logits[fan]
+        width = max(lengths)
         for i, row in enumerate(rows):
             row.pos = lengths[i // n]
             row.limit = min(self.max_len - 1, row.pos + row.params.max_new_tokens - 1)
-        self._compact(force=True)
-        new = self._tensors(rows, device)
-        if self.cache is None:
-            self.cache, self.logits, self.row_tensors = cache, logits, new
+        self._compact()
+        start = len(self.rows)
+        self._reserve(start + len(rows))
+        fan = np.repeat(np.arange(len(prompts)), n)          # the n samples of a prompt share its prefill
+        if self.native:
+            # each prompt goes straight into the cache row of its first sample, then to the others
+            first = [start + i * n for i in range(len(prompts))]
+            logits = self.fast.prefill_arrays(prompts, first, self.cache)
+            if n > 1:
+                native.copy_rows(self.fast.native[0], self.cache, [f for f in first for _ in range(n - 1)],
+                                 [f + j for f in first for j in range(1, n)], width)
+            self.logits[start:start + len(rows)] = logits[fan]
         else:
-            self.cache = KVCache.concat(self.cache, cache)
-            self.logits = torch.cat([self.logits, logits])
-            self.row_tensors = {k: torch.cat([v, new[k]]) for k, v in self.row_tensors.items()}
+            device = self.engine.device
+            ids = torch.full((len(prompts), width), self.engine.pad_id, dtype=torch.long)
+            for i, p in enumerate(prompts):
+                ids[i, :len(p)] = torch.tensor(p)
+            prefill = self.model.new_cache(len(prompts), width)
+            hidden = self.model.hidden(ids.to(device), cache=prefill)
+            last = hidden[torch.arange(len(prompts)), torch.tensor(lengths) - 1]
+            fan_t = torch.from_numpy(fan).to(device)
+            self.cache.kv[:, :, start:start + len(rows), :, :width] = prefill.kv[:, :, fan_t]
+            logits = self.model.lm_head(last)[fan_t]                                  # [n·P, V]
+            self.logits = logits if start == 0 else torch.cat([self.logits, logits])
+        new = self._state(rows)
+        self.state = new if start == 0 else {k: np.concatenate([v, new[k]]) for k, v in self.state.items()}
         self.rows += rows
         self.alive += [True] * len(rows)
 
-    @staticmethod
-    def _tensors(rows: list[Row], device) -> dict[str, torch.Tensor]:
-        """Per-row sampling settings as tensors, built once per admission rather than every step."""
-        def column(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)
+    def _reserve(self, need: int) -> None:
+        """Make room for `need` rows (doubling), keeping the running rows' caches and logits."""
+        capacity = 0 if self.cache is None else self.cache.batch
+        if need <= capacity:
+            return
+        capacity = max(need, 2 * capacity)
+        grown = self.model.new_cache(capacity, self.max_len)
+        if self.rows:
+            upto = max(r.pos for r in self.rows) + 1
+            grown.kv[:, :, :len(self.rows), :, :upto] = self.cache.kv[:, :, :len(self.rows), :, :upto]
+        self.cache = grown
+        if self.native:
+            logits = np.zeros((capacity, self.fast.vocab_padded), dtype=np.float32)
+            if self.rows:
+                logits[:len(self.rows)] = self.logits[:len(self.rows)]
+            self.logits = logits
 
-        return {"temperature": column([r.params.temperature for r in rows], torch.float32),
-                "top_p": column([r.params.top_p for r in rows], torch.float32),
-                "top_k": column([r.params.top_k for r in rows], torch.long),
-                "key": column([r.key for r in rows], torch.long),
-                "drawn": column([len(r.generated) for r in rows], torch.long)}
+    @staticmethod
+    def _state(rows: list[Row]) -> dict[str, np.ndarray]:
+        """Per-row sampling settings, built once per admission rather than every step."""
+        return {"temperature": np.array([r.params.temperature for r in rows], dtype=np.float32),
+                "top_p": np.array([r.params.top_p for r in rows], dtype=np.float32),
+                "top_k": np.array([r.params.top_k for r in rows], dtype=np.int64),
+                "key": np.array([r.key for r in rows], dtype=np.int64),
+                "drawn": np.array([len(r.generated) for r in rows], dtype=np.int64)}
 
     @torch.no_grad()
     def step(self) -> list[tuple[Row, int, bool]]:
         """Sample one token for every live row and feed it back; return (row, token, finished) triples."""
-        if not any(self.alive):
+        if not self.rows:
             return []
-        rows = self.rows
-        t = self.row_tensors
-        if self.fast.native is not None:  # the C kernel is in use: sample there too, in one call
-            tokens = native.sample(self.fast.native[0], self.logits, t["temperature"], t["top_p"], t["top_k"],
-                                   t["key"], t["drawn"]).tolist()
+        rows, state = self.rows, self.state
+        if self.native:
+            sampled = np.empty(len(rows), dtype=np.int64)
+            native.sample_arrays(self.fast.native[0], self.logits, len(rows), self.fast.embed.shape[0], state, sampled)
+            tokens = sampled.tolist()
         else:
+            device = self.engine.device
+            t = {k: torch.from_numpy(v).to(device) for k, v in state.items()}
             u = uniform(t["key"], t["drawn"])
             tokens = sample_next(self.logits, t["temperature"], t["top_p"], t["top_k"], u).tolist()
-        t["drawn"] += 1
+        state["drawn"] += 1
         events = []
         for i, (row, token) in enumerate(zip(rows, tokens)):
-            if not self.alive[i]:
-                continue
             row.generated.append(token)
             if row.cancelled:
                 row.finish_reason = "cancelled"
@@ -257,13 +293,16 @@ class DecodeBatch:
             events.append((row, token, row.finish_reason is not None))
         self._compact()
         if self.rows:
-            # Finished rows still in the batch are fed in place (their position stays put, so they
-            # never write past the cache); what they produce is never reported.
-            feed = torch.tensor([r.generated[-1] for r in self.rows], device=self.engine.device)
-            pos = torch.tensor([r.pos for r in self.rows], device=self.engine.device)
-            self.logits = self.fast.step(feed, pos, self.cache)
-            for r, alive in zip(self.rows, self.alive):
-                r.pos += alive
+            feed = np.fromiter((r.generated[-1] for r in self.rows), dtype=np.int64, count=len(self.rows))
+            pos = np.fromiter((r.pos for r in self.rows), dtype=np.int64, count=len(self.rows))
+            if self.native:
+                self.fast.kernel(feed, pos, self.cache, self.logits)
+            else:
+                device = self.engine.device
+                self.logits = self.fast.step(torch.from_numpy(feed).to(device), torch.from_numpy(pos).to(device),
+                                             self.cache)
+            for r in self.rows:
+                r.pos += 1
         return events
 
     def _hit_stop_string(self, row: Row) -> bool:
@@ -272,24 +311,36 @@ class DecodeBatch:
         tail = self.engine.tokenizer.decode(row.generated[-64:])
         return _find_stop_string(tail, row.params.stop_strings) is not None
 
-    def _compact(self, force: bool = False) -> None:
-        """Drop finished rows once they are a quarter of the batch (or all of it, or when `force`d
-        by an admission, which copies the cache anyway). Done in bursts, not on every finish,
-        because each compaction copies the cache; until then finished rows decode junk that is
-        never reported."""
-        n_alive = sum(self.alive)
-        if n_alive == len(self.rows) or (not force and n_alive > 0.75 * len(self.rows)):
+    def _compact(self) -> None:
+        """Drop finished rows: each hole below the new batch size is filled by a running row from
+        above it, whose cache (up to its position) moves down; everything else stays in place."""
+        if all(self.alive):
             return
-        keep = [i for i, a in enumerate(self.alive) if a]
-        if not keep:
-            self.rows, self.alive, self.cache, self.logits, self.row_tensors = [], [], None, None, {}
+        live = sum(self.alive)
+        if live == 0:  # keep the cache buffer: the next admission reuses it
+            self.rows, self.alive, self.state = [], [], {}
+            if not self.native:
+                self.logits = None
             return
-        idx = torch.tensor(keep, device=self.engine.device)
-        upto = max(self.rows[i].pos for i in keep)
-        self.cache, self.logits = self.cache.select(idx, upto=upto), self.logits[idx]
-        self.row_tensors = {k: v[idx] for k, v in self.row_tensors.items()}
-        self.rows = [self.rows[i] for i in keep]
-        self.alive = [True] * len(keep)
+        holes = [i for i in range(live) if not self.alive[i]]
+        movers = [i for i in range(live, len(self.rows)) if self.alive[i]]
+        order = list(range(live))
+        for h, m in zip(holes, movers):
+            order[h] = m
+        if holes:
+            upto = max(self.rows[i].pos for i in movers) + 1
+            if self.native:
+                native.copy_rows(self.fast.native[0], self.cache, movers, holes, upto)
+                self.logits[holes] = self.logits[movers]
+            else:
+                device = self.engine.device
+                src, dst = torch.tensor(movers, device=device), torch.tensor(holes, device=device)
+                self.cache.kv[:, :, dst, :, :upto] = self.cache.kv[:, :, src, :, :upto]
+        if not self.native:
+            self.logits = self.logits[torch.tensor(order, device=self.engine.device)]
+        self.state = {k: v[order] for k, v in self.state.items()}
+        self.rows = [self.rows[i] for i in order]
+        self.alive = [True] * live
 
 
 class Engine:
@@ -364,6 +415,7 @@ class QueueFull(RuntimeError):
 
 
 _DONE = object()
+_URGENT = object()   # key, in a step's outbox, of the loops that have a first token or an end in it
 
 
 class Request:
@@ -393,23 +445,29 @@ class Request:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    def _put(self, item) -> None:
-        if self._async is not None:
+    def _put(self, item, outbox: dict | None, urgent: bool = False) -> None:
+        if self._async is None:
+            self._sync.put(item)
+        elif outbox is None:
             self._loop.call_soon_threadsafe(self._async.put_nowait, item)
         else:
-            self._sync.put(item)
+            outbox.setdefault(self._loop, []).append((self._async, item))
+            if urgent:  # a first token or an end: worth a hand-over of its own (see `_Outbox`)
+                outbox.setdefault(_URGENT, set()).add(self._async)
 
-    def _deliver(self, token: int | None, finish_reason: str | None) -> None:
-        """Called from the scheduler thread."""
+    def _deliver(self, token: int | None, finish_reason: str | None, outbox: dict | None = None) -> None:
+        """Called from the scheduler thread. With an `outbox`, items for event loops are collected there
+        and handed over by the scheduler's `_Outbox` rather than with one wake-up per token."""
         if token is not None:
-            if self.first_token_at is None:
+            first = self.first_token_at is None
+            if first:
                 self.first_token_at = time.perf_counter()
             self.output_ids.append(token)
-            self._put(token)
+            self._put(token, outbox, urgent=first)
         if finish_reason is not None:
             self.finish_reason = finish_reason
             self.finished_at = time.perf_counter()
-            self._put(_DONE)
+            self._put(_DONE, outbox, urgent=True)
 
     def __iter__(self) -> Iterator[int]:
         if self._async is not None:
@@ -418,10 +476,82 @@ class Request:
             yield item
 
     async def __aiter__(self):
+        async for tokens in self.batches():
+            for token in tokens:
+                yield token
+
+    async def batches(self):
+        """`async for tokens in request.batches()`: the token ids that arrived since the last wake-up,
+        as one list — under load a consumer falls behind the engine and catches up in one go."""
         if self._async is None:
             raise RuntimeError("this request was submitted outside an event loop: iterate it normally")
-        while (item := await self._async.get()) is not _DONE:
-            yield item
+        while True:
+            items = [await self._async.get()]
+            while not self._async.empty():
+                items.append(self._async.get_nowait())
+            done = _DONE in items
+            tokens = items[:items.index(_DONE)] if done else items
+            if tokens:
+                yield tokens
+            if done:
+                return
+
+
+class _Outbox:
+    """Tokens on their way from the scheduler thread to event loops.
+
+    Each hand-over is one thread-safe wake-up of the loop, and every token it carries for a stream
+    ends up in one SSE chunk. With few streams running, a loop gets the next hand-over as soon as it
+    has taken the previous one: every token goes out at once. With many (`busy`), tokens are held
+    for `interval` seconds so each stream's tokens go out several to a chunk: per-chunk work (event
+    loop wake-ups, JSON, socket writes, the client's parsing) is what limits a loaded server, not
+    the decoding. Nothing is held longer than `max_delay`, and a first token or the end of a stream is
+    not held at all: they decide time to first token and when a client can send its next request.
+    (vLLM and SGLang call this the stream interval.)"""
+
+    def __init__(self, interval: float = 0.02, max_delay: float = 0.05):
+        self.interval, self.max_delay = interval, max(max_delay, interval)
+        self.pending: dict = {}          # loop → [(queue, item)]
+        self.since: dict = {}            # loop → when its oldest pending item arrived
+        self.ready: dict = {}            # loop → it has taken the last hand-over
+        self.urgent: set = set()         # consumer queues with a first token or an end pending
+
+    def add(self, step_items: dict) -> None:
+        now = time.perf_counter()
+        self.urgent |= step_items.pop(_URGENT, set())
+        for loop, items in step_items.items():
+            self.pending.setdefault(loop, []).extend(items)
+            self.since.setdefault(loop, now)
+
+    def hand_over(self, force: bool = False, busy: bool = False) -> None:
+        now = time.perf_counter()
+        for loop in list(self.pending):
+            age = now - self.since[loop]
+            if force or (self.ready.get(loop, True) and (not busy or age >= self.interval)) or age > self.max_delay:
+                items = self.pending.pop(loop)
+                del self.since[loop]
+            elif self.urgent:
+                # only the streams with a first token or an end go now (all their pending tokens, in order)
+                items = [qi for qi in self.pending[loop] if qi[0] in self.urgent]
+                if not items:
+                    continue
+                self.pending[loop] = [qi for qi in self.pending[loop] if qi[0] not in self.urgent]
+                if not self.pending[loop]:
+                    del self.pending[loop], self.since[loop]
+            else:
+                continue
+            self.urgent.difference_update(q for q, _ in items)
+            self.ready[loop] = False
+            try:
+                loop.call_soon_threadsafe(self._put_all, loop, items)
+            except RuntimeError:  # the loop was closed: nobody is waiting for these tokens
+                self.ready.pop(loop, None)
+
+    def _put_all(self, loop, items: list) -> None:
+        """Runs in the event loop."""
+        self.ready[loop] = True
+        for q, item in items:
+            q.put_nowait(item)
 
 
 class Scheduler:
@@ -431,14 +561,18 @@ class Scheduler:
     seed and random stream), so batching changes throughput, never results."""
 
     def __init__(self, engine: Engine, max_running: int = 64, max_queue: int = 256, max_cache_tokens: int = 1 << 16,
-                 max_len: int | None = None):
+                 max_len: int | None = None, stream_interval: float = 0.0, coalesce_above: int = 8):
+        """`stream_interval` > 0: with more than `coalesce_above` requests running, tokens reach async
+        consumers in batches at most that many seconds apart (see `_Outbox`)."""
         self.engine = engine
+        self.coalesce_above = coalesce_above
         self.max_running, self.max_queue, self.max_cache_tokens = max_running, max_queue, max_cache_tokens
         self.max_len = max_len or engine.model.config.max_position_embeddings
         self._waiting: list[Request] = []
         self._lock = threading.Condition()
         self._batch = DecodeBatch(engine, self.max_len)
         self._thread: threading.Thread | None = None
+        self._outbox = _Outbox(stream_interval)
         self._stop = False
         self.steps = 0
         self.error: BaseException | None = None
@@ -490,6 +624,7 @@ class Scheduler:
             self._run()
         except BaseException as e:  # a failed step must not leave clients waiting forever
             self.error = e
+            self._outbox.hand_over(force=True)   # tokens already produced go out before the error
             with self._lock:
                 waiting, self._waiting = self._waiting, []
             for req in waiting + [row.owner for row in self._batch.rows]:
@@ -500,6 +635,8 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._lock:
+                if not self._waiting and not len(self._batch):
+                    self._outbox.hand_over(force=True)  # about to idle: nothing may stay behind
                 while not self._stop and not self._waiting and not len(self._batch):
                     self._lock.wait()
                 if self._stop:
@@ -507,10 +644,15 @@ class Scheduler:
                 admit = self._take_admissible()
             if admit:
                 self._admit(admit)
+            step_items: dict = {}
             for row, token, finished in self._batch.step():
                 req: Request = row.owner
-                req._deliver(token if row.reports(token, finished) else None, row.finish_reason if finished else None)
+                req._deliver(token if row.reports(token, finished) else None, row.finish_reason if finished else None,
+                             step_items)
+            self._outbox.add(step_items)
+            self._outbox.hand_over(busy=len(self._batch) > self.coalesce_above)
             self.steps += 1
+        self._outbox.hand_over(force=True)
         for req in self._waiting:
             req._deliver(None, "cancelled")
         for row in self._batch.rows:

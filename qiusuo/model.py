@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -180,24 +181,6 @@ class KVCache:
     @property
     def batch(self) -> int:
         return self.kv.shape[2]
-
-    def select(self, rows: torch.Tensor, upto: int | None = None) -> "KVCache":
-        """A new cache holding only `rows` (a gather along the batch axis): used to drop finished rows
-        and to fan a prefilled prompt out to G samples. Only the first `upto` positions are copied."""
-        new = object.__new__(KVCache)
-        shape = list(self.kv.shape)
-        shape[2] = len(rows)
-        new.kv = self.kv.new_zeros(shape)
-        n = self.max_len if upto is None else upto
-        new.kv[..., :n, :] = self.kv[:, :, rows, :, :n]
-        return new
-
-    @staticmethod
-    def concat(a: "KVCache", b: "KVCache") -> "KVCache":
-        """Rows of `a` then rows of `b` (same max_len): how new requests join a running batch."""
-        new = object.__new__(KVCache)
-        new.kv = torch.cat([a.kv, b.kv], dim=2)
-        return new
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> int:
         """Store k/v [B, kv, T, D] of tokens at `positions` [B, T]; return the key length to attend to.
@@ -414,20 +397,61 @@ class DecodeWeights:
                          head.data_ptr(), keep[2].data_ptr(), keep[3].data_ptr())
         return lib, m, keep
 
-    def _native_step(self, tokens, positions, cache: KVCache) -> torch.Tensor:
+    def kernel(self, tokens: np.ndarray, positions: np.ndarray, cache: KVCache, logits: np.ndarray,
+               slots: np.ndarray | None = None, blocks: np.ndarray | None = None) -> None:
+        """The C step on numpy arrays (int64 tokens / positions / slots, int32 block bounds) writing
+        `logits` [≥ B, vocab padded to 8] (C-contiguous float32). No torch op runs here, so a caller
+        holding the GIL gives it up only while the kernel computes."""
         lib, m, _ = self.native
         kv = cache.kv
         if kv.dtype != torch.float32 or not kv.is_contiguous():
             raise ValueError("the C decode step needs a contiguous fp32 cache")
-        tokens = tokens.to(torch.int64).contiguous()
-        positions = positions.to(torch.int64).contiguous()
-        logits = torch.empty(len(tokens), m.vocab_padded)
-        rc = lib.qiusuo_decode_step(ctypes.byref(m), len(tokens), tokens.data_ptr(), positions.data_ptr(),
-                                    kv.data_ptr(), cache.max_len, logits.data_ptr(), torch.get_num_threads())
+        B = len(tokens)
+        if slots is None and B > cache.batch:
+            raise ValueError(f"{B} rows do not fit a cache of {cache.batch}")
+        if logits.shape[0] < B or logits.shape[1] != m.vocab_padded or logits.dtype != np.float32:
+            raise ValueError("logits buffer has the wrong shape or type")
+        rc = lib.nogil.qiusuo_decode_step(
+            ctypes.byref(m), B, tokens.ctypes.data, positions.ctypes.data, None if slots is None else slots.ctypes.data,
+            kv.data_ptr(), cache.batch, cache.max_len, logits.ctypes.data, None if blocks is None else blocks.ctypes.data,
+            0 if blocks is None else len(blocks) - 1, torch.get_num_threads())
         if rc:
-            why = {1: "unsupported shape", 2: "a position outside the cache", 3: "a token id outside the vocabulary"}
+            why = {1: "unsupported shape", 2: "a position outside the cache", 3: "a token id outside the vocabulary",
+                   4: "a cache row outside the cache"}
             raise ValueError(f"C decode step rejected its input: {why.get(rc, rc)}")
-        return logits[:, :self.embed.shape[0]]
+
+    @property
+    def vocab_padded(self) -> int:
+        return self.native[1].vocab_padded
+
+    def _native_step(self, tokens, positions, cache: KVCache) -> torch.Tensor:
+        tokens = tokens.to(torch.int64).contiguous().numpy()
+        positions = positions.to(torch.int64).contiguous().numpy()
+        logits = np.empty((len(tokens), self.vocab_padded), dtype=np.float32)
+        self.kernel(tokens, positions, cache, logits)
+        return torch.from_numpy(logits)[:, :self.embed.shape[0]]
+
+    def prefill_arrays(self, prompts: list[list[int]], slots: list[int], cache: KVCache) -> np.ndarray:
+        """`prefill` returning the numpy logits [P, vocab padded]."""
+        if self.native is None:
+            raise RuntimeError("prefill runs on the C kernel; without it use Transformer.hidden with a cache")
+        lengths = np.fromiter((len(p) for p in prompts), dtype=np.int64, count=len(prompts))
+        tokens = np.fromiter((t for p in prompts for t in p), dtype=np.int64, count=int(lengths.sum()))
+        bounds = np.zeros(len(prompts) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=bounds[1:])
+        positions = np.arange(len(tokens), dtype=np.int64) - np.repeat(bounds[:-1].astype(np.int64), lengths)
+        rows = np.repeat(np.asarray(slots, dtype=np.int64), lengths)
+        logits = np.empty((len(tokens), self.vocab_padded), dtype=np.float32)
+        self.kernel(tokens, positions, cache, logits, rows, bounds)
+        return logits[bounds[1:] - 1]
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]], slots: list[int], cache: KVCache) -> torch.Tensor:
+        """Run each prompt through the C kernel into cache row `slots[i]` from position 0; return the
+        next-token logits after each prompt [P, V]. Each prompt is one block, its tokens in order, so
+        token t attends to the keys its predecessors wrote in the same layer; prompts run in parallel.
+        Only with the C kernel (`self.native`)."""
+        return torch.from_numpy(self.prefill_arrays(prompts, slots, cache))[:, :self.embed.shape[0]]
 
     def _inv_rms(self, x: torch.Tensor) -> torch.Tensor:
         """1 / rms(x) per row [B, 1] (statistics in fp32, as transformers computes them)."""
@@ -437,12 +461,13 @@ class DecodeWeights:
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One decode step: tokens [B] at positions [B] → next-token logits [B, V]; writes the cache."""
+        """One decode step: tokens [B] at positions [B] → next-token logits [B, V]; writes the cache.
+        Row b of the batch is cache row b; the cache may hold more rows than B (the rest are idle)."""
         if self.native is not None:
             return self._native_step(tokens, positions, cache)
         cfg = self.cfg
         B, H, KV, D = tokens.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        N, G, L = H + 2 * KV, H // KV, cache.max_len
+        N, G, L, capacity = H + 2 * KV, H // KV, cache.max_len, cache.batch
         S = int(positions.max()) + 1
         # Per-step tables shared by every layer. Rotary factors over the q|k|v row (v: cos 1, sin 0):
         one, zero = self.cos.new_ones(1, 1, D).expand(B, KV, D), self.cos.new_zeros(1, 1, D).expand(B, KV, D)
@@ -453,7 +478,8 @@ class DecodeWeights:
         bias = self.cos.new_zeros(B, S).masked_fill_(hide, float("-inf")).repeat_interleave(KV, dim=0)[:, None]
         # Where each row's new key and value go in a layer's cache, viewed as [2·B·KV·L, D] rows.
         b, c, h = torch.arange(B, device=tokens.device), torch.arange(2, device=tokens.device), torch.arange(KV, device=tokens.device)
-        slot = (((c[None, :, None] * B + b[:, None, None]) * KV + h[None, None, :]) * L + positions[:, None, None]).flatten()
+        slot = (((c[None, :, None] * capacity + b[:, None, None]) * KV + h[None, None, :]) * L
+                + positions[:, None, None]).flatten()
         x = self.embed.index_select(0, tokens)                                     # [B, hidden]
         for i, (qkv_t, qkv_b, o_t, gu_t, down_t) in enumerate(self.layers):
             y = torch.addcmul(qkv_b, torch.mm(x, qkv_t), self._inv_rms(x))        # q|k|v [B, N·D]
@@ -461,8 +487,8 @@ class DecodeWeights:
             y = y.view(B, N, D)
             layer = cache.kv[i]                                                    # [2, B, KV, L, D]
             layer.view(-1, D).index_copy_(0, slot, y[:, H:].reshape(-1, D))        # k and v, one write
-            keys = layer[0].view(B * KV, L, D)[:, :S]                              # views, no copy
-            values = layer[1].view(B * KV, L, D)[:, :S]
+            keys = layer[0, :B].view(B * KV, L, D)[:, :S]                          # views, no copy
+            values = layer[1, :B].view(B * KV, L, D)[:, :S]
             q = y[:, :H].reshape(B * KV, G, D)       # the G query heads of a kv head share its keys
             att = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=D ** -0.5).softmax(-1)
             x = torch.addmm(x, torch.bmm(att, values).view(B, H * D), o_t)

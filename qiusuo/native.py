@@ -19,6 +19,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "decode.c"
 # Tried in order: the fast build first, then more portable ones.
@@ -100,19 +102,45 @@ def kernel():
             path = _build(compiler) if compiler else None
             if path is not None:
                 try:
-                    lib = ctypes.CDLL(str(path))
-                    fn = lib.qiusuo_decode_step
+                    # Two handles on one library: the decode step releases the GIL while it computes
+                    # (the server's event loop runs meanwhile); the short calls keep it, so a scheduler
+                    # step does not queue for the GIL again after each of them.
+                    lib = ctypes.PyDLL(str(path))
+                    lib.nogil = ctypes.CDLL(str(path))
+                    fn = lib.nogil.qiusuo_decode_step
                     fn.restype = ctypes.c_int
                     fn.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                   ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
                     fn = lib.qiusuo_sample
                     fn.restype = ctypes.c_int
                     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 6
+                    fn = lib.qiusuo_copy_rows
+                    fn.restype = None
+                    fn.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
                 except OSError as e:
                     log.warning("could not load %s (%s); using the PyTorch decode step", path, e)
                     lib = None
             _loaded["lib"] = lib
         return _loaded["lib"]
+
+
+def sample_arrays(lib, logits: np.ndarray, n: int, vocab: int, state: dict, out: np.ndarray) -> None:
+    """Sample rows 0..n−1 of `logits` (a C-contiguous float32 array, first `vocab` columns) into
+    `out` with the per-row settings in `state` (numpy arrays); holds the GIL (microseconds)."""
+    rc = lib.qiusuo_sample(n, vocab, logits.ctypes.data, logits.shape[1], state["temperature"].ctypes.data,
+                           state["top_p"].ctypes.data, state["top_k"].ctypes.data, state["key"].ctypes.data,
+                           state["drawn"].ctypes.data, out.ctypes.data)
+    if rc:
+        raise MemoryError("C sampler could not allocate its buffers")
+
+
+def copy_rows(lib, cache, src: list[int], dst: list[int], upto: int) -> None:
+    """Cache rows src[i] → dst[i] (disjoint), positions [0, upto), every layer, keys and values."""
+    kv = cache.kv
+    layers, _, capacity, heads, L, D = kv.shape
+    s, d = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+    lib.qiusuo_copy_rows(kv.data_ptr(), layers, capacity, heads, L, D, s.ctypes.data, d.ctypes.data, len(s), upto)
 
 
 def sample(lib, logits, temperature, top_p, top_k, keys, counters):

@@ -77,10 +77,10 @@ def test_stream_yields_the_same_tokens(tok, engine):
 def test_finished_rows_leave_the_batch(tok, model):
     """Rows that stop early must not keep the batch at full width: count rows per decode call."""
     widths = []
-    from qiusuo.model import DecodeWeights
+    from qiusuo.engine import DecodeBatch
 
-    original = DecodeWeights.step
-    DecodeWeights.step = lambda self, tokens, pos, cache: (widths.append(len(tokens)), original(self, tokens, pos, cache))[1]
+    original = DecodeBatch.step
+    DecodeBatch.step = lambda self: (widths.append(len(self.rows)), original(self))[1]
     try:
         eng = Engine(model, tok)
         prompts = [tok.prompt_ids("1+1")] * 8
@@ -88,7 +88,7 @@ def test_finished_rows_leave_the_batch(tok, model):
                                 stop_token_ids=tuple(range(40, 80)))  # many stop ids: rows end early
         out = eng.generate(prompts, params)
     finally:
-        DecodeWeights.step = original
+        DecodeBatch.step = original
     lengths = sorted(len(c.token_ids) for c in out)
     assert lengths[0] < lengths[-1]
     assert max(widths) <= 8 and min(widths) < 8  # the batch shrank once rows finished
@@ -155,10 +155,10 @@ def test_scheduler_gives_each_request_its_solo_tokens(tok, model, engine):
     params = [SamplingParams(max_new_tokens=10 + 3 * i, temperature=0.9, top_p=0.95, seed=100 + i)
               for i in range(len(prompts))]
     widths = []
-    from qiusuo.model import DecodeWeights
+    from qiusuo.engine import DecodeBatch
 
-    original = DecodeWeights.step
-    DecodeWeights.step = lambda self, tokens, pos, cache: (widths.append(len(tokens)), original(self, tokens, pos, cache))[1]
+    original = DecodeBatch.step
+    DecodeBatch.step = lambda self: (widths.append(len(self.rows)), original(self))[1]
     sched = Scheduler(Engine(model, tok), max_running=5).start()
     try:
         reqs = [sched.submit(p, sp) for p, sp in zip(prompts[:6], params[:6])]
@@ -167,7 +167,7 @@ def test_scheduler_gives_each_request_its_solo_tokens(tok, model, engine):
         got += [list(r) for r in reqs[2:]]
     finally:
         sched.stop()
-        DecodeWeights.step = original
+        DecodeBatch.step = original
     assert max(widths) <= 5          # never more running sequences than the cap
     for p, sp, tokens, r in zip(prompts, params, got, reqs):
         assert tokens == _alone(engine, p, sp)
@@ -229,16 +229,60 @@ def test_scheduler_async_iteration(tok, model, engine):
     assert outs[0] == outs[1] == outs[2] == _alone(engine, p, params)
 
 
+def test_busy_scheduler_hands_tokens_over_in_batches_without_losing_any(tok, model, engine):
+    """With more streams running than `coalesce_above`, async consumers get several tokens per wake-up
+    (the server's stream interval) — the same tokens, in order — while first tokens are not held."""
+    import asyncio
+
+    prompts = [tok.prompt_ids(p) for p in PROMPTS * 2]
+    params = [SamplingParams(max_new_tokens=30, temperature=1.0, seed=40 + i, stop_token_ids=()) for i in range(8)]
+    sched = Scheduler(Engine(model, tok), stream_interval=0.05, coalesce_above=2).start()
+
+    async def go():
+        reqs = [sched.submit(p, sp) for p, sp in zip(prompts, params)]
+
+        async def consume(r):
+            return [batch async for batch in r.batches()]
+
+        return reqs, await asyncio.gather(*(consume(r) for r in reqs))
+
+    try:
+        reqs, batches = asyncio.run(go())
+    finally:
+        sched.stop()
+    for p, sp, got in zip(prompts, params, batches):
+        assert [t for b in got for t in b] == _alone(engine, p, sp)
+    assert max(len(b) for got in batches for b in got) > 1            # tokens were coalesced
+    assert all(len(got[0]) == 1 for got in batches if got)           # a first token travels alone
+    assert all(r.finish_reason in ("stop", "length") for r in reqs)
+
+
+def test_scheduler_without_the_kernel_gives_the_same_tokens(tok, model, engine, monkeypatch):
+    """The PyTorch path of DecodeBatch (GPU, no compiler) joins, compacts and samples like the C path."""
+    prompts = [tok.prompt_ids(p) for p in PROMPTS]
+    params = [SamplingParams(max_new_tokens=8 + 5 * i, temperature=0.9, top_p=0.9, seed=7 + i) for i in range(4)]
+    expected = [_alone(engine, p, sp) for p, sp in zip(prompts, params)]
+    monkeypatch.setenv("QIUSUO_NATIVE", "0")
+    sched = Scheduler(Engine(model, tok), max_running=2).start()
+    try:
+        assert sched._batch.native is False
+        reqs = [sched.submit(p, sp) for p, sp in zip(prompts, params)]
+        got = [list(r) for r in reqs]
+    finally:
+        sched.stop()
+    assert got == expected
+
+
 def test_scheduler_error_finishes_every_request(tok, model):
     """If a step raises, waiting and running requests end with reason "error" instead of hanging."""
-    from qiusuo.model import DecodeWeights
+    from qiusuo.engine import DecodeBatch
 
-    original = DecodeWeights.step
+    original = DecodeBatch.step
 
     def broken(self, *a):
         raise RuntimeError("boom")
 
-    DecodeWeights.step = broken
+    DecodeBatch.step = broken
     sched = Scheduler(Engine(model, tok))
     try:
         reqs = [sched.submit(tok.prompt_ids("1+1"), SamplingParams(max_new_tokens=20, seed=i)) for i in range(3)]
@@ -247,7 +291,7 @@ def test_scheduler_error_finishes_every_request(tok, model):
             list(r)
         sched._thread.join()
     finally:
-        DecodeWeights.step = original
+        DecodeBatch.step = original
     assert all(r.finish_reason == "error" for r in reqs)
     with pytest.raises(RuntimeError, match="stopped after an error"):
         sched.submit(tok.prompt_ids("1+1"), SamplingParams())

@@ -19,15 +19,19 @@ def test_the_kernel_builds_here():
 def test_c_step_writes_the_same_cache_and_logits_as_the_torch_step(tok):
     model = tiny_model(tok)
     c_step, torch_step = DecodeWeights(model, 48, native=True), DecodeWeights(model, 48, native=False)
-    a, b = model.new_cache(5, 48), model.new_cache(5, 48)
+    a, b = model.new_cache(7, 48), model.new_cache(7, 48)    # room for 7 rows, 5 decoding
     torch.manual_seed(1)
     a.kv.normal_()
     b.kv.copy_(a.kv)
+    before = a.kv.clone()
     tokens, positions = torch.tensor([3, 9, 27, 5, 11]), torch.tensor([0, 7, 47, 20, 20])
     la, lb = c_step.step(tokens, positions, a), torch_step.step(tokens, positions, b)
     assert la.shape == lb.shape == (5, tok.vocab_size)
     assert (la - lb).abs().max() < 1e-4
     assert (a.kv - b.kv).abs().max() < 1e-5
+    assert torch.equal(a.kv[:, :, 5:], before[:, :, 5:])     # idle rows untouched
+    changed = (a.kv != before).any(-1)                        # [layers, 2, rows, kv, L]
+    assert changed.nonzero()[:, [2, 4]].unique(dim=0).tolist() == [[0, 0], [1, 7], [2, 47], [3, 20], [4, 20]]
 
 
 def test_c_step_rejects_positions_and_tokens_out_of_range(tok):
@@ -76,3 +80,19 @@ def test_without_a_compiler_the_engine_falls_back_with_a_warning(tok, tmp_path, 
     assert DecodeWeights(model, 8).native is None
     out = Engine(model, tok).generate([tok.prompt_ids("1+1")], SamplingParams(max_new_tokens=5, temperature=0))
     assert len(out[0].token_ids) >= 1
+
+
+def test_c_prefill_matches_a_full_forward_and_the_torch_prefill(tok):
+    """Several prompts of different lengths prefilled in one call, each into its own cache row."""
+    model = tiny_model(tok)
+    prompts = [tok.prompt_ids("12+34"), tok.prompt_ids("reach 46 with 3 7 25 2"), [tok.eos_id]]
+    step = DecodeWeights(model, 64, native=True)
+    cache = model.new_cache(6, 64)
+    logits = step.prefill(prompts, [4, 0, 2], cache)
+    with torch.no_grad():
+        for i, (p, slot) in enumerate(zip(prompts, [4, 0, 2])):
+            assert (logits[i] - model(torch.tensor([p]))[0, -1]).abs().max() < 1e-4
+            ref = model.new_cache(1, 64)
+            model(torch.tensor([p]), cache=ref)
+            assert (cache.kv[:, :, slot, :, :len(p)] - ref.kv[:, :, 0, :, :len(p)]).abs().max() < 1e-5
+    assert cache.kv[:, :, [1, 3, 5]].abs().max() == 0          # rows not named stay untouched

@@ -121,9 +121,11 @@ static void rms_scale(int R, int n, const float *x, float *out, float eps) {
     }
 }
 
-/* One block of rows through the whole model. */
-static void run_block(const Model *m, int R, const int64_t *tokens, const int64_t *positions, int b0, int B,
-                      float *cache, int L, float *logits) {
+/* One block of rows through the whole model. Row r reads and writes cache row slots[r]; B is the
+ * cache's row capacity. Within a layer the rows are processed in order, so rows that share a slot
+ * (the tokens of one prompt, in position order) see each other's keys: that is a prefill. */
+static void run_block(const Model *m, int R, const int64_t *tokens, const int64_t *positions, const int64_t *slots,
+                      int B, float *cache, int L, float *logits) {
     const int hd = m->hidden, I = m->inter, H = m->heads, KV = m->kv_heads, D = m->head_dim;
     const int N = (H + 2 * KV) * D, G = H / KV, R4 = (R + 3) & ~3, half = D / 2;
     int S = 1;
@@ -156,16 +158,16 @@ static void run_block(const Model *m, int R, const int64_t *tokens, const int64_
             /* store this token's keys and values at its position */
             const int64_t p = positions[r];
             for (int j = 0; j < KV; j++) {
-                float *kd = cache + ((((size_t)l * 2 + 0) * B + b0 + r) * KV + j) * L * D + (size_t)p * D;
-                float *vd = cache + ((((size_t)l * 2 + 1) * B + b0 + r) * KV + j) * L * D + (size_t)p * D;
+                float *kd = cache + ((((size_t)l * 2 + 0) * B + slots[r]) * KV + j) * L * D + (size_t)p * D;
+                float *vd = cache + ((((size_t)l * 2 + 1) * B + slots[r]) * KV + j) * L * D + (size_t)p * D;
                 memcpy(kd, yr + (H + j) * D, D * sizeof(float));
                 memcpy(vd, yr + (H + KV + j) * D, D * sizeof(float));
             }
             /* attention over this row's own positions 0..p; the G query heads of kv head j share it */
             const int Sr = (int)p + 1;
             for (int j = 0; j < KV; j++) {
-                const float *K = cache + ((((size_t)l * 2 + 0) * B + b0 + r) * KV + j) * L * D;
-                const float *V = cache + ((((size_t)l * 2 + 1) * B + b0 + r) * KV + j) * L * D;
+                const float *K = cache + ((((size_t)l * 2 + 0) * B + slots[r]) * KV + j) * L * D;
+                const float *V = cache + ((((size_t)l * 2 + 1) * B + slots[r]) * KV + j) * L * D;
                 for (int g = 0; g < G; g++) {
                     const float *q = yr + (j * G + g) * D;
                     float *sc = scores + (size_t)g * S, mx = -INFINITY;
@@ -214,26 +216,44 @@ static void run_block(const Model *m, int R, const int64_t *tokens, const int64_
     free(extra); free(x); free(xn); free(y); free(att); free(scores);
 }
 
-/* Decode one token for each of B rows: tokens/positions [B] → logits [B, vocab_padded]; writes the
- * new keys and values into cache [layers, 2, B, KV, L, D]. Rows are independent, so blocks of rows
- * run on `threads` OpenMP threads with no synchronisation inside the step. */
-int qiusuo_decode_step(const Model *m, int B, const int64_t *tokens, const int64_t *positions, float *cache, int L,
-                       float *logits, int threads) {
+/* One new token for each of B rows: tokens/positions/slots [B] → logits [B, vocab_padded]; writes the
+ * new keys and values into cache [layers, 2, capacity, KV, L, D] at (slots[b], positions[b]).
+ *
+ * Decode: slots = NULL (row b is cache row b), nblocks = 0: rows are independent, so they are split
+ * into blocks that run on `threads` OpenMP threads with no synchronisation inside the step.
+ * Prefill: the tokens of each prompt in position order, sharing the prompt's slot, one block per
+ * prompt (block k is rows block_start[k] .. block_start[k + 1] − 1): prompts run in parallel. */
+int qiusuo_decode_step(const Model *m, int B, const int64_t *tokens, const int64_t *positions, const int64_t *slots,
+                       float *cache, int capacity, int L, float *logits, const int32_t *block_start, int nblocks,
+                       int threads) {
     if (m->head_dim % 8 || m->hidden % 8 || m->inter % 8 || m->vocab_padded % 8 || m->heads % m->kv_heads) return 1;
+    if (!slots && B > capacity) return 1;
     for (int b = 0; b < B; b++) {
         if (positions[b] < 0 || positions[b] >= L || positions[b] >= m->max_pos) return 2;
         if (tokens[b] < 0 || tokens[b] >= m->vocab) return 3;
+        if (slots && (slots[b] < 0 || slots[b] >= capacity)) return 4;
     }
     if (threads < 1) threads = 1;
-    /* rows per block: enough blocks for every thread, at most 32 rows so a block's activations stay in cache */
+    int64_t *identity = NULL;
+    if (!slots) {
+        identity = malloc((size_t)(B > 0 ? B : 1) * sizeof(int64_t));
+        if (!identity) return 5;
+        for (int b = 0; b < B; b++) identity[b] = b;
+        slots = identity;
+    }
+    /* automatic blocks: enough for every thread, at most 32 rows so a block's activations stay in cache */
     int per = (B + threads - 1) / threads;
     if (per > 32) per = 32;
-    const int blocks = (B + per - 1) / per;
+    const int blocks = nblocks > 0 ? nblocks : (B + per - 1) / per;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads < blocks ? threads : blocks)
     for (int blk = 0; blk < blocks; blk++) {
-        const int b0 = blk * per, R = (b0 + per <= B ? per : B - b0);
-        run_block(m, R, tokens + b0, positions + b0, b0, B, cache, L, logits + (size_t)b0 * m->vocab_padded);
+        const int b0 = nblocks > 0 ? block_start[blk] : blk * per;
+        const int b1 = nblocks > 0 ? block_start[blk + 1] : (b0 + per <= B ? b0 + per : B);
+        if (b1 > b0)
+            run_block(m, b1 - b0, tokens + b0, positions + b0, slots + b0, capacity, cache, L,
+                      logits + (size_t)b0 * m->vocab_padded);
     }
+    free(identity);
     return 0;
 }
 
@@ -304,4 +324,18 @@ int qiusuo_sample(int B, int V, const float *logits, int ld, const float *temper
     }
     free(probs); free(order);
     return 0;
+}
+
+/* Copy the first `upto` positions of cache rows src[i] to rows dst[i] (disjoint sets), in every layer,
+ * for keys and values: how a prefilled prompt fans out to its samples and how a finished row's place
+ * is taken by a running one. */
+void qiusuo_copy_rows(float *cache, int layers, int capacity, int kv_heads, int L, int D, const int64_t *src,
+                      const int64_t *dst, int n, int upto) {
+    const size_t span = (size_t)L * D, bytes = (size_t)upto * D * sizeof(float);
+    for (int l = 0; l < layers; l++)
+        for (int c = 0; c < 2; c++)
+            for (int i = 0; i < n; i++)
+                for (int j = 0; j < kv_heads; j++)
+                    memcpy(cache + ((((size_t)l * 2 + c) * capacity + dst[i]) * kv_heads + j) * span,
+                           cache + ((((size_t)l * 2 + c) * capacity + src[i]) * kv_heads + j) * span, bytes);
 }

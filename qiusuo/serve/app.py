@@ -89,12 +89,18 @@ class ServeConfig:
     """USD per million completion tokens (reasoning included)."""
     max_cache_tokens: int = 1 << 16
     """KV-cache positions the scheduler may reserve across running requests."""
+    stream_interval_ms: float = 20.0
+    """With more than 8 streams generating, each stream's tokens are sent at most this often, several
+    per SSE chunk (0: every token at once, always). Per-chunk work, not decoding, limits a loaded
+    server; with 8 or fewer streams every token goes out as soon as it is made."""
 
     def __post_init__(self) -> None:
         if not self.model_name and self.checkpoint:
             self.model_name = "qiusuo-" + "-".join(Path(self.checkpoint).parts[-2:])
         if self.max_concurrent < 1 or self.max_queue < 0 or self.queue_timeout <= 0:
             raise ValueError("max_concurrent must be ≥ 1, max_queue ≥ 0 and queue_timeout > 0")
+        if self.stream_interval_ms < 0:
+            raise ValueError("stream_interval_ms must be ≥ 0")
         if self.default_max_tokens < 1 or self.max_tokens_limit < self.default_max_tokens:
             raise ValueError("need 1 ≤ default_max_tokens ≤ max_tokens_limit")
 
@@ -236,7 +242,7 @@ class Service:
         # The gate caps running requests; the scheduler's own queue only needs room for requests the
         # gate let through whose previous occupant has not left the batch yet.
         self.scheduler = Scheduler(engine, max_running=cfg.max_concurrent, max_queue=cfg.max_concurrent + cfg.max_queue,
-                                   max_cache_tokens=cfg.max_cache_tokens)
+                                   max_cache_tokens=cfg.max_cache_tokens, stream_interval=cfg.stream_interval_ms / 1000)
         self.gate = Gate(cfg.max_concurrent, cfg.max_queue)
         self.limits = KeyLimits()
         self.store = KeyStore(cfg.db)
@@ -341,15 +347,24 @@ class Service:
             except SchedulerFull:
                 raise ApiError(503, "server overloaded", "overloaded",
                                retry_after=self.cfg.overload_retry_after) from None
-            async for token in request:
+            async for tokens in request.batches():  # several tokens when this loop fell behind the engine
                 now = time.perf_counter()
                 if last is None:
                     self.metrics.ttft.observe(now - job.arrived)
+                    gaps = [0.0] * (len(tokens) - 1)
                 else:
-                    self.metrics.itl.observe(now - last)
-                last, n = now, n + 1
-                self._push(job, splitter.feed(decoder.add(token)))
-                if splitter.stopped:  # a stop string: the rest would be cut anyway
+                    gaps = [(now - last) / len(tokens)] * len(tokens)
+                for gap in gaps:
+                    self.metrics.itl.observe(gap)
+                last = now
+                pieces = []
+                for token in tokens:
+                    n += 1
+                    pieces += splitter.feed(decoder.add(token))
+                    if splitter.stopped:  # a stop string: the rest would be cut anyway
+                        break
+                self._push(job, pieces)
+                if splitter.stopped:
                     break
             if request.finish_reason == "error":  # the engine failed mid-generation (logged there)
                 raise ApiError(500, "generation failed", "internal_error")
@@ -429,7 +444,7 @@ class Service:
                 while not job.events.empty():
                     events.append(job.events.get_nowait())
                 out, finished = [], False
-                for kind, payload in events:
+                for kind, payload in _merge_pieces(events):
                     if kind == "piece":
                         out.append(self._chunk(job, {payload[0]: payload[1]}))
                     elif kind == "error":
@@ -464,6 +479,18 @@ class Service:
         return {"is_available": key is None or key.remaining > 0,
                 "balance_infos": [{"currency": "USD", "total_balance": amount, "granted_balance": "0.00",
                                    "topped_up_balance": amount}]}
+
+
+def _merge_pieces(events: list) -> list:
+    """Adjacent text pieces of the same field become one delta: when a client falls behind, it gets
+    fewer, longer chunks instead of a backlog of one-token events (the text is the same)."""
+    out = []
+    for kind, payload in events:
+        if kind == "piece" and out and out[-1][0] == "piece" and out[-1][1][0] == payload[0]:
+            out[-1] = ("piece", (payload[0], out[-1][1][1] + payload[1]))
+        else:
+            out.append((kind, payload))
+    return out
 
 
 def _sse(obj: dict) -> str:
