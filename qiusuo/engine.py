@@ -415,7 +415,7 @@ class QueueFull(RuntimeError):
 
 
 _DONE = object()
-_URGENT = object()   # key, in a step's outbox, of the loops that have a first token or an end in it
+_URGENT = object()   # key, in a step's outbox, of the consumer queues with a first token or an end in it
 
 
 class Request:

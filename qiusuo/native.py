@@ -74,18 +74,20 @@ def _build(compiler: str) -> Path | None:
         target = _cache_dir() / f"decode-{key}.so"
         if target.exists():
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        cmd = [compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
+        cmd = [compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", "<tmp>", "-lm"]
+        tmp = None
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
+            cmd[cmd.index("<tmp>")] = tmp
             subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
             os.replace(tmp, target)
             return target
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
             errors.append(f"{' '.join(cmd)}: {getattr(e, 'stderr', '') or e}")
         finally:
-            if os.path.exists(tmp):
+            if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
     log.warning("could not build the C decode step; using the PyTorch one:\n%s", "\n".join(errors))
     return None
@@ -141,19 +143,3 @@ def copy_rows(lib, cache, src: list[int], dst: list[int], upto: int) -> None:
     layers, _, capacity, heads, L, D = kv.shape
     s, d = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
     lib.qiusuo_copy_rows(kv.data_ptr(), layers, capacity, heads, L, D, s.ctypes.data, d.ctypes.data, len(s), upto)
-
-
-def sample(lib, logits, temperature, top_p, top_k, keys, counters):
-    """`engine.sample_next(logits, …, engine.uniform(keys, counters))` in one C call (CPU tensors)."""
-    import torch
-
-    if logits.dtype != torch.float32 or logits.stride(-1) != 1:
-        logits = logits.float().contiguous()
-    out = torch.empty(logits.shape[0], dtype=torch.int64)
-    args = [temperature.float().contiguous(), top_p.float().contiguous(), top_k.long().contiguous(),
-            keys.long().contiguous(), counters.long().contiguous()]
-    rc = lib.qiusuo_sample(logits.shape[0], logits.shape[1], logits.data_ptr(), logits.stride(0),
-                           *[a.data_ptr() for a in args], out.data_ptr())
-    if rc:
-        raise MemoryError("C sampler could not allocate its buffers")
-    return out

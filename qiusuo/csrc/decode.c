@@ -271,7 +271,7 @@ static double splitmix_uniform(uint64_t key, uint64_t counter) {
     return (double)(z >> 11) / 9007199254740992.0;
 }
 
-static const float *sort_probs;
+static __thread const float *sort_probs;   /* qsort has no context argument: per thread instead */
 static int by_prob_desc(const void *a, const void *b) {
     const int i = *(const int *)a, j = *(const int *)b;
     if (sort_probs[i] != sort_probs[j]) return sort_probs[i] < sort_probs[j] ? 1 : -1;
@@ -294,7 +294,7 @@ static int sample_row(const float *logits, int V, float temperature, float top_p
         return V - 1;
     }
     for (int i = 0; i < V; i++) order[i] = i;
-    sort_probs = probs;  /* qsort has no context argument; sampling runs on one thread */
+    sort_probs = probs;
     qsort(order, V, sizeof(int), by_prob_desc);
     int keep = (top_k > 0 && top_k < V) ? (int)top_k : V;
     double kept_total = 0.0;
