@@ -150,6 +150,70 @@ static void matmul(int R, int K, int N, const float *x, int ldx, const float *W,
     }
 }
 
+/* The lane sums of 4 vectors in lanes 0..3 (two levels of shuffles instead of four horizontal sums). */
+static inline v8 hsum4(v8 a0, v8 a1, v8 a2, v8 a3) {
+    const v8i lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+    const v8i plo = {0, 1, 8, 9, 4, 5, 12, 13}, phi = {2, 3, 10, 11, 6, 7, 14, 15};
+    const v8 s01 = __builtin_shuffle(a0, a1, lo) + __builtin_shuffle(a0, a1, hi);
+    const v8 s23 = __builtin_shuffle(a2, a3, lo) + __builtin_shuffle(a2, a3, hi);
+    const v8 t = __builtin_shuffle(s01, s23, plo) + __builtin_shuffle(s01, s23, phi);  /* [lo0..3, hi0..3] */
+    return t + __builtin_shuffle(t, (v8i){4, 5, 6, 7, 0, 1, 2, 3});
+}
+
+/* sc[t] = scale · q · K[t] for t < S: four keys per iteration, each with its own accumulator. */
+static void qk(int S, int D, const float *q, const float *K, float scale, float *sc) {
+    int t = 0;
+    for (; t + 4 <= S; t += 4) {
+        const float *k = K + (size_t)t * D;
+        v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int d = 0; d < D; d += 8) {
+            const v8 qd = ld(q + d);
+            a0 += qd * ld(k + d); a1 += qd * ld(k + D + d); a2 += qd * ld(k + 2 * D + d); a3 += qd * ld(k + 3 * D + d);
+        }
+        const v8 r = hsum4(a0, a1, a2, a3) * bc(scale);
+        sc[t] = r[0]; sc[t + 1] = r[1]; sc[t + 2] = r[2]; sc[t + 3] = r[3];
+    }
+    for (; t < S; t++) {
+        v8 a = {0};
+        for (int d = 0; d < D; d += 8) a += ld(q + d) * ld(K + (size_t)t * D + d);
+        sc[t] = hsum(a) * scale;
+    }
+}
+
+/* out[0:D] = inv · Σ_u p[u] · V[u, 0:D]: the value mix of one attention head. Keys run in the inner
+ * loop with 2 × 4 independent accumulators per 32 columns, so the FMAs do not wait on each other
+ * (one accumulator per column block, as before, made this a chain of S dependent FMAs). */
+static void pv(int S, int D, const float *p, const float *V, float inv, float *out) {
+    int d0 = 0;
+    for (; d0 + 32 <= D; d0 += 32) {
+        v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+        const float *v = V + d0;
+        int u = 0;
+        for (; u + 2 <= S; u += 2, v += 2 * D) {
+            const v8 w = bc(p[u]), x = bc(p[u + 1]);
+            a0 += w * ld(v); a1 += w * ld(v + 8); a2 += w * ld(v + 16); a3 += w * ld(v + 24);
+            b0 += x * ld(v + D); b1 += x * ld(v + D + 8); b2 += x * ld(v + D + 16); b3 += x * ld(v + D + 24);
+        }
+        if (u < S) {
+            const v8 w = bc(p[u]);
+            a0 += w * ld(v); a1 += w * ld(v + 8); a2 += w * ld(v + 16); a3 += w * ld(v + 24);
+        }
+        const v8 k = bc(inv);
+        st(out + d0, (a0 + b0) * k); st(out + d0 + 8, (a1 + b1) * k);
+        st(out + d0 + 16, (a2 + b2) * k); st(out + d0 + 24, (a3 + b3) * k);
+    }
+    for (; d0 < D; d0 += 8) {
+        v8 a = {0}, b = {0};
+        int u = 0;
+        for (; u + 2 <= S; u += 2) {
+            a += bc(p[u]) * ld(V + (size_t)u * D + d0);
+            b += bc(p[u + 1]) * ld(V + (size_t)(u + 1) * D + d0);
+        }
+        if (u < S) a += bc(p[u]) * ld(V + (size_t)u * D + d0);
+        st(out + d0, (a + b) * bc(inv));
+    }
+}
+
 /* out[r] = x[r] / rms(x[r]) (the gain is folded into the next matmul). */
 static void rms_scale(int R, int n, const float *x, float *out, float eps) {
     for (int r = 0; r < R; r++) {
@@ -211,24 +275,15 @@ static void run_block(const Model *m, int R, const int64_t *tokens, const int64_
                 for (int g = 0; g < G; g++) {
                     const float *q = yr + (j * G + g) * D;
                     float *sc = scores + (size_t)g * S, mx = -INFINITY;
-                    for (int t = 0; t < Sr; t++) {
-                        v8 acc = {0};
-                        for (int d = 0; d < D; d += 8) acc += ld(q + d) * ld(K + (size_t)t * D + d);
-                        sc[t] = hsum(acc) * scale;
-                        if (sc[t] > mx) mx = sc[t];
-                    }
+                    qk(Sr, D, q, K, scale, sc);
+                    for (int t = 0; t < Sr; t++) mx = sc[t] > mx ? sc[t] : mx;
                     float sum = 0.0f;
                     int t = 0;
                     v8 vsum = {0};
                     for (; t + 8 <= Sr; t += 8) { v8 e = vexp(ld(sc + t) - bc(mx)); st(sc + t, e); vsum += e; }
                     for (; t < Sr; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
                     const float inv = 1.0f / (sum + hsum(vsum));
-                    float *o = att + (size_t)r * H * D + (j * G + g) * D;
-                    for (int d = 0; d < D; d += 8) {
-                        v8 acc = {0};
-                        for (int u = 0; u < Sr; u++) acc += bc(sc[u]) * ld(V + (size_t)u * D + d);
-                        st(o + d, acc * bc(inv));
-                    }
+                    pv(Sr, D, sc, V, inv, att + (size_t)r * H * D + (j * G + g) * D);
                 }
             }
         }
@@ -281,10 +336,8 @@ int qiusuo_decode_step(const Model *m, int B, const int64_t *tokens, const int64
         for (int b = 0; b < B; b++) identity[b] = b;
         slots = identity;
     }
-    /* automatic blocks: enough for every thread, whole groups of 6 rows (the matmul tile), at most
-     * 36 rows so a block's activations stay in cache */
+    /* automatic blocks: one per thread (balanced), at most 36 rows so a block's activations stay in cache */
     int per = (B + threads - 1) / threads;
-    if (per > 6) per = (per + 5) / 6 * 6;
     if (per > 36) per = 36;
     const int blocks = nblocks > 0 ? nblocks : (B + per - 1) / per;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads < blocks ? threads : blocks)
