@@ -224,6 +224,19 @@ def test_malformed_bodies(server, new_key, body, status, code):
     assert_error_body(r.json(), code)
 
 
+def test_max_context_bounds_prompts_and_the_cache(tok, tmp_path):
+    model = scripted_model(tok, SCRIPT)
+    with serve(tok, model, tmp_path, no_auth=True, max_context=64) as live:
+        assert live.service.scheduler.max_len == 64
+        r = httpx.post(live.url + "/v1/chat/completions",
+                       json={"messages": [{"role": "user", "content": "x" * 80}]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        r = httpx.post(live.url + "/v1/chat/completions",
+                       json={"messages": [{"role": "user", "content": "12*7"}], "max_tokens": 500})
+        assert r.status_code == 200
+        assert r.json()["usage"]["prompt_tokens"] + r.json()["usage"]["completion_tokens"] <= 64
+
+
 def test_unknown_routes_and_methods_are_openai_shaped(server):
     r = httpx.get(server.url + "/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

@@ -89,6 +89,9 @@ class ServeConfig:
     """USD per million completion tokens (reasoning included)."""
     max_cache_tokens: int = 1 << 16
     """KV-cache positions the scheduler may reserve across running requests."""
+    max_context: int = 0
+    """Longest prompt + completion served, in tokens; 0: the model's own context. The KV cache holds
+    this many positions for each running request, so bound it for long-context checkpoints."""
     stream_interval_ms: float = 20.0
     """With more than 8 streams generating, each stream's tokens are sent at most this often, several
     per SSE chunk (0: every token at once, always). Per-chunk work, not decoding, limits a loaded
@@ -101,6 +104,8 @@ class ServeConfig:
             raise ValueError("max_concurrent must be ≥ 1, max_queue ≥ 0 and queue_timeout > 0")
         if self.stream_interval_ms < 0:
             raise ValueError("stream_interval_ms must be ≥ 0")
+        if self.max_context < 0 or self.max_context == 1:
+            raise ValueError("max_context must be 0 (the model's) or ≥ 2")
         if self.default_max_tokens < 1 or self.max_tokens_limit < self.default_max_tokens:
             raise ValueError("need 1 ≤ default_max_tokens ≤ max_tokens_limit")
 
@@ -238,11 +243,14 @@ class Service:
         self.cfg = cfg
         self.tok = engine.tokenizer
         self.context = engine.model.config.max_position_embeddings
+        if cfg.max_context:
+            self.context = min(self.context, cfg.max_context)
         self.max_prompt = min(cfg.max_prompt_tokens or self.context - 1, self.context - 1)  # ≥ 1 token of room
         # The gate caps running requests; the scheduler's own queue only needs room for requests the
         # gate let through whose previous occupant has not left the batch yet.
         self.scheduler = Scheduler(engine, max_running=cfg.max_concurrent, max_queue=cfg.max_concurrent + cfg.max_queue,
-                                   max_cache_tokens=cfg.max_cache_tokens, stream_interval=cfg.stream_interval_ms / 1000)
+                                   max_cache_tokens=cfg.max_cache_tokens, max_len=self.context,
+                                   stream_interval=cfg.stream_interval_ms / 1000)
         self.gate = Gate(cfg.max_concurrent, cfg.max_queue)
         self.limits = KeyLimits()
         self.store = KeyStore(cfg.db)
