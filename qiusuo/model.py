@@ -417,7 +417,9 @@ class DecodeWeights:
             0 if blocks is None else len(blocks) - 1, torch.get_num_threads())
         if rc:
             why = {1: "unsupported shape", 2: "a position outside the cache", 3: "a token id outside the vocabulary",
-                   4: "a cache row outside the cache"}
+                   4: "a cache row outside the cache", 5: "out of memory"}
+            if rc == 5:
+                raise MemoryError("C decode step: out of memory for its work buffers")
             raise ValueError(f"C decode step rejected its input: {why.get(rc, rc)}")
 
     @property

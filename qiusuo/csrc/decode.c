@@ -182,7 +182,7 @@ static void qk(int S, int D, const float *q, const float *K, float scale, float 
 
 /* out[0:D] = inv · Σ_u p[u] · V[u, 0:D]: the value mix of one attention head. Keys run in the inner
  * loop with 2 × 4 independent accumulators per 32 columns, so the FMAs do not wait on each other
- * (one accumulator per column block, as before, made this a chain of S dependent FMAs). */
+ * (one accumulator per column block would make this a chain of S dependent FMAs). */
 static void pv(int S, int D, const float *p, const float *V, float inv, float *out) {
     int d0 = 0;
     for (; d0 + 32 <= D; d0 += 32) {
@@ -228,8 +228,8 @@ static void rms_scale(int R, int n, const float *x, float *out, float eps) {
 /* One block of rows through the whole model. Row r reads and writes cache row slots[r]; B is the
  * cache's row capacity. Within a layer the rows are processed in order, so rows that share a slot
  * (the tokens of one prompt, in position order) see each other's keys: that is a prefill. */
-static void run_block(const Model *m, int R, const int64_t *tokens, const int64_t *positions, const int64_t *slots,
-                      int B, float *cache, int L, float *logits) {
+static int run_block(const Model *m, int R, const int64_t *tokens, const int64_t *positions, const int64_t *slots,
+                     int B, float *cache, int L, float *logits) {
     const int hd = m->hidden, I = m->inter, H = m->heads, KV = m->kv_heads, D = m->head_dim;
     const int N = (H + 2 * KV) * D, G = H / KV, half = D / 2;
     int S = 1;
@@ -240,6 +240,10 @@ static void run_block(const Model *m, int R, const int64_t *tokens, const int64_
     float *y = calloc((size_t)R * width, sizeof(float));
     float *att = calloc((size_t)R * H * D, sizeof(float));
     float *scores = malloc((size_t)G * S * sizeof(float));
+    if (!x || !xn || !y || !att || !scores) {
+        free(x); free(xn); free(y); free(att); free(scores);
+        return 1;
+    }
     const float scale = 1.0f / sqrtf((float)D);
     for (int r = 0; r < R; r++) memcpy(x + (size_t)r * hd, m->embed + (size_t)tokens[r] * hd, hd * sizeof(float));
 
@@ -306,9 +310,14 @@ static void run_block(const Model *m, int R, const int64_t *tokens, const int64_
     float *out = y;  /* reuse: [R, vocab_padded] fits when vocab_padded <= width, else allocate */
     float *extra = NULL;
     if ((size_t)m->vocab_padded > width) out = extra = malloc((size_t)R * m->vocab_padded * sizeof(float));
+    if (!out) {
+        free(x); free(xn); free(y); free(att); free(scores);
+        return 1;
+    }
     matmul(R, hd, m->vocab_padded, xn, hd, m->head, out, m->vocab_padded, 0);
     memcpy(logits, out, (size_t)R * m->vocab_padded * sizeof(float));
     free(extra); free(x); free(xn); free(y); free(att); free(scores);
+    return 0;
 }
 
 /* One new token for each of B rows: tokens/positions/slots [B] → logits [B, vocab_padded]; writes the
@@ -340,16 +349,19 @@ int qiusuo_decode_step(const Model *m, int B, const int64_t *tokens, const int64
     int per = (B + threads - 1) / threads;
     if (per > 36) per = 36;
     const int blocks = nblocks > 0 ? nblocks : (B + per - 1) / per;
+    int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads < blocks ? threads : blocks)
     for (int blk = 0; blk < blocks; blk++) {
         const int b0 = nblocks > 0 ? block_start[blk] : blk * per;
         const int b1 = nblocks > 0 ? block_start[blk + 1] : (b0 + per <= B ? b0 + per : B);
-        if (b1 > b0)
-            run_block(m, b1 - b0, tokens + b0, positions + b0, slots + b0, capacity, cache, L,
-                      logits + (size_t)b0 * m->vocab_padded);
+        if (b1 > b0 && run_block(m, b1 - b0, tokens + b0, positions + b0, slots + b0, capacity, cache, L,
+                                 logits + (size_t)b0 * m->vocab_padded)) {
+#pragma omp atomic write
+            failed = 1;
+        }
     }
     free(identity);
-    return 0;
+    return failed ? 5 : 0;
 }
 
 /* ---- sampling ------------------------------------------------------------------------------------
