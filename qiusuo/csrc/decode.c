@@ -214,6 +214,75 @@ static void pv(int S, int D, const float *p, const float *V, float inv, float *o
     }
 }
 
+/* Two query heads against the same keys: sc0[t], sc1[t] for t < S, each key row loaded once. */
+static void qk2(int S, int D, const float *q0, const float *q1, const float *K, float scale, float *sc0, float *sc1) {
+    int t = 0;
+    for (; t + 4 <= S; t += 4) {
+        const float *k = K + (size_t)t * D;
+        v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+        for (int d = 0; d < D; d += 8) {
+            const v8 x = ld(q0 + d), y = ld(q1 + d);
+            const v8 k0 = ld(k + d), k1 = ld(k + D + d), k2 = ld(k + 2 * D + d), k3 = ld(k + 3 * D + d);
+            a0 += x * k0; a1 += x * k1; a2 += x * k2; a3 += x * k3;
+            b0 += y * k0; b1 += y * k1; b2 += y * k2; b3 += y * k3;
+        }
+        const v8 ra = hsum4(a0, a1, a2, a3) * bc(scale), rb = hsum4(b0, b1, b2, b3) * bc(scale);
+        sc0[t] = ra[0]; sc0[t + 1] = ra[1]; sc0[t + 2] = ra[2]; sc0[t + 3] = ra[3];
+        sc1[t] = rb[0]; sc1[t + 1] = rb[1]; sc1[t + 2] = rb[2]; sc1[t + 3] = rb[3];
+    }
+    for (; t < S; t++) {
+        v8 a = {0}, b = {0};
+        for (int d = 0; d < D; d += 8) {
+            const v8 k = ld(K + (size_t)t * D + d);
+            a += ld(q0 + d) * k;
+            b += ld(q1 + d) * k;
+        }
+        sc0[t] = hsum(a) * scale;
+        sc1[t] = hsum(b) * scale;
+    }
+}
+
+/* sc[t] ← exp(sc[t] − max sc) in place; returns 1 / Σ (the softmax normaliser). */
+static float exponentiate(int S, float *sc) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (int t = 0; t < S; t++) mx = sc[t] > mx ? sc[t] : mx;
+    int t = 0;
+    v8 vsum = {0};
+    for (; t + 8 <= S; t += 8) { v8 e = vexp(ld(sc + t) - bc(mx)); st(sc + t, e); vsum += e; }
+    for (; t < S; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
+    return 1.0f / (sum + hsum(vsum));
+}
+
+/* Two heads' value mixes over the same values, each value row loaded once (8 accumulators per 32
+ * columns, independent of each other). */
+static void pv2(int S, int D, const float *p0, const float *p1, const float *V, float inv0, float inv1,
+                float *out0, float *out1) {
+    int d0 = 0;
+    for (; d0 + 32 <= D; d0 += 32) {
+        v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+        const float *v = V + d0;
+        for (int u = 0; u < S; u++, v += D) {
+            const v8 w = bc(p0[u]), x = bc(p1[u]);
+            const v8 v0 = ld(v), v1 = ld(v + 8), v2 = ld(v + 16), v3 = ld(v + 24);
+            a0 += w * v0; a1 += w * v1; a2 += w * v2; a3 += w * v3;
+            b0 += x * v0; b1 += x * v1; b2 += x * v2; b3 += x * v3;
+        }
+        const v8 k0 = bc(inv0), k1 = bc(inv1);
+        st(out0 + d0, a0 * k0); st(out0 + d0 + 8, a1 * k0); st(out0 + d0 + 16, a2 * k0); st(out0 + d0 + 24, a3 * k0);
+        st(out1 + d0, b0 * k1); st(out1 + d0 + 8, b1 * k1); st(out1 + d0 + 16, b2 * k1); st(out1 + d0 + 24, b3 * k1);
+    }
+    for (; d0 < D; d0 += 8) {
+        v8 a = {0}, b = {0};
+        for (int u = 0; u < S; u++) {
+            const v8 v = ld(V + (size_t)u * D + d0);
+            a += bc(p0[u]) * v;
+            b += bc(p1[u]) * v;
+        }
+        st(out0 + d0, a * bc(inv0));
+        st(out1 + d0, b * bc(inv1));
+    }
+}
+
 /* out[r] = x[r] / rms(x[r]) (the gain is folded into the next matmul). */
 static void rms_scale(int R, int n, const float *x, float *out, float eps) {
     for (int r = 0; r < R; r++) {
@@ -276,18 +345,19 @@ static int run_block(const Model *m, int R, const int64_t *tokens, const int64_t
             for (int j = 0; j < KV; j++) {
                 const float *K = cache + ((((size_t)l * 2 + 0) * B + slots[r]) * KV + j) * L * D;
                 const float *V = cache + ((((size_t)l * 2 + 1) * B + slots[r]) * KV + j) * L * D;
-                for (int g = 0; g < G; g++) {
-                    const float *q = yr + (j * G + g) * D;
-                    float *sc = scores + (size_t)g * S, mx = -INFINITY;
-                    qk(Sr, D, q, K, scale, sc);
-                    for (int t = 0; t < Sr; t++) mx = sc[t] > mx ? sc[t] : mx;
-                    float sum = 0.0f;
-                    int t = 0;
-                    v8 vsum = {0};
-                    for (; t + 8 <= Sr; t += 8) { v8 e = vexp(ld(sc + t) - bc(mx)); st(sc + t, e); vsum += e; }
-                    for (; t < Sr; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
-                    const float inv = 1.0f / (sum + hsum(vsum));
-                    pv(Sr, D, sc, V, inv, att + (size_t)r * H * D + (j * G + g) * D);
+                float *out = att + (size_t)r * H * D + (size_t)j * G * D;
+                const float *q = yr + (size_t)j * G * D;
+                int g = 0;
+                for (; g + 2 <= G; g += 2) {  /* two query heads per pass: K and V are read once for both */
+                    float *s0 = scores + (size_t)g * S, *s1 = s0 + S;
+                    qk2(Sr, D, q + (size_t)g * D, q + (size_t)(g + 1) * D, K, scale, s0, s1);
+                    const float inv0 = exponentiate(Sr, s0), inv1 = exponentiate(Sr, s1);
+                    pv2(Sr, D, s0, s1, V, inv0, inv1, out + (size_t)g * D, out + (size_t)(g + 1) * D);
+                }
+                if (g < G) {
+                    float *s0 = scores + (size_t)g * S;
+                    qk(Sr, D, q + (size_t)g * D, K, scale, s0);
+                    pv(Sr, D, s0, V, exponentiate(Sr, s0), out + (size_t)g * D);
                 }
             }
         }
