@@ -1,10 +1,11 @@
 """Token-in / token-out generation engine: one engine for GRPO rollouts, evaluation, chat and serving.
 
-- `DecodeBatch`: rows decoding together over one preallocated KV cache. Prompts are prefilled once,
-  right-padded from position 0; with `n > 1` the prefilled cache is fanned out to the n samples of
+- `DecodeBatch`: rows decoding together over one preallocated KV cache with room to spare. Prompts
+  are prefilled once from position 0; with `n > 1` the prefilled cache is copied to the n samples of
   each prompt (GRPO's group), so a prompt is never recomputed. Each step samples one token per row
-  and feeds it back; finished rows are dropped from the batch (the cache is compacted in bursts) so
-  they stop costing compute; new rows can join between steps.
+  and feeds it back; a finished row leaves at once (the last running row moves into its place) so it
+  stops costing compute; new rows can join between steps. On the CPU in fp32 the step, prefill and
+  sampling run in the C kernel (`native.py`); elsewhere as PyTorch ops.
 - Sampling: temperature, top-k, top-p, per row; every row draws from its own counter-based random
   stream, so a row's tokens depend on its seed only — the same seed gives the same tokens alone or in
   any batch.
