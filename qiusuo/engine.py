@@ -216,7 +216,7 @@ class DecodeBatch:
         if self.native:
             # each prompt goes straight into the cache row of its first sample, then to the others
             first = [start + i * n for i in range(len(prompts))]
-            logits = self.fast.prefill_arrays(prompts, first, self.cache)
+            logits = self.fast.prefill(prompts, first, self.cache)
             if n > 1:
                 native.copy_rows(self.fast.native[0], self.cache, [f for f in first for _ in range(n - 1)],
                                  [f + j for f in first for j in range(1, n)], width)

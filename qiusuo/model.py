@@ -433,8 +433,11 @@ class DecodeWeights:
         self.kernel(tokens, positions, cache, logits)
         return torch.from_numpy(logits)[:, :self.embed.shape[0]]
 
-    def prefill_arrays(self, prompts: list[list[int]], slots: list[int], cache: KVCache) -> np.ndarray:
-        """`prefill` returning the numpy logits [P, vocab padded]."""
+    def prefill(self, prompts: list[list[int]], slots: list[int], cache: KVCache) -> np.ndarray:
+        """Run each prompt through the C kernel into cache row `slots[i]` from position 0; return the
+        next-token logits after each prompt, numpy [P, vocab padded to 8]. Each prompt is one block, its
+        tokens in order, so token t attends to the keys its predecessors wrote in the same layer;
+        prompts run in parallel. Only with the C kernel (`self.native`)."""
         if self.native is None:
             raise RuntimeError("prefill runs on the C kernel; without it use Transformer.hidden with a cache")
         lengths = np.fromiter((len(p) for p in prompts), dtype=np.int64, count=len(prompts))
@@ -446,14 +449,6 @@ class DecodeWeights:
         logits = np.empty((len(tokens), self.vocab_padded), dtype=np.float32)
         self.kernel(tokens, positions, cache, logits, rows, bounds)
         return logits[bounds[1:] - 1]
-
-    @torch.no_grad()
-    def prefill(self, prompts: list[list[int]], slots: list[int], cache: KVCache) -> torch.Tensor:
-        """Run each prompt through the C kernel into cache row `slots[i]` from position 0; return the
-        next-token logits after each prompt [P, V]. Each prompt is one block, its tokens in order, so
-        token t attends to the keys its predecessors wrote in the same layer; prompts run in parallel.
-        Only with the C kernel (`self.native`)."""
-        return torch.from_numpy(self.prefill_arrays(prompts, slots, cache))[:, :self.embed.shape[0]]
 
     def _inv_rms(self, x: torch.Tensor) -> torch.Tensor:
         """1 / rms(x) per row [B, 1] (statistics in fp32, as transformers computes them)."""
