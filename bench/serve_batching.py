@@ -4,11 +4,17 @@ requests one after another (each alone in the engine), same checkpoint, same sam
 Every request samples exactly `--new-tokens` tokens (no early stop) with its own seed, so both sides do
 the same work and — a check printed below — produce the same tokens.
 
+The concurrent requests are consumed as the server consumes them: N tasks on one asyncio event loop,
+tokens handed over once per scheduler step, or every `--stream-interval-ms` when more than 8 streams
+run (the server's default). `--threads` consumes each request in its own thread instead (one wake-up
+per token per thread). One after another means `Engine.stream`, the leanest single-request path.
+
     .venv/bin/python bench/serve_batching.py [--checkpoint runs/tiny/base] [--requests 32]
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import sys
 import threading
@@ -31,6 +37,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--stream-interval-ms", type=float, default=20.0, help="as `qiusuo serve` (0: every step)")
+    ap.add_argument("--threads", action="store_true", help="one consumer thread per request, not one event loop")
     args = ap.parse_args()
     ckpt = checkpoint(args.checkpoint)
     tok = Tokenizer.load(ckpt)
@@ -43,7 +51,7 @@ def main() -> None:
         return [list(engine.stream(p, sp)) for p, sp in zip(prompts, params)]
 
     def concurrent():
-        sched = Scheduler(engine, max_running=args.requests).start()
+        sched = Scheduler(engine, max_running=args.requests, stream_interval=args.stream_interval_ms / 1000).start()
         outs = [None] * args.requests
         ttft = [0.0] * args.requests
 
@@ -52,11 +60,24 @@ def main() -> None:
             outs[i] = list(req)
             ttft[i] = req.first_token_at - req.submitted_at
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(args.requests)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        async def task(i):
+            req = sched.submit(prompts[i], params[i])
+            outs[i] = []
+            async for tokens in req.batches():
+                outs[i] += tokens
+            ttft[i] = req.first_token_at - req.submitted_at
+
+        async def tasks():
+            await asyncio.gather(*(task(i) for i in range(args.requests)))
+
+        if args.threads:
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(args.requests)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        else:
+            asyncio.run(tasks())
         sched.stop()
         return outs, ttft
 
@@ -71,8 +92,9 @@ def main() -> None:
         ttfts += ttft
     same = seq_out == con_out
     seq, con = total / statistics.median(seq_times), total / statistics.median(con_times)
+    consumers = "a thread per request" if args.threads else f"one event loop, stream interval {args.stream_interval_ms:g} ms"
     print(f"# {hardware()['device']} ({hardware()['cpu']}), {args.requests} requests × {args.new_tokens} tokens, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats}, consumers: {consumers}")
     print(f"sequential: {seq:,.0f} tok/s | continuous batching: {con:,.0f} tok/s | ratio {con / seq:.2f}x | "
           f"TTFT p50 {1000 * statistics.median(ttfts):.0f} ms | identical tokens: {same}")
 

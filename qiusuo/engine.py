@@ -415,14 +415,13 @@ class QueueFull(RuntimeError):
     """The scheduler's waiting queue is at capacity."""
 
 
-_DONE = object()
-_URGENT = object()   # key, in a step's outbox, of the consumer queues with a first token or an end in it
-
-
 class Request:
     """A submitted generation: iterate it (blocking or `async for`) to receive token ids as they come."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None,
+                 sink=None):
+        """`sink` (instead of a consumer): a callable that the scheduler thread hands each batch of
+        news to, as [(request, tokens, finished)] — how a request reaches another process."""
         self.prompt_ids, self.params = prompt_ids, params
         self.output_ids: list[int] = []
         self.finish_reason: str | None = None
@@ -431,9 +430,14 @@ class Request:
         self.finished_at: float | None = None
         self.started = False
         self.row: Row | None = None
-        self._loop = loop
+        self._loop, self._sink = loop, sink
+        self._on_cancel = None        # called by `cancel` (a remote request tells its engine process)
+        # what the consumer receives: (token ids, finished) items, each carrying everything produced
+        # since the previous one — one item per hand-over, not one per token
         self._sync: queue.SimpleQueue = queue.SimpleQueue()
         self._async: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+        self._handed = 0              # output_ids[:_handed] are on their way to the consumer
+        self._end_handed = False
         self._cancelled = threading.Event()
 
     def cancel(self) -> None:
@@ -441,40 +445,56 @@ class Request:
         self._cancelled.set()
         if self.row is not None:
             self.row.cancelled = True
+        if self._on_cancel is not None:
+            self._on_cancel()
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    def _put(self, item, outbox: dict | None, urgent: bool = False) -> None:
-        if self._async is None:
-            self._sync.put(item)
-        elif outbox is None:
-            self._loop.call_soon_threadsafe(self._async.put_nowait, item)
-        else:
-            outbox.setdefault(self._loop, []).append((self._async, item))
-            if urgent:  # a first token or an end: worth a hand-over of its own (see `_Outbox`)
-                outbox.setdefault(_URGENT, set()).add(self._async)
+    def _take(self) -> tuple[list[int], bool]:
+        """The tokens not yet handed to the consumer, and whether the end goes with them (scheduler thread)."""
+        tokens = self.output_ids[self._handed:]
+        self._handed = len(self.output_ids)
+        done = self.finish_reason is not None and not self._end_handed
+        self._end_handed |= done
+        return tokens, done
 
     def _deliver(self, token: int | None, finish_reason: str | None, outbox: dict | None = None) -> None:
-        """Called from the scheduler thread. With an `outbox`, items for event loops are collected there
-        and handed over by the scheduler's `_Outbox` rather than with one wake-up per token."""
+        """Called from the scheduler thread. With an `outbox` (a step's), a request consumed in an event
+        loop is only noted there: the scheduler's `_Outbox` hands its tokens over, several steps' worth
+        at a time under load, rather than with one wake-up per token."""
         if token is not None:
-            first = self.first_token_at is None
-            if first:
+            if self.first_token_at is None:
                 self.first_token_at = time.perf_counter()
+                if outbox is not None:
+                    outbox.setdefault(_URGENT, set()).add(self)   # a first token is worth a hand-over of its own
             self.output_ids.append(token)
-            self._put(token, outbox, urgent=first)
         if finish_reason is not None:
             self.finish_reason = finish_reason
             self.finished_at = time.perf_counter()
-            self._put(_DONE, outbox, urgent=True)
+            if outbox is not None:
+                outbox.setdefault(_URGENT, set()).add(self)
+        if self._sink is not None:
+            if outbox is None:
+                self._sink([(self, *self._take())])
+            else:
+                outbox.setdefault(self._sink, {})[self] = None
+        elif self._async is None:
+            self._sync.put(self._take())     # a blocked thread wakes per step anyway
+        elif outbox is None:
+            self._loop.call_soon_threadsafe(self._async.put_nowait, self._take())
+        else:
+            outbox.setdefault(self._loop, {})[self] = None          # an ordered set of the loop's requests
 
     def __iter__(self) -> Iterator[int]:
         if self._async is not None:
             raise RuntimeError("this request was submitted from an event loop: use `async for`")
-        while (item := self._sync.get()) is not _DONE:
-            yield item
+        while True:
+            tokens, done = self._sync.get()
+            yield from tokens
+            if done:
+                return
 
     async def __aiter__(self):
         async for tokens in self.batches():
@@ -487,41 +507,44 @@ class Request:
         if self._async is None:
             raise RuntimeError("this request was submitted outside an event loop: iterate it normally")
         while True:
-            items = [await self._async.get()]
-            while not self._async.empty():
-                items.append(self._async.get_nowait())
-            done = _DONE in items
-            tokens = items[:items.index(_DONE)] if done else items
+            tokens, done = await self._async.get()
+            while not done and not self._async.empty():
+                more, done = self._async.get_nowait()
+                tokens = tokens + more
             if tokens:
                 yield tokens
             if done:
                 return
 
 
+_URGENT = object()   # key, in a step's outbox, of the requests with a first token or an end in it
+
+
 class _Outbox:
     """Tokens on their way from the scheduler thread to event loops.
 
-    Each hand-over is one thread-safe wake-up of the loop, and every token it carries for a stream
-    ends up in one SSE chunk. With few streams running, a loop gets the next hand-over as soon as it
-    has taken the previous one: every token goes out at once. With many (`busy`), tokens are held
-    for `interval` seconds so each stream's tokens go out several to a chunk: per-chunk work (event
-    loop wake-ups, JSON, socket writes, the client's parsing) is what limits a loaded server, not
-    the decoding. Nothing is held longer than `max_delay`, and a first token or the end of a stream is
-    not held at all: they decide time to first token and when a client can send its next request.
-    (vLLM and SGLang call this the stream interval.)"""
+    Each hand-over is one thread-safe wake-up of the loop, carrying, for every request with news, all
+    its tokens since the last hand-over: one queue item and, in the server, one SSE chunk. With few
+    streams running, a loop gets the next hand-over as soon as it has taken the previous one: every
+    token goes out at once. With many (`busy`), tokens are held for `interval` seconds so each
+    stream's tokens go out several to a chunk: per-chunk work (event loop wake-ups, JSON, socket
+    writes, the client's parsing) is what limits a loaded server, not the decoding. Nothing is held
+    longer than `max_delay`, and a first token or the end of a stream is not held at all: they decide
+    time to first token and when a client can send its next request. (vLLM and SGLang call this the
+    stream interval.)"""
 
     def __init__(self, interval: float = 0.02, max_delay: float = 0.05):
         self.interval, self.max_delay = interval, max(max_delay, interval)
-        self.pending: dict = {}          # loop → [(queue, item)]
-        self.since: dict = {}            # loop → when its oldest pending item arrived
+        self.pending: dict = {}          # loop or sink → {request: None}, the requests with news, in order
+        self.since: dict = {}            # loop → when its oldest pending news arrived
         self.ready: dict = {}            # loop → it has taken the last hand-over
-        self.urgent: set = set()         # consumer queues with a first token or an end pending
+        self.urgent: set = set()         # requests with a first token or an end pending
 
     def add(self, step_items: dict) -> None:
         now = time.perf_counter()
         self.urgent |= step_items.pop(_URGENT, set())
-        for loop, items in step_items.items():
-            self.pending.setdefault(loop, []).extend(items)
+        for loop, reqs in step_items.items():
+            self.pending.setdefault(loop, {}).update(reqs)
             self.since.setdefault(loop, now)
 
     def hand_over(self, force: bool = False, busy: bool = False) -> None:
@@ -529,19 +552,24 @@ class _Outbox:
         for loop in list(self.pending):
             age = now - self.since[loop]
             if force or (self.ready.get(loop, True) and (not busy or age >= self.interval)) or age > self.max_delay:
-                items = self.pending.pop(loop)
+                reqs = list(self.pending.pop(loop))
                 del self.since[loop]
             elif self.urgent:
-                # only the streams with a first token or an end go now (all their pending tokens, in order)
-                items = [qi for qi in self.pending[loop] if qi[0] in self.urgent]
-                if not items:
+                # only the streams with a first token or an end go now
+                reqs = [r for r in self.pending[loop] if r in self.urgent]
+                if not reqs:
                     continue
-                self.pending[loop] = [qi for qi in self.pending[loop] if qi[0] not in self.urgent]
+                for r in reqs:
+                    del self.pending[loop][r]
                 if not self.pending[loop]:
                     del self.pending[loop], self.since[loop]
             else:
                 continue
-            self.urgent.difference_update(q for q, _ in items)
+            self.urgent.difference_update(reqs)
+            if not isinstance(loop, asyncio.AbstractEventLoop):   # a sink: it takes them here and now
+                loop([(r, *r._take()) for r in reqs])
+                continue
+            items = [(r._async, r._take()) for r in reqs]
             self.ready[loop] = False
             try:
                 loop.call_soon_threadsafe(self._put_all, loop, items)
@@ -592,7 +620,9 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join()
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink=None, tag=None) -> Request:
+        """Queue a request; consume it by iterating it (from a thread or, when submitted from an event
+        loop, with `async for`), or pass a `sink` (see `Request`). `tag` is kept as `request.tag`."""
         if not prompt_ids:
             raise ValueError("empty prompt")
         if len(prompt_ids) >= self.max_len:
@@ -601,7 +631,8 @@ class Scheduler:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        req = Request(prompt_ids, params, loop)
+        req = Request(prompt_ids, params, None if sink is not None else loop, sink)
+        req.tag = tag
         if self.error is not None:
             raise RuntimeError(f"the scheduler stopped after an error: {self.error!r}")
         with self._lock:

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine, SamplingParams, Scheduler
 from ..engine import QueueFull as SchedulerFull
+from .engine_process import EngineProcess
 from .keys import DEFAULT_DB, Key, KeyStore, Usage
 from .limits import Gate, KeyLimits, QueueFull, retry_after_header
 from .reasoning import THINK, IncrementalDecoder, ReasoningSplitter
@@ -96,6 +97,9 @@ class ServeConfig:
     """With more than 8 streams generating, each stream's tokens are sent at most this often, several
     per SSE chunk (0: every token at once, always). Per-chunk work, not decoding, limits a loaded
     server; with 8 or fewer streams every token goes out as soon as it is made."""
+    engine_process: bool = True
+    """Run the scheduler and the model in a child process (false: a thread of the server process).
+    The event loop then never waits for the GIL behind decoding; a crashed engine is restarted."""
 
     def __post_init__(self) -> None:
         if not self.model_name and self.checkpoint:
@@ -239,7 +243,9 @@ class Job:
 class Service:
     """What the routes share: tokenizer, scheduler, admission control, keys and metrics."""
 
-    def __init__(self, cfg: ServeConfig, engine: Engine):
+    def __init__(self, cfg: ServeConfig, engine: Engine, from_checkpoint: bool = False):
+        """`from_checkpoint`: the engine's model is `cfg.checkpoint`'s, so an engine process loads
+        it from there (otherwise from a temporary copy)."""
         self.cfg = cfg
         self.tok = engine.tokenizer
         self.context = engine.model.config.max_position_embeddings
@@ -248,9 +254,15 @@ class Service:
         self.max_prompt = min(cfg.max_prompt_tokens or self.context - 1, self.context - 1)  # ≥ 1 token of room
         # The gate caps running requests; the scheduler's own queue only needs room for requests the
         # gate let through whose previous occupant has not left the batch yet.
-        self.scheduler = Scheduler(engine, max_running=cfg.max_concurrent, max_queue=cfg.max_concurrent + cfg.max_queue,
-                                   max_cache_tokens=cfg.max_cache_tokens, max_len=self.context,
-                                   stream_interval=cfg.stream_interval_ms / 1000)
+        settings = dict(max_running=cfg.max_concurrent, max_queue=cfg.max_concurrent + cfg.max_queue,
+                        max_cache_tokens=cfg.max_cache_tokens, max_len=self.context,
+                        stream_interval=cfg.stream_interval_ms / 1000)
+        if cfg.engine_process:
+            source = (dict(checkpoint=cfg.checkpoint) if from_checkpoint
+                      else dict(model=engine.model, tokenizer=engine.tokenizer))
+            self.scheduler = EngineProcess(**source, device=cfg.device, **settings)
+        else:
+            self.scheduler = Scheduler(engine, **settings)
         self.gate = Gate(cfg.max_concurrent, cfg.max_queue)
         self.limits = KeyLimits()
         self.store = KeyStore(cfg.db)
@@ -534,11 +546,14 @@ async def read_json(request: Request, limit: int) -> dict:
 
 def create_app(cfg: ServeConfig, model=None, tokenizer=None) -> FastAPI:
     """The app serving `cfg.checkpoint` (or the given model and tokenizer)."""
-    if model is None:
+    from_checkpoint = model is None
+    if from_checkpoint:
         from ..checkpoint import load_checkpoint
 
-        model, tokenizer = load_checkpoint(Path(cfg.checkpoint), device=cfg.device)
-    svc = Service(cfg, Engine(model, tokenizer))
+        # with an engine process, the server only needs the tokenizer and the config: it loads the
+        # weights on the CPU once, to fail early on a bad checkpoint, and the child loads its own copy
+        model, tokenizer = load_checkpoint(Path(cfg.checkpoint), device="cpu" if cfg.engine_process else cfg.device)
+    svc = Service(cfg, Engine(model, tokenizer), from_checkpoint)
     app = FastAPI(title="qiusuo", lifespan=svc.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = svc
     install_error_handlers(app)
