@@ -126,3 +126,24 @@ def test_a_killed_engine_process_fails_its_requests_and_is_replaced(tok, model, 
     out, reason, restarts, error = run(go, ep)
     assert out == _alone(engine, p, short) and reason in ("stop", "length")
     assert restarts == 1 and error is None
+
+
+def test_server_survives_its_engine_process_dying(tok, model, tmp_path):
+    """Through HTTP: kill the engine process; /health says so (503) until the new one is up, and the
+    server answers chat requests again without a restart of its own."""
+    import httpx
+    from test_serve_helpers import serve, wait_for
+
+    with serve(tok, model, tmp_path, no_auth=True) as live:
+        body = {"messages": [{"role": "user", "content": "12*7"}], "max_tokens": 5}
+        assert httpx.post(live.url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+        ep = live.service.scheduler
+        assert isinstance(ep, EngineProcess)
+        os.kill(ep._proc.pid, signal.SIGKILL)
+        wait_for(lambda: ep.restarts == 1, what="the engine process to be noticed dead")
+        health = httpx.get(live.url + "/health", timeout=10)
+        # the restart may already be done on a fast machine; otherwise the server says it is not healthy
+        assert health.status_code == 200 or (health.status_code == 503 and health.json()["status"] == "error")
+        r = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=60)  # waits for the new engine
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        assert httpx.get(live.url + "/health", timeout=10).status_code == 200

@@ -582,8 +582,11 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None) -> FastAPI:
 
     # Every route is `async def`: FastAPI would run plain functions in a thread pool, a needless hop.
     async def health():
-        return {"status": "ok", "model": cfg.model_name, "running": svc.scheduler.running,
+        body = {"status": "ok", "model": cfg.model_name, "running": svc.scheduler.running,
                 "queue_depth": svc.gate.waiting + svc.scheduler.queue_depth}
+        if svc.scheduler.error is not None:  # the engine failed (an engine process is being replaced)
+            return JSONResponse({**body, "status": "error", "error": str(svc.scheduler.error)}, status_code=503)
+        return body
 
     async def metrics():
         return svc.metrics.render()
