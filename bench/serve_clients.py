@@ -135,14 +135,18 @@ async def phase(url: str, clients: int, seconds: float, max_tokens: int) -> dict
             "itl_p50_ms": 1000 * pct(stats["itl"], 50), "itl_p95_ms": 1000 * pct(stats["itl"], 95)}
 
 
+def server_pids(pid: int) -> list[int]:
+    """The server process and its children (the engine process)."""
+    return [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its children (the engine process), from /proc."""
+    """User + system CPU time of the server and its engine process, from /proc."""
     def one(p: int) -> float:
         fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return one(pid) + sum(one(int(k)) for k in kids)
+    return sum(one(p) for p in server_pids(pid))
 
 
 def measured(url: str, pid: int, clients: int, seconds: float, max_tokens: int) -> dict:

@@ -29,7 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.generate import checkpoint  # noqa: E402
-from bench.serve_clients import server  # noqa: E402
+from bench.serve_clients import server, server_pids  # noqa: E402
 from qiusuo.serve.keys import KeyStore  # noqa: E402
 
 ASK = [{"role": "user", "content": "4821+397"}]
@@ -101,9 +101,8 @@ def check(r: httpx.Response) -> int:
 
 def rss_kib(pid: int) -> int:
     """Resident memory of the server and its children (the engine process)."""
-    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     total = 0
-    for p in [pid, *map(int, kids)]:
+    for p in server_pids(pid):
         for line in Path(f"/proc/{p}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1])

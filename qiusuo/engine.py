@@ -411,6 +411,14 @@ class Engine:
 
 # --- continuous batching ----------------------------------------------------------------------------
 
+def check_prompt(prompt_ids: list[int], max_len: int) -> None:
+    """What a scheduler refuses before queueing: an empty prompt, or one that leaves no room to generate."""
+    if not prompt_ids:
+        raise ValueError("empty prompt")
+    if len(prompt_ids) >= max_len:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit a context of {max_len}")
+
+
 class QueueFull(RuntimeError):
     """The scheduler's waiting queue is at capacity."""
 
@@ -419,10 +427,11 @@ class Request:
     """A submitted generation: iterate it (blocking or `async for`) to receive token ids as they come."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None,
-                 sink=None):
+                 sink=None, tag=None):
         """`sink` (instead of a consumer): a callable that the scheduler thread hands each batch of
-        news to, as [(request, tokens, finished)] — how a request reaches another process."""
-        self.prompt_ids, self.params = prompt_ids, params
+        news to, as [(request, tokens, finished)] — how a request reaches another process. `tag`:
+        the caller's name for the request (the engine process's id)."""
+        self.prompt_ids, self.params, self.tag = prompt_ids, params, tag
         self.output_ids: list[int] = []
         self.finish_reason: str | None = None
         self.submitted_at = time.perf_counter()
@@ -623,16 +632,12 @@ class Scheduler:
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink=None, tag=None) -> Request:
         """Queue a request; consume it by iterating it (from a thread or, when submitted from an event
         loop, with `async for`), or pass a `sink` (see `Request`). `tag` is kept as `request.tag`."""
-        if not prompt_ids:
-            raise ValueError("empty prompt")
-        if len(prompt_ids) >= self.max_len:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit a context of {self.max_len}")
+        check_prompt(prompt_ids, self.max_len)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        req = Request(prompt_ids, params, None if sink is not None else loop, sink)
-        req.tag = tag
+        req = Request(prompt_ids, params, None if sink is not None else loop, sink, tag)
         if self.error is not None:
             raise RuntimeError(f"the scheduler stopped after an error: {self.error!r}")
         with self._lock:

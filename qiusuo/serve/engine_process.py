@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine import QueueFull, Request, SamplingParams
+from ..engine import QueueFull, Request, SamplingParams, check_prompt
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +153,7 @@ class EngineProcess:
             shutil.rmtree(self._scratch, ignore_errors=True)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
-        if not prompt_ids:
-            raise ValueError("empty prompt")
-        if len(prompt_ids) >= self.max_len:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit a context of {self.max_len}")
+        check_prompt(prompt_ids, self.max_len)
         if len(self._requests) >= self.max_running + self.max_queue:
             raise QueueFull(f"{len(self._requests) - self.running} requests already waiting")
         if self._stopping or (self._conn is None and not self._restarting):
