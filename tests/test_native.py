@@ -102,3 +102,25 @@ def test_c_prefill_matches_a_full_forward_and_the_torch_prefill(tok):
             model(torch.tensor([p]), cache=ref)
             assert (cache.kv[:, :, slot, :, :len(p)] - ref.kv[:, :, 0, :, :len(p)]).abs().max() < 1e-5
     assert cache.kv[:, :, [1, 3, 5]].abs().max() == 0          # rows not named stay untouched
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 8.0])
+def test_c_top_p_sampler_matches_torch_on_flat_and_peaked_distributions(scale):
+    """Top-p without top-k orders only the tokens above a threshold; flat logits (nearly the whole
+    vocabulary kept) and peaked ones (a few kept, a large vocabulary) must still draw what the full
+    sort draws."""
+    torch.manual_seed(1)
+    B, V = 300, 1003
+    logits = torch.randn(B, V) * scale
+    temperature = torch.tensor([0.7, 1.0, 1.3] * (B // 3))
+    top_p = torch.tensor([0.95, 0.5, 0.999, 0.1, 0.8] * (B // 5))
+    top_k = torch.tensor([0, 0, 0, 0, 0, 40] * (B // 6))
+    keys, counters = torch.arange(B) * 104729 + 17, torch.arange(B) % 11
+    expected = sample_next(logits, temperature, top_p, top_k, uniform(keys, counters))
+    state = {"temperature": temperature.numpy(), "top_p": top_p.numpy(), "top_k": top_k.numpy(),
+             "key": keys.numpy(), "drawn": counters.numpy()}
+    padded = np.zeros((B, 1008), dtype=np.float32)
+    padded[:, :V] = logits.numpy()
+    got = np.empty(B, dtype=np.int64)
+    native.sample_arrays(native.kernel(), padded, B, V, state, got)
+    assert got.tolist() == expected.tolist()

@@ -448,52 +448,109 @@ static double splitmix_uniform(uint64_t key, uint64_t counter) {
     return (double)(z >> 11) / 9007199254740992.0;
 }
 
-static __thread const float *sort_probs;   /* qsort has no context argument: per thread instead */
-static int by_prob_desc(const void *a, const void *b) {
-    const int i = *(const int *)a, j = *(const int *)b;
-    if (sort_probs[i] != sort_probs[j]) return sort_probs[i] < sort_probs[j] ? 1 : -1;
-    return i - j;
+/* Sort keys ascending: quicksort (median of three) down to runs of 16, then one insertion pass. Inline
+ * comparisons on plain integers; qsort's comparator call per comparison was most of a top-p draw. */
+static void sort_keys(uint64_t *a, int n) {
+    while (n > 16) {
+        uint64_t x = a[0], y = a[n / 2], z = a[n - 1];
+        const uint64_t pivot = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));
+        int i = 0, j = n - 1;
+        for (;;) {
+            while (a[i] < pivot) i++;
+            while (a[j] > pivot) j--;
+            if (i >= j) break;
+            const uint64_t t = a[i]; a[i] = a[j]; a[j] = t;
+            i++; j--;
+        }
+        /* recurse into the smaller side, loop on the larger: the stack stays logarithmic */
+        if (j + 1 < n - j - 1) { sort_keys(a, j + 1); a += j + 1; n -= j + 1; }
+        else { sort_keys(a + j + 1, n - j - 1); n = j + 1; }
+    }
+    for (int i = 1; i < n; i++) {
+        const uint64_t v = a[i];
+        int j = i - 1;
+        for (; j >= 0 && a[j] > v; j--) a[j + 1] = a[j];
+        a[j + 1] = v;
+    }
+}
+
+/* Descending probability, ties by ascending index, as one integer: a non-negative float's bits order
+ * as the float does, so the complement of the bits goes high and the index low. */
+static inline uint64_t rank_key(const float *probs, int i) {
+    uint32_t bits;
+    memcpy(&bits, probs + i, sizeof bits);
+    return ((uint64_t)(0xFFFFFFFFu - bits) << 32) | (uint32_t)i;
+}
+
+/* The first `keep` tokens in rank order are walked until their mass reaches top_p of `kept_total`;
+ * returns how many are kept (the first token always is), or −1 when the walk ran past the n sorted
+ * keys before deciding (the caller then sorts more of the vocabulary). */
+static int top_p_prefix(const uint64_t *keys, int n, int keep, const float *probs, double kept_total, float top_p,
+                        double *mass) {
+    double cum = 0.0;
+    int k = 0;
+    for (; k < keep; k++) {
+        if (k > 0 && cum / kept_total >= top_p) break;
+        if (k == n) return -1;
+        cum += probs[(uint32_t)keys[k]];
+    }
+    *mass = cum;
+    return k;
 }
 
 static int sample_row(const float *logits, int V, float temperature, float top_p, int64_t top_k, double u,
-                      float *probs, int *order) {
+                      float *probs, uint64_t *keys) {
     int best = 0;
     for (int i = 1; i < V; i++) if (logits[i] > logits[best]) best = i;
     if (temperature == 0.0f) return best;
     const float mx = logits[best] / temperature;
+    int i = 0;
+    for (; i + 8 <= V; i += 8) st(probs + i, vexp(ld(logits + i) / bc(temperature) - bc(mx)));
+    for (; i < V; i++) probs[i] = expf(logits[i] / temperature - mx);
     double total = 0.0;
-    for (int i = 0; i < V; i++) { probs[i] = expf(logits[i] / temperature - mx); total += probs[i]; }
+    for (i = 0; i < V; i++) total += probs[i];
     const int cut = top_p < 1.0f || top_k > 0;
     if (!cut) {
         const double target = u * total;
         double cum = 0.0;
-        for (int i = 0; i < V; i++) { cum += probs[i]; if (cum > target) return i; }
+        for (i = 0; i < V; i++) { cum += probs[i]; if (cum > target) return i; }
         return V - 1;
     }
-    for (int i = 0; i < V; i++) order[i] = i;
-    sort_probs = probs;
-    qsort(order, V, sizeof(int), by_prob_desc);
-    int keep = (top_k > 0 && top_k < V) ? (int)top_k : V;
-    double kept_total = 0.0;
-    for (int i = 0; i < keep; i++) kept_total += probs[order[i]];
-    /* the smallest prefix whose mass reaches top_p (the first token always stays) */
-    double cum = 0.0;
-    int n = 0;
-    for (; n < keep; n++) {
-        if (n > 0 && cum / kept_total >= top_p) break;
-        cum += probs[order[n]];
+    const int keep = (top_k > 0 && top_k < V) ? (int)top_k : V;
+    int n = 0, kept = -1;
+    double mass = 0.0;
+    if (keep == V) {
+        /* Without top-k only the tokens top-p keeps need ordering: those at or above a threshold,
+         * lowered until their mass reaches top_p, are a prefix of the rank order (ties at the
+         * threshold included); a trained model's prefix is a few tokens of a large vocabulary. */
+        for (float t = 0.25f; kept < 0 && t > 1e-30f; t *= 0.0625f) {
+            double above = 0.0;
+            for (i = 0; i < V; i++) above += probs[i] >= t ? probs[i] : 0.0f;
+            if (above < (double)top_p * total) continue;
+            n = 0;
+            for (i = 0; i < V; i++) if (probs[i] >= t) keys[n++] = rank_key(probs, i);
+            sort_keys(keys, n);
+            kept = top_p_prefix(keys, n, keep, probs, total, top_p, &mass);
+        }
     }
-    const double target = u * cum;
+    if (kept < 0) {   /* top-k, or no threshold sufficed: the whole vocabulary in rank order */
+        for (i = 0; i < V; i++) keys[i] = rank_key(probs, i);
+        sort_keys(keys, V);
+        double kept_total = 0.0;
+        for (i = 0; i < keep; i++) kept_total += probs[(uint32_t)keys[i]];
+        kept = top_p_prefix(keys, V, keep, probs, keep == V ? total : kept_total, top_p, &mass);
+    }
+    const double target = u * mass;
     double run = 0.0;
-    for (int i = 0; i < n; i++) { run += probs[order[i]]; if (run > target) return order[i]; }
-    return order[n - 1];
+    for (i = 0; i < kept; i++) { run += probs[(uint32_t)keys[i]]; if (run > target) return (int)(uint32_t)keys[i]; }
+    return (int)(uint32_t)keys[kept - 1];
 }
 
 /* tokens[b] for b < B from logits [B, ld] (first V columns); counters[b] is the row's draw index. */
 int qiusuo_sample(int B, int V, const float *logits, int ld, const float *temperature, const float *top_p,
                   const int64_t *top_k, const int64_t *keys, const int64_t *counters, int64_t *tokens) {
     float *probs = malloc((size_t)V * sizeof(float));
-    int *order = malloc((size_t)V * sizeof(int));
+    uint64_t *order = malloc((size_t)V * sizeof(uint64_t));
     if (!probs || !order) { free(probs); free(order); return 1; }
     for (int b = 0; b < B; b++) {
         const double u = splitmix_uniform((uint64_t)keys[b], (uint64_t)counters[b]);
