@@ -25,14 +25,26 @@ from qiusuo.model import ModelConfig, Transformer, load_model, save_model  # noq
 from qiusuo.tokenizer import Tokenizer  # noqa: E402
 
 
-def checkpoint(path: str | None) -> Path:
-    """The given checkpoint, or a random ~0.8 M-parameter Qwen2 (hidden 128, 4 layers, 4/2 heads)."""
+# Random Qwen2-shaped models for the benches without --checkpoint: "tiny" is the demo's shape; the
+# larger ones show how the figures move once the weights, not the per-token overhead, are the cost.
+SIZES = {
+    "tiny": {},                                                                         # ~0.8 M, 3 MB
+    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6),         # ~4.8 M, 19 MB
+    "medium": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                   num_attention_heads=8, num_key_value_heads=2),                       # ~24 M, 97 MB
+}
+
+
+def checkpoint(path: str | None, size: str = "tiny") -> Path:
+    """The given checkpoint, or a random Qwen2 of one of `SIZES` (tiny: ~0.8 M parameters, hidden 128,
+    4 layers, 4/2 heads — the demo's shape)."""
     if path:
         return Path(path)
     out = Path(tempfile.mkdtemp()) / "ckpt"
     tok = Tokenizer.char_level()
     torch.manual_seed(0)
-    save_model(Transformer(ModelConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)), out)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **SIZES[size])
+    save_model(Transformer(cfg), out)
     tok.save(out)
     return out
 
