@@ -244,7 +244,7 @@ class DecodeBatch:
         if need <= capacity:
             return
         capacity = max(need, 2 * capacity)
-        grown = self.model.new_cache(capacity, self.max_len)
+        grown = self.model.new_cache(capacity, self.max_len, zeroed=not self.native)
         if self.rows:
             upto = max(r.pos for r in self.rows) + 1
             grown.kv[:, :, :len(self.rows), :, :upto] = self.cache.kv[:, :, :len(self.rows), :, :upto]

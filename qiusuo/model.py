@@ -162,9 +162,14 @@ class KVCache:
     length n holds its keys at [0, n) and writes its next one at n. Rows of different lengths share
     the buffer; each query attends only to keys at or before its own position."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype, zeroed: bool = True):
+        """`zeroed=False` leaves the buffer uninitialised: only for readers that never look past a
+        row's own positions (the C step). Then the memory is not even touched until a position is
+        written, so admitting rows costs nothing and the RSS counts only the positions in use; the
+        PyTorch step, which masks rather than skips the positions beyond a row, needs zeros (0 · NaN
+        would poison it)."""
         shape = (cfg.num_hidden_layers, 2, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.kv = torch.zeros(shape, device=device, dtype=dtype)
+        self.kv = (torch.zeros if zeroed else torch.empty)(shape, device=device, dtype=dtype)
 
     @property
     def k(self) -> torch.Tensor:
@@ -310,9 +315,9 @@ class Transformer(nn.Module):
     def forward(self, ids, positions=None, cache: KVCache | None = None, doc_ids=None):
         return self.lm_head(self.hidden(ids, positions, cache, doc_ids))
 
-    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+    def new_cache(self, batch: int, max_len: int | None = None, zeroed: bool = True) -> KVCache:
         p = self.lm_head.weight
-        return KVCache(self.config, batch, max_len or self.config.max_position_embeddings, p.device, p.dtype)
+        return KVCache(self.config, batch, max_len or self.config.max_position_embeddings, p.device, p.dtype, zeroed)
 
 
 class DecodeWeights:
