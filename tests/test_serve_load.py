@@ -143,3 +143,27 @@ def test_client_disconnect_cancels_a_non_streaming_request(tok, looping, tmp_pat
         rows = s.service.store.usage_rows()
         assert len(rows) == 1 and rows[0]["finish_reason"] == "cancelled"
         assert 0 < rows[0]["completion_tokens"] < LONG
+
+
+def test_a_generation_cancelled_before_it_first_runs_releases_everything(tok, looping, tmp_path):
+    """`Service.start` hands an admitted job to the engine at once; when its task is cancelled before
+    its first step (so `run`'s finally never runs), the gate slot, the key reservation and the engine
+    request are released all the same."""
+    import asyncio
+
+    with serve(tok, looping, tmp_path, **settings()) as s:
+        svc = s.service
+
+        async def start_and_cancel():
+            job = svc.prepare({"messages": QUESTION, "stream": True, "max_tokens": LONG}, None)
+            task = svc.start(job, svc.admit(job))
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return job
+
+        job = asyncio.run_coroutine_threadsafe(start_and_cancel(), svc.scheduler._loop).result(10)
+        assert not job.running
+        wait_for(lambda: idle(svc), what="the slot and the engine row released")
+        # and the server still serves
+        assert OpenAI(base_url=s.url + "/v1", api_key="none").chat.completions.create(
+            model="qiusuo-test", messages=QUESTION, max_tokens=5).choices[0].finish_reason == "length"
