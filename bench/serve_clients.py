@@ -15,7 +15,8 @@ engine process included, and the generator's are printed for each phase.
 
 Without --checkpoint a random model is served (bench/generate.py's; tiny, ~0.8 M parameters, by
 default), so completions run to max_tokens or a random end-of-text. The host is noisy, so the phases
-alternate (one client, N clients, N, one, …) and each figure is the median over the rounds. Results also go to bench/out/serve_clients.json.
+alternate (one client, N clients, N, one, …) and each figure is the median over the rounds. Results
+also go to bench/out/serve_clients.json.
 """
 from __future__ import annotations
 

@@ -242,6 +242,7 @@ def test_unknown_routes_and_methods_are_openai_shaped(server):
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = httpx.get(server.url + "/v1/chat/completions")
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert r.headers["allow"] == "POST"
 
 
 def test_ledger_and_balance_survive_a_restart(tok, tmp_path):
