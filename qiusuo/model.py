@@ -166,9 +166,8 @@ class KVCache:
         """`zeroed=False` leaves the buffer uninitialised: only for readers that never look past a
         row's own positions (the C step). A buffer this large comes fresh from mmap, so its pages are
         not even touched until a position is written: admitting rows costs nothing and the RSS
-        counts only the positions in use. The
-        PyTorch step, which masks rather than skips the positions beyond a row, needs zeros (0 · NaN
-        would poison it)."""
+        counts only the positions in use. The PyTorch step, which masks rather than skips the
+        positions beyond a row, needs zeros (0 · NaN would poison it)."""
         shape = (cfg.num_hidden_layers, 2, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.kv = (torch.zeros if zeroed else torch.empty)(shape, device=device, dtype=dtype)
 
