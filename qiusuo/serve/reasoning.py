@@ -43,7 +43,13 @@ class ReasoningSplitter:
         """The decoded text of the next token (possibly empty) → pieces that are now final."""
         self.tokens += 1
         was_thinking = self.phase in (START, IN_THINK)
-        pieces = [] if self.stopped else self._consume(self._held + text, final=False)
+        if self.stopped:
+            pieces = []
+        elif self.phase != START and not self._held and not self.stop_strings and "<" not in text:
+            # the common token: every marker starts with "<", so none can start or end in this text
+            pieces = [(REASONING if self.phase == IN_THINK else CONTENT, text)] if text else []
+        else:
+            pieces = self._consume(self._held + text, final=False)
         if self.phase == IN_THINK or (was_thinking and self.saw_think and self.phase == IN_ANSWER):
             self.reasoning_tokens = self.tokens
         return pieces
@@ -132,7 +138,9 @@ class IncrementalDecoder:
 
     Decoding each id alone breaks byte-level BPE (a character may span tokens) and decoding the whole
     sequence each step is quadratic, so decode a short window and hold back a delta that ends in an
-    incomplete character (U+FFFD) until the next token completes it."""
+    incomplete character (U+FFFD) until the next token completes it. The window's start moves in
+    jumps, so the text of what was already emitted is usually the previous call's result: one decode
+    per token rather than two."""
 
     def __init__(self, decode: Callable[[list[int]], str], window: int = 6):
         self._decode = decode
@@ -140,13 +148,17 @@ class IncrementalDecoder:
         self._ids: list[int] = []
         self._prefix = 0  # ids[prefix:read] is context already emitted
         self._read = 0
+        self._before: str | None = ""  # decode(ids[prefix:read]), when known
 
     def add(self, token_id: int) -> str:
         self._ids.append(token_id)
-        before = self._decode(self._ids[self._prefix:self._read])
+        before = self._before if self._before is not None else self._decode(self._ids[self._prefix:self._read])
         text = self._decode(self._ids[self._prefix:])
+        self._before = before
         if text.endswith("\ufffd") or not text.startswith(before):
             return ""
-        self._prefix = max(self._prefix, len(self._ids) - self._window)
         self._read = len(self._ids)
+        self._before = text
+        if self._read - self._prefix > 2 * self._window:
+            self._prefix, self._before = self._read - self._window, None
         return text[len(before):]
