@@ -264,9 +264,11 @@ class ChatRoute:
         gone.add_done_callback(lambda f: me.cancel() if open_[0] and not f.cancelled() else None)
         chunks = self.svc.stream(job, task)
         try:
-            async for text in chunks:
-                await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            last = False
+            async for text, last in chunks:
+                await send({"type": "http.response.body", "body": text.encode(), "more_body": not last})
+            if not last:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not gone.done() or gone.cancelled():
                 raise  # the server is shutting down, not a client hanging up
@@ -544,16 +546,17 @@ class Service:
         })
 
     async def stream(self, job: Job, task: asyncio.Task):
-        """Server-sent events: role, reasoning deltas, content deltas, finish, [usage], [DONE].
-        Events that piled up while the client was being written to go out in one write."""
+        """Server-sent events: role, reasoning deltas, content deltas, finish, [usage], [DONE], as
+        (text, last) pairs: the last one goes out with the end of the body in one write. Events that
+        piled up while the client was being written to go out in one write."""
         try:
-            yield self._chunk(job, {"role": "assistant", "content": ""})
+            yield self._chunk(job, {"role": "assistant", "content": ""}), False
             while True:
                 try:
                     async with asyncio.timeout(self.cfg.keepalive_interval):  # cheaper than wait_for per token
                         events = [await job.events.get()]
                 except TimeoutError:
-                    yield ": keep-alive\n\n"  # queued or slow: keeps proxies and clients from timing out
+                    yield ": keep-alive\n\n", False  # queued or slow: keeps proxies and clients from timing out
                     continue
                 while not job.events.empty():
                     events.append(job.events.get_nowait())
@@ -567,7 +570,7 @@ class Service:
                     else:
                         out.append(self._final(job))
                         finished = True
-                yield "".join(out)
+                yield "".join(out), finished
                 if finished:
                     return
         finally:
