@@ -25,9 +25,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "decode.c"
 # Tried in order: the fast build first, then more portable ones.
 FLAG_SETS = (
-    ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
-    ["-O3", "-fno-math-errno", "-fopenmp"],
-    ["-O3", "-fno-math-errno"],
+    ["-O3", "-march=native", "-fno-math-errno", "-pthread"],
+    ["-O3", "-fno-math-errno", "-pthread"],
 )
 
 _lock = threading.Lock()

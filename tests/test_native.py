@@ -124,3 +124,79 @@ def test_c_top_p_sampler_matches_torch_on_flat_and_peaked_distributions(scale):
     got = np.empty(B, dtype=np.int64)
     native.sample_arrays(native.kernel(), padded, B, V, state, got)
     assert got.tolist() == expected.tolist()
+
+
+def _fresh_cache(model, rows):
+    cache = model.new_cache(rows, 48)
+    cache.kv.copy_(torch.randn(cache.kv.shape, generator=torch.Generator().manual_seed(3)))
+    return cache
+
+
+def _step_logits(step, tokens, positions, cache):
+    logits = np.zeros((len(tokens), step.vocab_padded), dtype=np.float32)
+    step.kernel(tokens, positions, cache, logits)
+    return logits
+
+
+def _forked_step(step, tokens, positions, cache, out):
+    # no torch op here: torch's own OpenMP pool is not usable in a forked child, the kernel's must be
+    torch.set_num_threads(2)
+    out.put(_step_logits(step, tokens, positions, cache))
+
+
+def test_c_step_is_the_same_on_any_number_of_threads_from_concurrent_callers_and_after_fork(tok):
+    """The step's own worker threads: the rows split into blocks however many threads there are, a
+    second caller while the workers are busy runs its blocks itself, and a forked child (which has
+    none of the parent's threads) starts its own workers instead of waiting for the parent's."""
+    import multiprocessing as mp
+    import threading
+
+    model = tiny_model(tok)
+    step = DecodeWeights(model, 48, native=True)
+    rows = 36    # split 36 / 18 / 12 / 8 rows per block: no lone row (that takes the matrix-vector path)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, tok.vocab_size, rows).astype(np.int64)
+    positions = rng.integers(0, 48, rows).astype(np.int64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        cache = _fresh_cache(model, rows)
+        ref = _step_logits(step, tokens, positions, cache)
+        ref_kv = cache.kv
+        for n in (2, 3, 5):
+            torch.set_num_threads(n)
+            cache = _fresh_cache(model, rows)
+            got = _step_logits(step, tokens, positions, cache)
+            assert np.array_equal(got, ref) and torch.equal(cache.kv, ref_kv), n
+        torch.set_num_threads(2)
+        results, errors = [], []
+        caches = [[_fresh_cache(model, rows) for _ in range(20)] for _ in range(4)]
+
+        def caller(mine):
+            try:
+                for cache in mine:
+                    results.append(_step_logits(step, tokens, positions, cache))
+            except BaseException as e:  # surfaced below: an assertion in a thread would be lost
+                errors.append(e)
+
+        threads = [threading.Thread(target=caller, args=(c,)) for c in caches]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors and len(results) == 80
+        assert all(np.array_equal(r, ref) for r in results)
+
+        ctx = mp.get_context("fork")
+        out = ctx.Queue()
+        child = ctx.Process(target=_forked_step, args=(step, tokens, positions, _fresh_cache(model, rows), out),
+                            daemon=True)
+        child.start()
+        try:
+            got = out.get(timeout=120)     # a child waiting for the parent's workers would never answer
+            child.join(timeout=60)
+            assert child.exitcode == 0 and np.array_equal(got, ref)
+        finally:
+            child.kill()
+    finally:
+        torch.set_num_threads(before)
