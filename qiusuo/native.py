@@ -129,11 +129,31 @@ def kernel():
 def sample_arrays(lib, logits: np.ndarray, n: int, vocab: int, state: dict, out: np.ndarray) -> None:
     """Sample rows 0..n−1 of `logits` (a C-contiguous float32 array, first `vocab` columns) into
     `out` with the per-row settings in `state` (numpy arrays); holds the GIL (microseconds)."""
-    rc = lib.qiusuo_sample(n, vocab, logits.ctypes.data, logits.shape[1], state["temperature"].ctypes.data,
-                           state["top_p"].ctypes.data, state["top_k"].ctypes.data, state["key"].ctypes.data,
-                           state["drawn"].ctypes.data, out.ctypes.data)
-    if rc:
-        raise MemoryError("C sampler could not allocate its buffers")
+    out[:n] = Sampler(lib, vocab)(logits, state, n)
+
+
+class Sampler:
+    """`sample_arrays` for a decode batch, called once per step: the ctypes pointers of the logits
+    buffer and of the per-row settings are worked out again only when those arrays are replaced
+    (admission, compaction), not on every call — `ndarray.ctypes` costs microseconds per array."""
+
+    def __init__(self, lib, vocab: int):
+        self.lib, self.vocab = lib, vocab
+        self._logits = self._state = None
+        self._args: tuple = ()
+        self._out = np.empty(0, dtype=np.int64)
+
+    def __call__(self, logits: np.ndarray, state: dict, n: int) -> list[int]:
+        if logits is not self._logits or state is not self._state or len(self._out) < n:
+            if not logits.flags.c_contiguous or logits.dtype != np.float32:
+                raise ValueError("logits must be a C-contiguous float32 array")
+            self._logits, self._state = logits, state
+            self._out = np.empty(max(n, len(logits)), dtype=np.int64)
+            self._args = (logits.ctypes.data, logits.shape[1], *(state[k].ctypes.data for k in
+                          ("temperature", "top_p", "top_k", "key", "drawn")), self._out.ctypes.data)
+        if self.lib.qiusuo_sample(n, self.vocab, *self._args):
+            raise MemoryError("C sampler could not allocate its buffers")
+        return self._out[:n].tolist()
 
 
 def copy_rows(lib, cache, src: list[int], dst: list[int], upto: int) -> None:
