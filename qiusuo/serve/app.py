@@ -214,7 +214,8 @@ class CountRequests:
 
 
 class ChatRoute:
-    """`POST /v1/chat/completions` (and `/chat/completions`) as a plain ASGI handler in front of FastAPI.
+    """`POST /v1/chat/completions` (and `/chat/completions`) as a plain ASGI handler in front of FastAPI
+    (`App` hands it these paths before FastAPI's own middleware stack; `CountRequests` still counts).
 
     The hot route skips FastAPI's routing, its exception and body-limit middlewares and Starlette's
     `StreamingResponse`, which runs every stream in an anyio task group with a second task listening
@@ -226,12 +227,10 @@ class ChatRoute:
 
     PATHS = ("/v1/chat/completions", "/chat/completions")
 
-    def __init__(self, app, service: "Service"):
-        self.app, self.svc = app, service
+    def __init__(self, service: "Service"):
+        self.svc = service
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] not in self.PATHS:
-            return await self.app(scope, receive, send)
         svc = self.svc
         if scope["method"] != "POST":
             response = ApiError(405, "Method Not Allowed", "method_not_allowed").response()
@@ -638,6 +637,20 @@ async def read_json(request: Request, limit: int) -> dict:
 
 # --- the app -----------------------------------------------------------------------------------
 
+class App(FastAPI):
+    """FastAPI, with `chat` (an ASGI app) answering the chat-completion paths ahead of FastAPI's own
+    middleware stack. An added middleware sits inside FastAPI's error, telemetry and body-limit layers
+    (FastAPI 0.165), so each streamed chunk went through their `send` wrappers as well."""
+
+    chat = None
+
+    async def __call__(self, scope, receive, send):
+        if self.chat is not None and scope["type"] == "http" and scope["path"] in ChatRoute.PATHS:
+            scope["app"] = self
+            return await self.chat(scope, receive, send)
+        return await super().__call__(scope, receive, send)
+
+
 def create_app(cfg: ServeConfig, model=None, tokenizer=None) -> FastAPI:
     """The app serving `cfg.checkpoint` (or the given model and tokenizer)."""
     from_checkpoint = model is None
@@ -648,10 +661,10 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None) -> FastAPI:
         # weights on the CPU once, to fail early on a bad checkpoint, and the child loads its own copy
         model, tokenizer = load_checkpoint(Path(cfg.checkpoint), device="cpu" if cfg.engine_process else cfg.device)
     svc = Service(cfg, Engine(model, tokenizer), from_checkpoint)
-    app = FastAPI(title="qiusuo", lifespan=svc.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = App(title="qiusuo", lifespan=svc.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = svc
     install_error_handlers(app)
-    app.add_middleware(ChatRoute, service=svc)             # inside CountRequests: still counted
+    app.chat = CountRequests(ChatRoute(svc), svc.metrics)
     app.add_middleware(CountRequests, metrics=svc.metrics)
     page = resources.files(__package__).joinpath("static/index.html").read_text()
 
