@@ -339,8 +339,8 @@ class DecodeWeights:
     float rounding.
 
     On the CPU in fp32 the step runs as one call into the C kernel of `native.py` (same layout, same
-    maths, the whole step in one OpenMP region); `native=False` forces the PyTorch step, `True`
-    requires the kernel."""
+    maths, the whole step in one parallel region on the kernel's own threads); `native=False` forces
+    the PyTorch step, `True` requires the kernel."""
 
     @torch.no_grad()
     def __init__(self, model: "Transformer", max_len: int, native: bool | None = None):

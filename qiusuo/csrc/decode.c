@@ -104,7 +104,9 @@ static inline __attribute__((always_inline)) void tile(const int n, const int wi
     }
     const float *w = W + j;
     for (int k = 0; k < K; k++, w += N) {
-        __builtin_prefetch(w + 8 * N);   /* W's rows are N floats apart: fetch ahead (measured +10 %) */
+        /* W's rows are N floats apart: fetch 8 ahead (measured +10 %); through an integer, since near
+         * the end that address is past W */
+        __builtin_prefetch((const void *)((uintptr_t)w + 8 * (uintptr_t)N * sizeof(float)));
         const v8 w0 = ld(w), w1 = wide ? ld(w + 8) : (v8){0};
         for (int i = 0; i < n; i++) {
             const v8 a = bc(x[(size_t)i * ldx + k]);
@@ -413,14 +415,19 @@ typedef struct {
     int nblocks;
 } Job;
 
+enum { IDLE, OFFERED, TAKEN };               /* a worker's share of the current job */
+
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;   /* held by the caller that owns the workers */
 static pthread_mutex_t sleep_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t sleep_cond = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t wake[MAX_WORKERS];     /* one per worker: a job wakes only its own helpers */
 static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
-static int n_workers;                        /* started so far; they live as long as the process */
-static Job job;                              /* written by the owner before it hands out tickets */
-static uint64_t ticket[MAX_WORKERS];         /* bumped by the owner: worker i has a share of the job */
-static int next_block, pending, sleepers, job_failed;   /* atomics */
+static int n_workers;                        /* started so far; they live as long as the process (so the
+                                                library must never be unloaded, which ctypes never does) */
+static int cannot_start;                     /* pthread_create failed once: make do with n_workers */
+static Job job;                              /* written by the owner before it offers shares */
+static uint64_t ticket[MAX_WORKERS];         /* bumped by the owner when it offers worker i a share */
+static int share[MAX_WORKERS], asleep[MAX_WORKERS];     /* atomics */
+static int next_block, pending, job_failed;             /* atomics */
 static long spin_ns = 1000000;
 
 static inline void cpu_relax(void) {
@@ -449,7 +456,7 @@ static void *worker_main(void *arg) {
     for (;;) {
         uint64_t t;
         const long until = now_ns() + spin_ns;
-        for (int i = 1; (t = __atomic_load_n(&ticket[id], __ATOMIC_ACQUIRE)) == seen; i++) {
+        for (unsigned i = 1; (t = __atomic_load_n(&ticket[id], __ATOMIC_ACQUIRE)) == seen; i++) {
             cpu_relax();
             if (i % 64 == 0) {           /* a few µs: let a waiting thread have this CPU, then look at the clock */
                 sched_yield();
@@ -458,31 +465,41 @@ static void *worker_main(void *arg) {
         }
         if (t == seen) {
             pthread_mutex_lock(&sleep_lock);
-            __atomic_add_fetch(&sleepers, 1, __ATOMIC_SEQ_CST);
-            while ((t = __atomic_load_n(&ticket[id], __ATOMIC_SEQ_CST)) == seen) pthread_cond_wait(&sleep_cond, &sleep_lock);
-            __atomic_sub_fetch(&sleepers, 1, __ATOMIC_SEQ_CST);
+            __atomic_store_n(&asleep[id], 1, __ATOMIC_SEQ_CST);
+            while ((t = __atomic_load_n(&ticket[id], __ATOMIC_SEQ_CST)) == seen) pthread_cond_wait(&wake[id], &sleep_lock);
+            __atomic_store_n(&asleep[id], 0, __ATOMIC_SEQ_CST);
             pthread_mutex_unlock(&sleep_lock);
         }
         seen = t;
-        take_blocks();
-        __atomic_sub_fetch(&pending, 1, __ATOMIC_RELEASE);
+        /* The owner may have withdrawn the share, having run every block itself: then it is not ours. */
+        int offered = OFFERED;
+        if (__atomic_compare_exchange_n(&share[id], &offered, TAKEN, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+            take_blocks();
+            __atomic_sub_fetch(&pending, 1, __ATOMIC_RELEASE);
+        }
     }
     return NULL;
 }
 
 /* A forked child has none of the parent's threads: start over (the locks may have been held). */
 static void pool_after_fork(void) {
-    n_workers = 0;
+    n_workers = cannot_start = 0;
     memset(ticket, 0, sizeof ticket);
-    pending = sleepers = 0;
+    memset(share, 0, sizeof share);
+    memset(asleep, 0, sizeof asleep);
+    pending = 0;
     pthread_mutex_init(&pool_lock, NULL);
     pthread_mutex_init(&sleep_lock, NULL);
-    pthread_cond_init(&sleep_cond, NULL);
+    for (int i = 0; i < MAX_WORKERS; i++) pthread_cond_init(&wake[i], NULL);
 }
 
 static void pool_init(void) {
     const char *env = getenv("QIUSUO_SPIN_US");
-    if (env && *env) spin_ns = atol(env) * 1000L;
+    if (env && *env) {
+        const long us = atol(env);
+        spin_ns = us < 0 ? 0 : (us > 10000000L ? 10000000L : us) * 1000L;   /* at most 10 s */
+    }
+    for (int i = 0; i < MAX_WORKERS; i++) pthread_cond_init(&wake[i], NULL);
     pthread_atfork(NULL, NULL, pool_after_fork);
 }
 
@@ -493,33 +510,44 @@ static int run_blocks(void (*fn)(void *, int, int *), void *arg, int nblocks, in
     int helpers = (threads < nblocks ? threads : nblocks) - 1;
     if (helpers > MAX_WORKERS) helpers = MAX_WORKERS;
     pthread_once(&pool_once, pool_init);
-    if (helpers <= 0 || pthread_mutex_trylock(&pool_lock) != 0) {
+    if (helpers <= 0 || pthread_mutex_trylock(&pool_lock) != 0) {   /* busy: another caller owns the workers */
         for (int b = 0; b < nblocks; b++) fn(arg, b, &failed);
         return failed;
     }
-    while (n_workers < helpers) {            /* started on first need; a worker that cannot be started is not used */
+    while (n_workers < helpers && !cannot_start) {   /* started on first need */
         pthread_t th;
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        const int ok = pthread_create(&th, &attr, worker_main, (void *)(intptr_t)n_workers) == 0;
+        if (pthread_create(&th, &attr, worker_main, (void *)(intptr_t)n_workers) == 0)
+            n_workers++;
+        else
+            cannot_start = 1;
         pthread_attr_destroy(&attr);
-        if (!ok) break;
-        n_workers++;
     }
     if (helpers > n_workers) helpers = n_workers;
     job = (Job){fn, arg, nblocks};
     job_failed = 0;
     __atomic_store_n(&next_block, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&pending, helpers, __ATOMIC_RELAXED);
-    for (int i = 0; i < helpers; i++) __atomic_add_fetch(&ticket[i], 1, __ATOMIC_SEQ_CST);  /* publishes the job */
-    if (__atomic_load_n(&sleepers, __ATOMIC_SEQ_CST)) {
-        pthread_mutex_lock(&sleep_lock);
-        pthread_cond_broadcast(&sleep_cond);
-        pthread_mutex_unlock(&sleep_lock);
+    for (int i = 0; i < helpers; i++) {
+        __atomic_store_n(&share[i], OFFERED, __ATOMIC_RELEASE);
+        __atomic_add_fetch(&ticket[i], 1, __ATOMIC_SEQ_CST);         /* publishes the job */
+        if (__atomic_load_n(&asleep[i], __ATOMIC_SEQ_CST)) {
+            pthread_mutex_lock(&sleep_lock);
+            pthread_cond_signal(&wake[i]);
+            pthread_mutex_unlock(&sleep_lock);
+        }
     }
     take_blocks();
-    for (int i = 1; __atomic_load_n(&pending, __ATOMIC_ACQUIRE); i++) {   /* the helpers are mid-block: short */
+    /* Every block is taken. A helper that has not woken up yet would only find nothing left: withdraw
+     * its share instead of waiting for it; the helpers that took one are mid-block (short). */
+    for (int i = 0; i < helpers; i++) {
+        int offered = OFFERED;
+        if (__atomic_compare_exchange_n(&share[i], &offered, IDLE, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+            __atomic_sub_fetch(&pending, 1, __ATOMIC_RELAXED);
+    }
+    for (unsigned i = 1; __atomic_load_n(&pending, __ATOMIC_ACQUIRE); i++) {
         cpu_relax();
         if (i % 64 == 0) sched_yield();
     }

@@ -230,7 +230,7 @@ class EngineProcess:
 
     # --- the child
     def _spawn(self):
-        ctx = mp.get_context("spawn")  # not fork: the parent has threads (OpenMP, the event loop)
+        ctx = mp.get_context("spawn")  # not fork: the parent has threads (torch's OpenMP team, the event loop)
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_child, name="qiusuo-engine", daemon=True,
                            args=(child, self.checkpoint, self.device, torch.get_num_threads(), self._kwargs))
