@@ -403,7 +403,9 @@ static int run_block(const Model *m, int R, const int64_t *tokens, const int64_t
  * costly on a VM (a halted vCPU must be kicked). Measured: the same 32-row steps 1.35-1.7x slower off
  * the main thread than on it. Here the policy is ours: a worker spins (yielding the CPU to anyone
  * who wants it) for `QIUSUO_SPIN_US` microseconds (default 1000, longer than a scheduler's Python
- * between two steps) before it sleeps on a condition variable.
+ * between two steps) before it sleeps on a condition variable. The caller takes blocks too, and once
+ * none is left it withdraws the shares no worker has taken yet rather than wait for a sleeping (or
+ * preempted) worker to wake up and find nothing to do.
  *
  * One caller at a time owns the workers; a second concurrent caller runs its blocks itself. */
 
