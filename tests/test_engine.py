@@ -1,9 +1,11 @@
 """The engine: greedy equals transformers, batching and seeds don't change a row's tokens, stops work."""
+import time
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qiusuo.engine import Engine, SamplingParams, sample_next, uniform
+from qiusuo.engine import DecodeBatch, Engine, SamplingParams, sample_next, uniform
 from qiusuo.model import save_model
 
 PROMPTS = ["4821+397", "reach 46 with 3 7 25 2", "12*7", "9"]
@@ -193,8 +195,13 @@ def test_scheduler_respects_cache_budget_and_queue_cap(tok, model):
     assert second.first_token_at >= first.finished_at or second.submitted_at > first.finished_at
 
 
-def test_scheduler_cancel_stops_generation(tok, model):
-    sched = Scheduler(Engine(model, tok)).start()
+def test_scheduler_cancel_stops_generation(tok, model, monkeypatch):
+    # The row can end only by the cancel or at 400 tokens: no end-of-text stop (the random model
+    # samples one sooner or later), and steps slowed to 1 ms, so the consuming thread cannot fall
+    # hundreds of tokens behind the scheduler's (the engine is fast enough for that on a loaded host).
+    step = DecodeBatch.step
+    monkeypatch.setattr(DecodeBatch, "step", lambda self: (time.sleep(0.001), step(self))[1])
+    sched = Scheduler(Engine(model, None, eos_ids=())).start()
     try:
         req = sched.submit(tok.prompt_ids("1+1"), SamplingParams(max_new_tokens=400, temperature=1.0, seed=0,
                                                                  stop_token_ids=()))
