@@ -126,16 +126,12 @@ def kernel():
         return _loaded["lib"]
 
 
-def sample_arrays(lib, logits: np.ndarray, n: int, vocab: int, state: dict, out: np.ndarray) -> None:
-    """Sample rows 0..n−1 of `logits` (a C-contiguous float32 array, first `vocab` columns) into
-    `out` with the per-row settings in `state` (numpy arrays); holds the GIL (microseconds)."""
-    out[:n] = Sampler(lib, vocab)(logits, state, n)
-
-
 class Sampler:
-    """`sample_arrays` for a decode batch, called once per step: the ctypes pointers of the logits
-    buffer and of the per-row settings are worked out again only when those arrays are replaced
-    (admission, compaction), not on every call — `ndarray.ctypes` costs microseconds per array."""
+    """`qiusuo_sample` for a decode batch: `sampler(logits, state, n)` samples rows 0..n−1 of `logits`
+    (C-contiguous float32, first `vocab` columns) with the per-row settings in `state` (numpy arrays)
+    and holds the GIL (microseconds). Called once per step, so the ctypes pointers of the arrays are
+    worked out again only when they are replaced (admission, compaction), not on every call —
+    `ndarray.ctypes` costs microseconds per array."""
 
     def __init__(self, lib, vocab: int):
         self.lib, self.vocab = lib, vocab

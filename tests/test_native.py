@@ -58,9 +58,8 @@ def test_c_sampler_draws_what_the_torch_sampler_draws():
              "key": keys.numpy(), "drawn": counters.numpy()}
     padded = np.zeros((B, 56), dtype=np.float32)        # the kernel's logits buffers are padded
     padded[:, :V] = logits.numpy()
-    got = np.empty(B, dtype=np.int64)
-    native.sample_arrays(native.kernel(), padded, B, V, state, got)
-    assert got.tolist() == expected.tolist()
+    got = native.Sampler(native.kernel(), V)(padded, state, B)
+    assert got == expected.tolist()
 
 
 def test_engine_gives_the_same_tokens_with_and_without_the_kernel(tok, monkeypatch):
@@ -121,9 +120,8 @@ def test_c_top_p_sampler_matches_torch_on_flat_and_peaked_distributions(scale):
              "key": keys.numpy(), "drawn": counters.numpy()}
     padded = np.zeros((B, 1008), dtype=np.float32)
     padded[:, :V] = logits.numpy()
-    got = np.empty(B, dtype=np.int64)
-    native.sample_arrays(native.kernel(), padded, B, V, state, got)
-    assert got.tolist() == expected.tolist()
+    got = native.Sampler(native.kernel(), V)(padded, state, B)
+    assert got == expected.tolist()
 
 
 def _fresh_cache(model, rows):

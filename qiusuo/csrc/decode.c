@@ -440,6 +440,15 @@ static inline void cpu_relax(void) {
 #endif
 }
 
+/* One turn of a spin-wait; every 64th also yields the CPU to any thread waiting for it (a few µs
+ * apart) and returns 1, a cue to look at the clock. */
+static inline int relax(unsigned i) {
+    cpu_relax();
+    if (i % 64) return 0;
+    sched_yield();
+    return 1;
+}
+
 static inline long now_ns(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
@@ -458,13 +467,8 @@ static void *worker_main(void *arg) {
     for (;;) {
         uint64_t t;
         const long until = now_ns() + spin_ns;
-        for (unsigned i = 1; (t = __atomic_load_n(&ticket[id], __ATOMIC_ACQUIRE)) == seen; i++) {
-            cpu_relax();
-            if (i % 64 == 0) {           /* a few µs: let a waiting thread have this CPU, then look at the clock */
-                sched_yield();
-                if (now_ns() > until) break;
-            }
-        }
+        for (unsigned i = 1; (t = __atomic_load_n(&ticket[id], __ATOMIC_ACQUIRE)) == seen; i++)
+            if (relax(i) && now_ns() > until) break;
         if (t == seen) {
             pthread_mutex_lock(&sleep_lock);
             __atomic_store_n(&asleep[id], 1, __ATOMIC_SEQ_CST);
@@ -549,10 +553,7 @@ static int run_blocks(void (*fn)(void *, int, int *), void *arg, int nblocks, in
         if (__atomic_compare_exchange_n(&share[i], &offered, IDLE, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
             __atomic_sub_fetch(&pending, 1, __ATOMIC_RELAXED);
     }
-    for (unsigned i = 1; __atomic_load_n(&pending, __ATOMIC_ACQUIRE); i++) {
-        cpu_relax();
-        if (i % 64 == 0) sched_yield();
-    }
+    for (unsigned i = 1; __atomic_load_n(&pending, __ATOMIC_ACQUIRE); i++) relax(i);
     failed = __atomic_load_n(&job_failed, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&pool_lock);
     return failed;
