@@ -320,12 +320,27 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch, max_len or self.config.max_position_embeddings, p.device, p.dtype, zeroed)
 
 
+def panels(w: torch.Tensor) -> torch.Tensor:
+    """A Linear weight w [out N, in K] (N a multiple of 8) in the C kernel's layout: wᵀ [K, N] cut into
+    column panels of 16, each stored as a row-major [K, 16] block (the last one [K, 8] when N is not a
+    multiple of 16), one after another: flat, 16·p·K is where panel p starts."""
+    a = w.detach().numpy()                   # CPU fp32 only (the kernel's case); numpy: less overhead per op
+    N, K = a.shape
+    full = N // 16 * 16
+    out = np.empty(N * K, dtype=a.dtype)
+    out[:full * K].reshape(N // 16, K, 16)[...] = a[:full].reshape(N // 16, 16, K).transpose(0, 2, 1)
+    if full < N:
+        out[full * K:].reshape(K, N - full)[...] = a[full:].T
+    return torch.from_numpy(out)
+
+
 class DecodeWeights:
     """The model's weights laid out for one-token decode steps, where a ~1 M-parameter model is
     dominated by per-op overhead rather than arithmetic, so the step is written in as few ops as the
     maths allows:
 
-    - q/k/v and gate/up are fused into one matmul each, with weights stored transposed ([in, out]).
+    - q/k/v and gate/up are fused into one matmul each, with weights stored transposed ([in, out]; for
+      the C kernel in column panels, see `panels`).
     - RMSNorm's weight is folded into the matmul that follows it, W·(w ⊙ x/rms) = (W·diag w)·x/rms,
       and the 1/rms factor scales the matmul's output rows (one fused multiply-add with the bias).
     - Rotary embedding on q and k is one gather and two multiplies over the whole q|k|v row:
@@ -349,16 +364,15 @@ class DecodeWeights:
         H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.embed = model.model.embed_tokens.weight
         dtype, device = self.embed.dtype, self.embed.device
-        self.layers = []
+        fused = []   # per layer in Linear layout [out, in]: q|k|v and its bias, o, gate|up, down
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
             qkv_w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) * layer.input_layernorm.weight
             qkv_b = (torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if cfg.qkv_bias
                      else qkv_w.new_zeros(qkv_w.shape[0]))
             gu_w = torch.cat([m.gate_proj.weight, m.up_proj.weight]) * layer.post_attention_layernorm.weight
-            self.layers.append((qkv_w.t().contiguous(), qkv_b, a.o_proj.weight.t().contiguous(),
-                                gu_w.t().contiguous(), m.down_proj.weight.t().contiguous()))
-        self.head = (model.lm_head.weight * model.model.norm.weight).t().contiguous()
+            fused.append((qkv_w, qkv_b, a.o_proj.weight, gu_w, m.down_proj.weight))
+        head = model.lm_head.weight * model.model.norm.weight                     # [vocab, hidden]
         cos, sin = rope_cos_sin(torch.arange(max_len, device=device)[None], D, cfg.rope_theta, dtype)
         half = D // 2
         # rotate_half(y) = [−y₂, y₁] per head: y gathered by `perm`, the sign carried by the sin table
@@ -367,12 +381,18 @@ class DecodeWeights:
         within = torch.cat([torch.arange(half, D), torch.arange(half)])
         self.perm = (torch.arange(H + 2 * KV)[:, None] * D + within).flatten().to(device)
         self.eps = torch.tensor(cfg.rms_norm_eps, dtype=torch.float32, device=device)
-        self.native = self._native(max_len) if native is not False else None
+        self.native = self._native(fused, head, max_len) if native is not False else None
         if native and self.native is None:
             raise RuntimeError("the C decode step is unavailable (needs a CPU fp32 model and a C compiler)")
+        self.layers, self.head = [], None    # the PyTorch step's copies, [in, out]; the kernel has its own
+        if self.native is None:
+            self.layers = [(q.t().contiguous(), b, o.t().contiguous(), g.t().contiguous(), d.t().contiguous())
+                           for q, b, o, g, d in fused]
+            self.head = head.t().contiguous()
 
-    def _native(self, max_len: int):
-        """The ctypes argument block for the C step, or None when it does not apply here."""
+    def _native(self, fused: list, head: torch.Tensor, max_len: int):
+        """The ctypes argument block for the C step, or None when it does not apply here. The kernel
+        gets its own copy of the weights, in panels (`panels`)."""
         from . import native
 
         cfg = self.cfg
@@ -383,23 +403,23 @@ class DecodeWeights:
         if lib is None:
             return None
         V = self.embed.shape[0]
-        head = self.head.new_zeros(self.head.shape[0], -(-V // 8) * 8)     # columns padded to a multiple of 8
-        head[:, :V] = self.head
-        keep = [self.embed.contiguous(), head, self.cos.contiguous(), self.sin.contiguous()]
+        padded = head.new_zeros(-(-V // 8) * 8, head.shape[1])         # vocabulary padded to a multiple of 8
+        padded[:V] = head
+        keep = [self.embed.contiguous(), panels(padded), self.cos.contiguous(), self.sin.contiguous()]
 
         def per_layer(j):
-            arr = (ctypes.c_void_p * len(self.layers))()
-            for i, layer in enumerate(self.layers):
-                t = layer[j].contiguous()
+            arr = (ctypes.c_void_p * len(fused))()
+            for i, layer in enumerate(fused):
+                t = layer[j].contiguous() if j == 1 else panels(layer[j])     # j == 1: the q|k|v bias
                 keep.append(t)
                 arr[i] = t.data_ptr()
             keep.append(arr)
             return ctypes.cast(arr, ctypes.POINTER(ctypes.c_void_p))
 
         m = native.Model(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
-                         cfg.num_key_value_heads, cfg.head_dim, V, head.shape[1], max_len, cfg.rms_norm_eps,
+                         cfg.num_key_value_heads, cfg.head_dim, V, padded.shape[0], max_len, cfg.rms_norm_eps,
                          keep[0].data_ptr(), per_layer(0), per_layer(1), per_layer(2), per_layer(3), per_layer(4),
-                         head.data_ptr(), keep[2].data_ptr(), keep[3].data_ptr())
+                         keep[1].data_ptr(), keep[2].data_ptr(), keep[3].data_ptr())
         return lib, m, keep
 
     def kernel(self, tokens: np.ndarray, positions: np.ndarray, cache: KVCache, logits: np.ndarray,

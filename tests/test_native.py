@@ -35,6 +35,20 @@ def test_c_step_writes_the_same_cache_and_logits_as_the_torch_step(tok):
     assert changed.nonzero()[:, [2, 4]].unique(dim=0).tolist() == [[0, 0], [1, 7], [2, 47], [3, 20], [4, 20]]
 
 
+def test_a_row_gets_the_same_logits_alone_as_among_other_rows(tok):
+    # The lone-row matmul and the register tiles add up every output in the same order, so a
+    # request's logits do not depend on what else is in the batch, to the last bit (with row-major
+    # weights the two once differed in the last columns of the LM head).
+    model = tiny_model(tok)
+    step = DecodeWeights(model, 16, native=True)
+    out = {}
+    for rows in (1, 7):
+        cache = model.new_cache(rows, 16)
+        for p in range(4):
+            out[rows] = step.step(torch.full((rows,), 3 + p), torch.full((rows,), p), cache)
+    assert torch.equal(out[7], out[1].expand(7, -1))
+
+
 def test_c_step_rejects_positions_and_tokens_out_of_range(tok):
     model = tiny_model(tok)
     step = DecodeWeights(model, 16, native=True)

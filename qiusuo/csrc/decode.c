@@ -9,8 +9,11 @@
  * computes exactly what `DecodeWeights.step` in model.py computes (that PyTorch version is the
  * reference the tests compare against).
  *
- * Layout conventions (all row-major, fp32):
- *   weights are stored transposed, [in, out]; RMSNorm gains are folded into the matmul after them;
+ * Layout conventions (fp32):
+ *   a weight W [in K, out N] is stored in column panels of 16: panel p holds columns 16p .. 16p + 15
+ *   (the last one may be 8 wide) as a row-major [K, width] block, and panel p starts at 16p·K, so a
+ *   matmul reads each panel as one contiguous stream (model.py `panels`);
+ *   RMSNorm gains are folded into the matmul after them;
  *   q|k|v is one matmul of width (H + 2·KV)·D; gate|up one matmul of width 2·I;
  *   the cache is [layers, 2 (k, v), B, KV, L, D]; a row's token at position p goes to index p;
  *   rotary: out[c] = y[c]·cos[p][c] + y[c ± D/2]·sin_signed[p][c] within each head.
@@ -59,7 +62,7 @@ static inline v8 vexp(v8 x) {
 typedef struct {
     int32_t hidden, inter, layers, heads, kv_heads, head_dim, vocab, vocab_padded, max_pos;
     float eps;
-    const float *embed;        /* [vocab, hidden] */
+    const float *embed;        /* [vocab, hidden], row-major; the matmul weights below are in panels */
     const float *const *qkv;   /* per layer [hidden, (H + 2KV)·D], input norm folded in */
     const float *const *qkv_b; /* per layer [(H + 2KV)·D] (zeros without bias) */
     const float *const *o;     /* per layer [H·D, hidden] */
@@ -70,25 +73,35 @@ typedef struct {
     const float *sin;          /* [max_pos, D], sign of rotate_half folded in */
 } Model;
 
-/* One row: y[0:N] (=|+=) x[0:K] @ W — a matrix-vector product, bound by reading W; 8 accumulators. */
+/* One row: y[0:N] (=|+=) x[0:K] @ W — a matrix-vector product, bound by reading W: four panels at a
+ * time, 8 accumulators. */
 static void matmul_row(int K, int N, const float *x, const float *W, float *y, int accumulate) {
     int j = 0;
     for (; j + 64 <= N; j += 64) {
         v8 c[8];
         for (int i = 0; i < 8; i++) c[i] = accumulate ? ld(y + j + 8 * i) : (v8){0};
-        const float *w = W + j;
-        for (int k = 0; k < K; k++, w += N) {
+        const float *w = W + (size_t)j * K;
+        const size_t P = (size_t)16 * K;  /* one panel */
+        for (int k = 0; k < K; k++, w += 16) {
             const v8 a = bc(x[k]);
-#pragma GCC unroll 8
-            for (int i = 0; i < 8; i++) c[i] += a * ld(w + 8 * i);
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) {
+                c[2 * i] += a * ld(w + i * P);
+                c[2 * i + 1] += a * ld(w + i * P + 8);
+            }
         }
         for (int i = 0; i < 8; i++) st(y + j + 8 * i, c[i]);
     }
-    for (; j < N; j += 8) {
-        v8 c = accumulate ? ld(y + j) : (v8){0};
-        const float *w = W + j;
-        for (int k = 0; k < K; k++, w += N) c += bc(x[k]) * ld(w);
-        st(y + j, c);
+    for (; j < N; j += 16) {
+        const int width = N - j < 16 ? N - j : 16;
+        v8 c0 = accumulate ? ld(y + j) : (v8){0}, c1 = accumulate && width == 16 ? ld(y + j + 8) : (v8){0};
+        const float *w = W + (size_t)j * K;
+        for (int k = 0; k < K; k++, w += width) {
+            c0 += bc(x[k]) * ld(w);
+            if (width == 16) c1 += bc(x[k]) * ld(w + 8);
+        }
+        st(y + j, c0);
+        if (width == 16) st(y + j + 8, c1);
     }
 }
 
@@ -102,11 +115,8 @@ static inline __attribute__((always_inline)) void tile(const int n, const int wi
         c[i][0] = accumulate ? ld(y + (size_t)i * ldy + j) : (v8){0};
         c[i][1] = accumulate && wide ? ld(y + (size_t)i * ldy + j + 8) : (v8){0};
     }
-    const float *w = W + j;
-    for (int k = 0; k < K; k++, w += N) {
-        /* W's rows are N floats apart: fetch 8 ahead (measured +3-12 %); through an integer, since near
-         * the end that address is past W */
-        __builtin_prefetch((const void *)((uintptr_t)w + 8 * (uintptr_t)N * sizeof(float)));
+    const float *w = W + (size_t)j * K;   /* the panel of column j (16 wide, or 8 if it is the last) */
+    for (int k = 0; k < K; k++, w += wide ? 16 : 8) {
         const v8 w0 = ld(w), w1 = wide ? ld(w + 8) : (v8){0};
         for (int i = 0; i < n; i++) {
             const v8 a = bc(x[(size_t)i * ldx + k]);
@@ -130,12 +140,13 @@ static inline __attribute__((always_inline)) void tile(const int n, const int wi
     default: tile(1, wide, K, N, j, xr, ldx, W, yr, ldy, accumulate); break;                   \
     }
 
-/* y[r, 0:N] = (accumulate ? y : 0) + x[r, 0:K] @ W[0:K, 0:N] for r < R.
+/* y[r, 0:N] = (accumulate ? y : 0) + x[r, 0:K] @ W[0:K, 0:N] for r < R, W in 16-column panels.
  * Register tiles of 6 rows × 16 columns: 12 accumulators, 2 vectors of W and a broadcast fill 15 of
  * the 16 AVX registers, so W is loaded once per k and the FMAs never wait (measured: twice the
- * GFLOP/s of a 4 × 24 tile, which spills). Column tiles outside, row groups inside, so the K×16
- * slice of W stays in L1 across the row groups. A lone row is a matrix-vector product (`matmul_row`).
- * N must be a multiple of 8 (the last column tile may be 8 wide). */
+ * GFLOP/s of a 4 × 24 tile, which spills). Column tiles outside, row groups inside, so the panel
+ * stays in L1 across the row groups; a panel is one contiguous stream, which the hardware prefetcher
+ * follows (with W row-major, each k was a 64-byte piece of a row N floats long, and software prefetch
+ * was needed). A lone row is a matrix-vector product (`matmul_row`). N must be a multiple of 8. */
 static void matmul(int R, int K, int N, const float *x, int ldx, const float *W, float *y, int ldy, int accumulate) {
     if (R == 1) {
         matmul_row(K, N, x, W, y, accumulate);
