@@ -49,6 +49,21 @@ def test_a_row_gets_the_same_logits_alone_as_among_other_rows(tok):
     assert torch.equal(out[7], out[1].expand(7, -1))
 
 
+def test_c_step_matches_the_torch_step_when_widths_are_not_multiples_of_16(tok):
+    # The kernel stores each weight in column panels of 16, the last one 8 wide when the width is 8
+    # mod 16 (q|k|v is 56 wide here, o and down 40); the lone-row loop and the register tiles both read
+    # it. Head dim 8 and 5 query heads per kv head also take the attention's odd-head path.
+    model = tiny_model(tok, hidden_size=40, intermediate_size=72, num_attention_heads=5, num_key_value_heads=1)
+    c_step, torch_step = DecodeWeights(model, 16, native=True), DecodeWeights(model, 16, native=False)
+    for rows in (1, 7):
+        a, b = model.new_cache(rows, 16), model.new_cache(rows, 16)
+        for p in range(4):
+            tokens, positions = torch.arange(rows) + 3 + p, torch.full((rows,), p)
+            la, lb = c_step.step(tokens, positions, a), torch_step.step(tokens, positions, b)
+            assert (la - lb).abs().max() < 1e-4
+        assert (a.kv - b.kv).abs().max() < 1e-5
+
+
 def test_c_step_rejects_positions_and_tokens_out_of_range(tok):
     model = tiny_model(tok)
     step = DecodeWeights(model, 16, native=True)
