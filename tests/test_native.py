@@ -180,7 +180,7 @@ def test_c_step_is_the_same_on_any_number_of_threads_from_concurrent_callers_and
 
     model = tiny_model(tok)
     step = DecodeWeights(model, 48, native=True)
-    rows = 36    # split 36 / 18 / 12 / 8 rows per block: no lone row (that takes the matrix-vector path)
+    rows = 36    # split 36 / 18 / 12 / 8 rows per block
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, tok.vocab_size, rows).astype(np.int64)
     positions = rng.integers(0, 48, rows).astype(np.int64)

@@ -233,7 +233,8 @@ static void pv(int S, int D, const float *p, const float *V, float inv, float *o
 }
 
 /* Two query heads against the same keys: sc0[t], sc1[t] for t < S, each key row loaded once. */
-static inline __attribute__((always_inline)) void qk2(int S, int D, const float *q0, const float *q1, const float *K, float scale, float *sc0, float *sc1) {
+static inline __attribute__((always_inline)) void qk2(int S, int D, const float *q0, const float *q1, const float *K,
+                                                      float scale, float *sc0, float *sc1) {
     int t = 0;
     for (; t + 4 <= S; t += 4) {
         const float *k = K + (size_t)t * D;
@@ -276,8 +277,8 @@ static float exponentiate(int S, float *sc) {
 
 /* Two heads' value mixes over the same values, each value row loaded once (8 accumulators per 32
  * columns, independent of each other). */
-static inline __attribute__((always_inline)) void pv2(int S, int D, const float *p0, const float *p1, const float *V, float inv0, float inv1,
-                float *out0, float *out1) {
+static inline __attribute__((always_inline)) void pv2(int S, int D, const float *p0, const float *p1, const float *V,
+                                                      float inv0, float inv1, float *out0, float *out1) {
     int d0 = 0;
     for (; d0 + 32 <= D; d0 += 32) {
         v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
@@ -519,6 +520,10 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
+static void init_wakes(void) {
+    for (int i = 0; i < MAX_WORKERS; i++) pthread_cond_init(&wake[i], NULL);
+}
+
 /* A forked child has none of the parent's threads: start over (the locks may have been held). */
 static void pool_after_fork(void) {
     n_workers = cannot_start = 0;
@@ -528,7 +533,7 @@ static void pool_after_fork(void) {
     pending = 0;
     pthread_mutex_init(&pool_lock, NULL);
     pthread_mutex_init(&sleep_lock, NULL);
-    for (int i = 0; i < MAX_WORKERS; i++) pthread_cond_init(&wake[i], NULL);
+    init_wakes();
 }
 
 static void pool_init(void) {
@@ -537,7 +542,7 @@ static void pool_init(void) {
         const long us = atol(env);
         spin_ns = us < 0 ? 0 : (us > 10000000L ? 10000000L : us) * 1000L;   /* at most 10 s */
     }
-    for (int i = 0; i < MAX_WORKERS; i++) pthread_cond_init(&wake[i], NULL);
+    init_wakes();
     pthread_atfork(NULL, NULL, pool_after_fork);
 }
 
