@@ -143,22 +143,50 @@ def server_pids(pid: int) -> list[int]:
     return [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
 
 
+def _cpu(stat: str) -> float:
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of the server and its engine process, from /proc."""
-    def one(p: int) -> float:
-        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(_cpu(Path(f"/proc/{p}/stat").read_text()) for p in server_pids(pid))
 
-    return sum(one(p) for p in server_pids(pid))
+
+THREADS = ("event loop", "scheduler", "step workers", "engine main")
+
+
+def thread_seconds(pid: int) -> dict[str, float]:
+    """CPU time of the server's threads by role: the server's event loop (its main thread), the
+    scheduler thread, the C step's worker threads (named `qiusuo-step`), and the engine process's
+    main thread (which reads the pipe). Threads that have exited drop out, so take differences over
+    a phase, whose threads all live throughout."""
+    out = dict.fromkeys(THREADS, 0.0)
+    for p in server_pids(pid):
+        for tid in os.listdir(f"/proc/{p}/task"):
+            try:
+                stat = Path(f"/proc/{p}/task/{tid}/stat").read_text()
+            except OSError:
+                continue
+            if int(tid) == p:
+                role = "event loop" if p == pid else "engine main"
+            else:
+                role = "step workers" if "(qiusuo-step)" in stat else "scheduler"
+            out[role] += _cpu(stat)
+    return out
 
 
 def measured(url: str, pid: int, clients: int, seconds: float, max_tokens: int) -> dict:
-    """`phase`, plus the cores used by the server and by this load generator meanwhile."""
-    s0, g0, t0 = cpu_seconds(pid), time.process_time(), time.perf_counter()
+    """`phase`, plus the cores used by the server (in all and by thread role) and by this load
+    generator meanwhile."""
+    s0, th0, g0, t0 = cpu_seconds(pid), thread_seconds(pid), time.process_time(), time.perf_counter()
     r = asyncio.run(phase(url, clients, seconds, max_tokens))
     wall = time.perf_counter() - t0
     r["server_cores"] = (cpu_seconds(pid) - s0) / wall
     r["loadgen_cores"] = (time.process_time() - g0) / wall
+    th1 = thread_seconds(pid)
+    for role in THREADS:
+        r[f"{role} cores"] = max(0.0, th1[role] - th0[role]) / wall
     return r
 
 
@@ -200,6 +228,10 @@ def main() -> None:
         print(f"{r['clients']:>7} {r['requests']:>8.0f} {r['errors']:>6.0f} {r['tok_per_s']:>8.0f} "
               f"{r['ttft_p50_ms']:>7.0f}ms {r['ttft_p95_ms']:>5.0f}ms {r['itl_p50_ms']:>6.1f}ms "
               f"{r['itl_p95_ms']:>5.1f}ms {r['server_cores']:>13.2f} {r['loadgen_cores']:>14.2f}")
+    for r in (alone, together):
+        print(f"  cores by thread, {r['clients']} client{'s' if r['clients'] > 1 else ''}: " +
+              ", ".join(f"{role} {r[f'{role} cores']:.2f}" for role in THREADS) +
+              f", load generator {r['loadgen_cores']:.2f}")
     per_round = [b["tok_per_s"] / a["tok_per_s"] for a, b in zip(runs[1], runs[args.clients])]
     print(f"aggregate speed-up with {args.clients} clients: {ratio:.1f}x (target ≥ 6x) — "
           f"{'PASS' if ratio >= 6 else 'FAIL'}; per round: {', '.join(f'{x:.1f}x' for x in per_round)}")

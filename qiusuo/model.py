@@ -334,6 +334,12 @@ def panels(w: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+TEAM_WEIGHT_BYTES = 16 << 20
+"""Above this many bytes of weights the C step runs in team mode (`DecodeWeights._team`)."""
+TEAM_PREFILL_ROWS = 48
+"""A prefill of fewer prompts than threads runs in team mode from this many prompt tokens."""
+
+
 class DecodeWeights:
     """The model's weights laid out for one-token decode steps, where a ~1 M-parameter model is
     dominated by per-op overhead rather than arithmetic, so the step is written in as few ops as the
@@ -354,8 +360,9 @@ class DecodeWeights:
     float rounding.
 
     On the CPU in fp32 the step runs as one call into the C kernel of `native.py` (same layout, same
-    maths, the whole step in one parallel region on the kernel's own threads); `native=False` forces
-    the PyTorch step, `True` requires the kernel."""
+    maths, the whole step in one parallel region on the kernel's own threads, in blocks of rows or,
+    for large weights and long lone prompts, in team mode: see `_team`); `native=False` forces the
+    PyTorch step, `True` requires the kernel."""
 
     @torch.no_grad()
     def __init__(self, model: "Transformer", max_len: int, native: bool | None = None):
@@ -381,6 +388,9 @@ class DecodeWeights:
         within = torch.cat([torch.arange(half, D), torch.arange(half)])
         self.perm = (torch.arange(H + 2 * KV)[:, None] * D + within).flatten().to(device)
         self.eps = torch.tensor(cfg.rms_norm_eps, dtype=torch.float32, device=device)
+        self.weight_bytes = sum(t.numel() * t.element_size() for layer in fused for t in layer) + head.numel() * 4
+        self.team: bool | None = None
+        """Team mode of the C step: None decides per call (`_team`), True / False forces it."""
         self.native = self._native(fused, head, max_len) if native is not False else None
         if native and self.native is None:
             raise RuntimeError("the C decode step is unavailable (needs a CPU fp32 model and a C compiler)")
@@ -428,6 +438,7 @@ class DecodeWeights:
         `logits` [≥ B, vocab padded to 8] (C-contiguous float32). No torch op runs here, so a caller
         holding the GIL gives it up only while the kernel computes."""
         lib, m, _ = self.native
+        threads = torch.get_num_threads()
         kv = cache.kv
         if kv.dtype != torch.float32 or not kv.is_contiguous():
             raise ValueError("the C decode step needs a contiguous fp32 cache")
@@ -439,13 +450,26 @@ class DecodeWeights:
         rc = lib.nogil.qiusuo_decode_step(
             ctypes.byref(m), B, tokens.ctypes.data, positions.ctypes.data, None if slots is None else slots.ctypes.data,
             kv.data_ptr(), cache.batch, cache.max_len, logits.ctypes.data, None if blocks is None else blocks.ctypes.data,
-            0 if blocks is None else len(blocks) - 1, torch.get_num_threads())
+            0 if blocks is None else len(blocks) - 1, threads, self._team(B, blocks, threads))
         if rc:
             why = {1: "unsupported shape", 2: "a position outside the cache", 3: "a token id outside the vocabulary",
                    4: "a cache row outside the cache", 5: "out of memory"}
             if rc == 5:
                 raise MemoryError("C decode step: out of memory for its work buffers")
             raise ValueError(f"C decode step rejected its input: {why.get(rc, rc)}")
+
+    def _team(self, rows: int, blocks: np.ndarray | None, threads: int) -> bool:
+        """Whether a kernel call runs in team mode (decode.c): every thread on every row, the weights
+        read once per step, rather than each thread's block of rows reading them all. Team mode when
+        the weights do not fit in the caches, and for a prefill of fewer prompts than threads (one
+        long prompt would otherwise run on one thread); `self.team` = True / False forces it."""
+        if self.team is not None:
+            return self.team
+        if threads < 2:
+            return False
+        if self.weight_bytes > TEAM_WEIGHT_BYTES:
+            return True
+        return blocks is not None and len(blocks) - 1 < threads and rows >= TEAM_PREFILL_ROWS
 
     @property
     def vocab_padded(self) -> int:

@@ -227,3 +227,75 @@ def test_c_step_is_the_same_on_any_number_of_threads_from_concurrent_callers_and
             child.kill()
     finally:
         torch.set_num_threads(before)
+
+
+def test_team_mode_gives_bit_identical_logits_and_caches_to_blocks(tok):
+    """Team mode (every thread on every row, phase by phase) computes each output as the block path
+    does: the same logits and cache to the last bit, for a lone row (matmul-vector chunks) and for
+    batches, on any number of threads, from concurrent callers, and for a prefill of prompts that
+    share nothing but the call."""
+    import threading
+
+    model = tiny_model(tok)
+    step = DecodeWeights(model, 48, native=True)
+    rng = np.random.default_rng(1)
+    before = torch.get_num_threads()
+    try:
+        for rows in (1, 5, 36):
+            tokens = rng.integers(0, tok.vocab_size, rows).astype(np.int64)
+            positions = rng.integers(0, 48, rows).astype(np.int64)
+            torch.set_num_threads(1)
+            step.team = False
+            cache = _fresh_cache(model, rows)
+            ref, ref_kv = _step_logits(step, tokens, positions, cache), cache.kv
+            step.team = True
+            for n in (1, 2, 3, 5):
+                torch.set_num_threads(n)
+                cache = _fresh_cache(model, rows)
+                assert np.array_equal(_step_logits(step, tokens, positions, cache), ref), (rows, n)
+                assert torch.equal(cache.kv, ref_kv), (rows, n)
+        # a second caller while the first owns the workers runs its team alone
+        torch.set_num_threads(2)
+        results, errors = [], []
+
+        def caller():
+            try:
+                for _ in range(15):
+                    results.append(_step_logits(step, tokens, positions, _fresh_cache(model, len(tokens))))
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=caller) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors and len(results) == 45 and all(np.array_equal(r, ref) for r in results)
+
+        prompts = [tok.prompt_ids("reach 46 with 3 7 25 2"), tok.prompt_ids("12+34"), [tok.eos_id]]
+        out = {}
+        for team in (False, True):
+            step.team = team
+            cache = model.new_cache(4, 48)
+            out[team] = step.prefill(prompts, [3, 0, 1], cache), cache.kv
+        assert np.array_equal(out[False][0], out[True][0]) and torch.equal(out[False][1], out[True][1])
+    finally:
+        step.team = None
+        torch.set_num_threads(before)
+
+
+def test_team_mode_is_picked_for_large_weights_and_a_long_lone_prompt(tok):
+    from qiusuo.model import TEAM_PREFILL_ROWS, TEAM_WEIGHT_BYTES
+
+    step = DecodeWeights(tiny_model(tok), 48, native=True)
+    one_prompt, two_prompts = np.array([0, 60], dtype=np.int32), np.array([0, 30, 60], dtype=np.int32)
+    assert step.weight_bytes < TEAM_WEIGHT_BYTES           # the demo's model: each thread its own rows
+    assert not step._team(32, None, 2)
+    assert step._team(TEAM_PREFILL_ROWS, one_prompt, 2)    # one long prompt: both threads on it
+    assert not step._team(TEAM_PREFILL_ROWS - 1, one_prompt, 2)
+    assert not step._team(60, two_prompts, 2)              # a prompt per thread already
+    assert not step._team(60, one_prompt, 1)
+    step.weight_bytes = TEAM_WEIGHT_BYTES + 1              # weights that no longer fit in the caches
+    assert step._team(1, None, 2) and step._team(32, None, 2) and not step._team(32, None, 1)
+    step.team = False
+    assert not step._team(1, None, 2)

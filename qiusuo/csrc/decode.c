@@ -5,7 +5,8 @@
  * PyTorch eager each costs 2-50 µs of dispatch, threading and allocation overhead, several times the
  * arithmetic (bench/RESULTS.md has the profile; torch.compile made it slower). Here a step is one
  * parallel region on our own worker threads (`run_blocks`): the rows are split into blocks, each
- * thread runs every layer for its blocks, and no thread waits for another until the step ends. It
+ * thread runs every layer for its blocks, and no thread waits for another until the step ends; for
+ * weights too large for the caches, all threads share all rows instead ("team mode", below). It
  * computes exactly what `DecodeWeights.step` in model.py computes (that PyTorch version is the
  * reference the tests compare against).
  *
@@ -154,9 +155,12 @@ static void matmul(int R, int K, int N, const float *x, int ldx, const float *W,
     }
     for (int j = 0; j < N; j += 16) {
         for (int r = 0, n; r < R; r += n) {
-            /* groups of 6; 10 left go as 5 + 5, not 6 + 4: a 4-row tile has 8 accumulators, so each k
-             * waits on the FMA latency and it costs as much as a 6-row one (16 rows a thread: -3 %) */
-            n = R - r == 10 ? 5 : R - r < 6 ? R - r : 6;
+            /* as few groups as groups of 6 need, as even as they can be (32 rows: 6 6 5 5 5 5, not
+             * 6 6 6 6 6 2): a k step of an n-row tile takes max(n, 4) FMA slots' time — n FMA pairs, or
+             * the 4-cycle FMA latency when there are fewer than 8 accumulators — so a small last group
+             * costs nearly what a full one does (16 rows a thread: 6 5 5, -3 %) */
+            const int left = R - r, groups = (left + 5) / 6;
+            n = (left + groups - 1) / groups;
             const float *xr = x + (size_t)r * ldx;
             float *yr = y + (size_t)r * ldy;
             if (j + 16 <= N) {
@@ -327,13 +331,73 @@ static void rms_scale(int R, int n, const float *x, float *out, float eps) {
     }
 }
 
+/* Row r's q|k|v after the matmul (yr): bias, rotary on the q and k heads, then the token's keys and
+ * values stored at its position p in cache row `slot`. */
+static inline void qkv_finish(const Model *m, int l, float *yr, int64_t p, int64_t slot, int B, float *cache, int L) {
+    const int H = m->heads, KV = m->kv_heads, D = m->head_dim, N = (H + 2 * KV) * D, half = D / 2;
+    const float *c = m->cos + (size_t)p * D, *s = m->sin + (size_t)p * D;
+    for (int i = 0; i < N; i++) yr[i] += m->qkv_b[l][i];
+    for (int h = 0; h < H + KV; h++) {
+        float *v = yr + h * D;
+        for (int i = 0; i < half; i++) {
+            float a = v[i], b = v[i + half];
+            v[i] = a * c[i] + b * s[i];
+            v[i + half] = b * c[i + half] + a * s[i + half];
+        }
+    }
+    for (int j = 0; j < KV; j++) {
+        float *kd = cache + ((((size_t)l * 2 + 0) * B + slot) * KV + j) * L * D + (size_t)p * D;
+        float *vd = cache + ((((size_t)l * 2 + 1) * B + slot) * KV + j) * L * D + (size_t)p * D;
+        memcpy(kd, yr + (H + j) * D, D * sizeof(float));
+        memcpy(vd, yr + (H + KV + j) * D, D * sizeof(float));
+    }
+}
+
+/* The G query heads of kv head j of one row (queries in yr, output to att_r) over cache row `slot`'s
+ * positions 0..p: scores, softmax, value mix. `scores` holds G·(p + 1) floats. */
+static inline void attend_head(const Model *m, int l, const float *yr, int64_t p, int64_t slot, int j, int B,
+                               const float *cache, int L, float *scores, float *att_r) {
+    const int H = m->heads, KV = m->kv_heads, D = m->head_dim, G = H / KV, Sr = (int)p + 1;
+    const float scale = 1.0f / sqrtf((float)D);
+    const float *K = cache + ((((size_t)l * 2 + 0) * B + slot) * KV + j) * L * D;
+    const float *V = cache + ((((size_t)l * 2 + 1) * B + slot) * KV + j) * L * D;
+    float *out = att_r + (size_t)j * G * D;
+    const float *q = yr + (size_t)j * G * D;
+    int g = 0;
+    for (; g + 2 <= G; g += 2) {  /* two query heads per pass: K and V are read once for both */
+        float *s0 = scores + (size_t)g * Sr, *s1 = s0 + Sr;
+        const float *q0 = q + (size_t)g * D, *q1 = q0 + D;
+        float *o0 = out + (size_t)g * D, *o1 = o0 + D;
+        switch (D) {
+        case 32: attend2(Sr, 32, q0, q1, K, V, scale, s0, s1, o0, o1); break;
+        case 64: attend2(Sr, 64, q0, q1, K, V, scale, s0, s1, o0, o1); break;
+        case 128: attend2(Sr, 128, q0, q1, K, V, scale, s0, s1, o0, o1); break;
+        default: attend2(Sr, D, q0, q1, K, V, scale, s0, s1, o0, o1); break;
+        }
+    }
+    if (g < G) {
+        float *s0 = scores + (size_t)g * Sr;
+        qk(Sr, D, q + (size_t)g * D, K, scale, s0);
+        pv(Sr, D, s0, V, exponentiate(Sr, s0), out + (size_t)g * D);
+    }
+}
+
+/* a[0:I] = silu(g) ⊙ u for one row of gate|up (g, then u = g + I). */
+static inline void silu_mul(int I, const float *g, float *a) {
+    const float *u = g + I;
+    for (int i = 0; i < I; i += 8) {
+        v8 gi = ld(g + i);
+        st(a + i, gi / (bc(1.0f) + vexp(-gi)) * ld(u + i));
+    }
+}
+
 /* One block of rows through the whole model. Row r reads and writes cache row slots[r]; B is the
  * cache's row capacity. Within a layer the rows are processed in order, so rows that share a slot
  * (the tokens of one prompt, in position order) see each other's keys: that is a prefill. */
 static int run_block(const Model *m, int R, const int64_t *tokens, const int64_t *positions, const int64_t *slots,
                      int B, float *cache, int L, float *logits) {
     const int hd = m->hidden, I = m->inter, H = m->heads, KV = m->kv_heads, D = m->head_dim;
-    const int N = (H + 2 * KV) * D, G = H / KV, half = D / 2;
+    const int N = (H + 2 * KV) * D, G = H / KV;
     int S = 1;
     for (int r = 0; r < R; r++) if (positions[r] + 1 > S) S = (int)positions[r] + 1;
     const size_t width = (size_t)(N > 2 * I ? N : 2 * I);
@@ -346,7 +410,6 @@ static int run_block(const Model *m, int R, const int64_t *tokens, const int64_t
         free(x); free(xn); free(y); free(att); free(scores);
         return 1;
     }
-    const float scale = 1.0f / sqrtf((float)D);
     for (int r = 0; r < R; r++) memcpy(x + (size_t)r * hd, m->embed + (size_t)tokens[r] * hd, hd * sizeof(float));
 
     for (int l = 0; l < m->layers; l++) {
@@ -355,63 +418,17 @@ static int run_block(const Model *m, int R, const int64_t *tokens, const int64_t
         matmul(R, hd, N, xn, hd, m->qkv[l], y, N, 0);
         for (int r = 0; r < R; r++) {
             float *yr = y + (size_t)r * N;
-            const float *c = m->cos + (size_t)positions[r] * D, *s = m->sin + (size_t)positions[r] * D;
-            for (int i = 0; i < N; i++) yr[i] += m->qkv_b[l][i];
-            for (int h = 0; h < H + KV; h++) {
-                float *v = yr + h * D;
-                for (int i = 0; i < half; i++) {
-                    float a = v[i], b = v[i + half];
-                    v[i] = a * c[i] + b * s[i];
-                    v[i + half] = b * c[i + half] + a * s[i + half];
-                }
-            }
-            /* store this token's keys and values at its position */
-            const int64_t p = positions[r];
-            for (int j = 0; j < KV; j++) {
-                float *kd = cache + ((((size_t)l * 2 + 0) * B + slots[r]) * KV + j) * L * D + (size_t)p * D;
-                float *vd = cache + ((((size_t)l * 2 + 1) * B + slots[r]) * KV + j) * L * D + (size_t)p * D;
-                memcpy(kd, yr + (H + j) * D, D * sizeof(float));
-                memcpy(vd, yr + (H + KV + j) * D, D * sizeof(float));
-            }
+            qkv_finish(m, l, yr, positions[r], slots[r], B, cache, L);
             /* attention over this row's own positions 0..p; the G query heads of kv head j share it */
-            const int Sr = (int)p + 1;
-            for (int j = 0; j < KV; j++) {
-                const float *K = cache + ((((size_t)l * 2 + 0) * B + slots[r]) * KV + j) * L * D;
-                const float *V = cache + ((((size_t)l * 2 + 1) * B + slots[r]) * KV + j) * L * D;
-                float *out = att + (size_t)r * H * D + (size_t)j * G * D;
-                const float *q = yr + (size_t)j * G * D;
-                int g = 0;
-                for (; g + 2 <= G; g += 2) {  /* two query heads per pass: K and V are read once for both */
-                    float *s0 = scores + (size_t)g * S, *s1 = s0 + S;
-                    const float *q0 = q + (size_t)g * D, *q1 = q0 + D;
-                    float *o0 = out + (size_t)g * D, *o1 = o0 + D;
-                    switch (D) {
-                    case 32: attend2(Sr, 32, q0, q1, K, V, scale, s0, s1, o0, o1); break;
-                    case 64: attend2(Sr, 64, q0, q1, K, V, scale, s0, s1, o0, o1); break;
-                    case 128: attend2(Sr, 128, q0, q1, K, V, scale, s0, s1, o0, o1); break;
-                    default: attend2(Sr, D, q0, q1, K, V, scale, s0, s1, o0, o1); break;
-                    }
-                }
-                if (g < G) {
-                    float *s0 = scores + (size_t)g * S;
-                    qk(Sr, D, q + (size_t)g * D, K, scale, s0);
-                    pv(Sr, D, s0, V, exponentiate(Sr, s0), out + (size_t)g * D);
-                }
-            }
+            for (int j = 0; j < KV; j++)
+                attend_head(m, l, yr, positions[r], slots[r], j, B, cache, L, scores, att + (size_t)r * H * D);
         }
         matmul(R, H * D, hd, att, H * D, m->o[l], x, hd, 1);           /* x += attn @ Wo */
 
         /* MLP: x += (silu(gate) * up) @ Wdown, gate|up = (x / rms) @ Wgu */
         rms_scale(R, hd, x, xn, m->eps);
         matmul(R, hd, 2 * I, xn, hd, m->gu[l], y, 2 * I, 0);
-        for (int r = 0; r < R; r++) {
-            const float *g = y + (size_t)r * 2 * I, *u = g + I;
-            float *a = xn + (size_t)r * I;
-            for (int i = 0; i < I; i += 8) {
-                v8 gi = ld(g + i);
-                st(a + i, gi / (bc(1.0f) + vexp(-gi)) * ld(u + i));
-            }
-        }
+        for (int r = 0; r < R; r++) silu_mul(I, y + (size_t)r * 2 * I, xn + (size_t)r * I);
         matmul(R, I, hd, xn, I, m->down[l], x, hd, 1);
     }
     rms_scale(R, hd, x, xn, m->eps);
@@ -497,6 +514,9 @@ static void take_blocks(void) {
 static void *worker_main(void *arg) {
     const int id = (int)(intptr_t)arg;
     uint64_t seen = 0;
+#ifdef __linux__
+    pthread_setname_np(pthread_self(), "qiusuo-step");   /* for top -H, py-spy and bench/serve_clients.py */
+#endif
     for (;;) {
         uint64_t t;
         const long until = now_ns() + spin_ns;
@@ -613,16 +633,155 @@ static void step_block(void *arg, int blk, int *failed) {
         __atomic_store_n(failed, 1, __ATOMIC_RELAXED);
 }
 
+/* ---- team mode ------------------------------------------------------------------------------------
+ * Blocks of rows share nothing, but each block reads every weight: with 2 blocks the weights stream
+ * through the memory system twice per step. That is free while they fit in the caches (the 0.8 M demo
+ * model's 3 MB), and doubles the DRAM traffic of a model that does not (a 24 M model is 97 MB, a 0.5 B
+ * one 2 GB); a block also runs on one thread, so a lone row or a single prompt's prefill leaves the
+ * other cores idle. In team mode every thread works on all the rows, one phase at a time: a matmul's
+ * column panels, or the rows (for attention, the (row, kv head) pairs) of the steps between, are dealt
+ * out in small chunks that whoever is free takes (an atomic counter per phase), and a phase starts
+ * when the previous one's chunks are all done. A thread that is late, or never wakes, finds the chunks
+ * taken and only the threads holding one are waited for, as with blocks. The arithmetic of every
+ * output is the one the block path does (same tiles, same order within each row), so the two modes
+ * give bit-identical logits and caches. */
+
+typedef struct {
+    const Model *m;
+    const int64_t *positions, *slots;
+    float *cache, *logits;
+    int B, capacity, L, S, members;
+    float *x, *xn, *y, *att, *scores;      /* shared activations; scores: G·S floats per member */
+    int *next, *done;                      /* per phase: chunks handed out, chunks finished */
+} Team;
+
+static inline int team_take(Team *t, int ph, int n) {
+    const int c = __atomic_fetch_add(&t->next[ph], 1, __ATOMIC_RELAXED);
+    return c < n ? c : -1;
+}
+
+static inline void team_done(Team *t, int ph) { __atomic_add_fetch(&t->done[ph], 1, __ATOMIC_RELEASE); }
+
+static inline void team_wait(Team *t, int ph, int n) {
+    for (unsigned i = 1; __atomic_load_n(&t->done[ph], __ATOMIC_ACQUIRE) < n; i++) relax(i);
+}
+
+/* chunk c of n over `total` items: [*lo, *hi) */
+static inline void chunk_range(int c, int n, int total, int *lo, int *hi) {
+    const int per = (total + n - 1) / n;
+    *lo = c * per;
+    *hi = *lo + per < total ? *lo + per : total;
+}
+
+static inline int n_chunks(int total, int members) {
+    const int n = 4 * members;   /* a few chunks a thread, so a late thread still finds work */
+    return total < n ? total : n;
+}
+
+/* y[:, cols] (=|+=) x @ W for one phase: chunks of whole panels (a multiple of 4 panels for a lone
+ * row, `matmul_row`'s group), so every column is computed as the block path computes it. */
+static void team_matmul(Team *t, int ph, int K, int N, const float *x, int ldx, const float *W, float *y,
+                        int ldy, int accumulate) {
+    const int R = t->B, panels = (N + 15) / 16, group = R == 1 ? 4 : 1;
+    const int units = (panels + group - 1) / group, n = n_chunks(units, t->members);
+    for (int c; (c = team_take(t, ph, n)) >= 0; team_done(t, ph)) {
+        int u0, u1;
+        chunk_range(c, n, units, &u0, &u1);
+        const int j0 = 16 * group * u0, j1 = 16 * group * u1 < N ? 16 * group * u1 : N;
+        if (j1 > j0) matmul(R, K, j1 - j0, x, ldx, W + (size_t)j0 * K, y + j0, ldy, accumulate);
+    }
+    team_wait(t, ph, n);
+}
+
+static void team_member(void *arg, int me, int *failed) {
+    Team *t = arg;
+    const Model *m = t->m;
+    const int R = t->B, hd = m->hidden, I = m->inter, H = m->heads, KV = m->kv_heads, D = m->head_dim;
+    const int N = (H + 2 * KV) * D, G = H / KV, nr = n_chunks(R, t->members), nu = n_chunks(R * KV, t->members);
+    float *scores = t->scores + (size_t)me * G * t->S;
+    int ph = 0, lo, hi;
+    (void)failed;
+    for (int l = 0; l < m->layers; l++) {
+        for (int c; (c = team_take(t, ph, nr)) >= 0; team_done(t, ph)) {
+            chunk_range(c, nr, R, &lo, &hi);
+            rms_scale(hi - lo, hd, t->x + (size_t)lo * hd, t->xn + (size_t)lo * hd, m->eps);
+        }
+        team_wait(t, ph++, nr);
+        team_matmul(t, ph++, hd, N, t->xn, hd, m->qkv[l], t->y, N, 0);
+        /* every row's keys and values are in the cache before any row attends: a prompt's later
+         * tokens read its earlier ones (prefill) */
+        for (int c; (c = team_take(t, ph, nr)) >= 0; team_done(t, ph)) {
+            chunk_range(c, nr, R, &lo, &hi);
+            for (int r = lo; r < hi; r++)
+                qkv_finish(m, l, t->y + (size_t)r * N, t->positions[r], t->slots[r], t->capacity, t->cache, t->L);
+        }
+        team_wait(t, ph++, nr);
+        for (int c; (c = team_take(t, ph, nu)) >= 0; team_done(t, ph)) {
+            chunk_range(c, nu, R * KV, &lo, &hi);
+            for (int u = lo; u < hi; u++) {
+                const int r = u / KV;
+                attend_head(m, l, t->y + (size_t)r * N, t->positions[r], t->slots[r], u % KV, t->capacity, t->cache,
+                            t->L, scores, t->att + (size_t)r * H * D);
+            }
+        }
+        team_wait(t, ph++, nu);
+        team_matmul(t, ph++, H * D, hd, t->att, H * D, m->o[l], t->x, hd, 1);
+        for (int c; (c = team_take(t, ph, nr)) >= 0; team_done(t, ph)) {
+            chunk_range(c, nr, R, &lo, &hi);
+            rms_scale(hi - lo, hd, t->x + (size_t)lo * hd, t->xn + (size_t)lo * hd, m->eps);
+        }
+        team_wait(t, ph++, nr);
+        team_matmul(t, ph++, hd, 2 * I, t->xn, hd, m->gu[l], t->y, 2 * I, 0);
+        for (int c; (c = team_take(t, ph, nr)) >= 0; team_done(t, ph)) {
+            chunk_range(c, nr, R, &lo, &hi);
+            for (int r = lo; r < hi; r++) silu_mul(I, t->y + (size_t)r * 2 * I, t->xn + (size_t)r * I);
+        }
+        team_wait(t, ph++, nr);
+        team_matmul(t, ph++, I, hd, t->xn, I, m->down[l], t->x, hd, 1);
+    }
+    for (int c; (c = team_take(t, ph, nr)) >= 0; team_done(t, ph)) {
+        chunk_range(c, nr, R, &lo, &hi);
+        rms_scale(hi - lo, hd, t->x + (size_t)lo * hd, t->xn + (size_t)lo * hd, m->eps);
+    }
+    team_wait(t, ph++, nr);
+    team_matmul(t, ph++, hd, m->vocab_padded, t->xn, hd, m->head, t->logits, m->vocab_padded, 0);
+}
+
+#define TEAM_PHASES(layers) (9 * (layers) + 2)
+
+/* All B rows on `threads` threads in team mode (see above); returns nonzero when out of memory. */
+static int run_team(const Model *m, int B, const int64_t *tokens, const int64_t *positions, const int64_t *slots,
+                    float *cache, int capacity, int L, float *logits, int threads) {
+    const int hd = m->hidden, I = m->inter, H = m->heads, KV = m->kv_heads, D = m->head_dim;
+    const int N = (H + 2 * KV) * D, G = H / KV, members = threads < 1 ? 1 : threads;
+    int S = 1;
+    for (int r = 0; r < B; r++) if (positions[r] + 1 > S) S = (int)positions[r] + 1;
+    const size_t width = (size_t)(N > 2 * I ? N : 2 * I);
+    Team t = {m, positions, slots, cache, logits, B, capacity, L, S, members,
+              calloc((size_t)B * hd, sizeof(float)), calloc((size_t)B * (hd > I ? hd : I), sizeof(float)),
+              calloc((size_t)B * width, sizeof(float)), calloc((size_t)B * H * D, sizeof(float)),
+              malloc((size_t)members * G * S * sizeof(float)),
+              calloc(TEAM_PHASES(m->layers), sizeof(int)), calloc(TEAM_PHASES(m->layers), sizeof(int))};
+    int failed = !t.x || !t.xn || !t.y || !t.att || !t.scores || !t.next || !t.done;
+    if (!failed) {
+        for (int r = 0; r < B; r++) memcpy(t.x + (size_t)r * hd, m->embed + (size_t)tokens[r] * hd, hd * sizeof(float));
+        failed = run_blocks(team_member, &t, members, threads);
+    }
+    free(t.x); free(t.xn); free(t.y); free(t.att); free(t.scores); free(t.next); free(t.done);
+    return failed;
+}
+
 /* One new token for each of B rows: tokens/positions/slots [B] → logits [B, vocab_padded]; writes the
  * new keys and values into cache [layers, 2, capacity, KV, L, D] at (slots[b], positions[b]).
  *
  * Decode: slots = NULL (row b is cache row b), nblocks = 0: rows are independent, so they are split
  * into blocks that run on `threads` threads with no synchronisation inside the step.
  * Prefill: the tokens of each prompt in position order, sharing the prompt's slot, one block per
- * prompt (block k is rows block_start[k] .. block_start[k + 1] − 1): prompts run in parallel. */
+ * prompt (block k is rows block_start[k] .. block_start[k + 1] − 1): prompts run in parallel.
+ * team != 0: all rows in team mode instead (see above; blocks are then ignored), same results. */
 int qiusuo_decode_step(const Model *m, int B, const int64_t *tokens, const int64_t *positions, const int64_t *slots,
                        float *cache, int capacity, int L, float *logits, const int32_t *block_start, int nblocks,
-                       int threads) {
+                       int threads, int team) {
     if (m->head_dim % 8 || m->hidden % 8 || m->inter % 8 || m->vocab_padded % 8 || m->heads % m->kv_heads) return 1;
     if (!slots && B > capacity) return 1;
     for (int b = 0; b < B; b++) {
@@ -637,6 +796,11 @@ int qiusuo_decode_step(const Model *m, int B, const int64_t *tokens, const int64
         if (!identity) return 5;
         for (int b = 0; b < B; b++) identity[b] = b;
         slots = identity;
+    }
+    if (team && B > 0) {
+        const int failed = run_team(m, B, tokens, positions, slots, cache, capacity, L, logits, threads);
+        free(identity);
+        return failed ? 5 : 0;
     }
     /* automatic blocks: one per thread (balanced), at most 36 rows so a block's activations stay in cache */
     int per = (B + threads - 1) / threads;
