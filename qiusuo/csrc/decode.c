@@ -155,12 +155,9 @@ static void matmul(int R, int K, int N, const float *x, int ldx, const float *W,
     }
     for (int j = 0; j < N; j += 16) {
         for (int r = 0, n; r < R; r += n) {
-            /* as few groups as groups of 6 need, as even as they can be (32 rows: 6 6 5 5 5 5, not
-             * 6 6 6 6 6 2): a k step of an n-row tile takes max(n, 4) FMA slots' time — n FMA pairs, or
-             * the 4-cycle FMA latency when there are fewer than 8 accumulators — so a small last group
-             * costs nearly what a full one does (16 rows a thread: 6 5 5, -3 %) */
-            const int left = R - r, groups = (left + 5) / 6;
-            n = (left + groups - 1) / groups;
+            /* groups of 6; 10 left go as 5 + 5, not 6 + 4: a 4-row tile has 8 accumulators, so each k
+             * waits on the FMA latency and it costs as much as a 6-row one (16 rows a thread: -3 %) */
+            n = R - r == 10 ? 5 : R - r < 6 ? R - r : 6;
             const float *xr = x + (size_t)r * ldx;
             float *yr = y + (size_t)r * ldy;
             if (j + 16 <= N) {
