@@ -239,16 +239,24 @@ class DecodeBatch:
         self.rows += rows
         self.alive += [True] * len(rows)
 
+    def close(self) -> None:
+        """Give the cache back to the engine for the next batch (the batch is unusable after)."""
+        if self.native:
+            self.engine._give_back(self.cache)
+        self.cache, self.rows, self.alive, self.state = None, [], [], {}
+
     def _reserve(self, need: int) -> None:
         """Make room for `need` rows (doubling), keeping the running rows' caches and logits."""
         capacity = 0 if self.cache is None else self.cache.batch
         if need <= capacity:
             return
-        capacity = max(need, 2 * capacity)
-        grown = self.model.new_cache(capacity, self.max_len, zeroed=not self.native)
+        grown = self.engine._cache(max(need, 2 * capacity), self.max_len, zeroed=not self.native)
+        capacity = grown.batch
         if self.rows:
             upto = max(r.pos for r in self.rows) + 1
             grown.kv[:, :, :len(self.rows), :, :upto] = self.cache.kv[:, :, :len(self.rows), :, :upto]
+        if self.native:
+            self.engine._give_back(self.cache)
         self.cache = grown
         if self.native:
             logits = np.zeros((capacity, self.fast.vocab_padded), dtype=np.float32)
@@ -358,6 +366,8 @@ class Engine:
         self.eos_ids = tuple(sorted(ids))
         self.max_batch = max_batch
         self.pad_id = tokenizer.pad_id if tokenizer is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        self._spare: list[KVCache] = []      # caches of finished batches, most recent last (`_cache`)
+        self._spare_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -366,6 +376,35 @@ class Engine:
     def new_row(self, owner, params: SamplingParams, seed: int | None) -> Row:
         return Row(owner=owner, params=params, stops=frozenset(self.eos_ids) | frozenset(params.stop_token_ids),
                    key=_key(seed), limit=0)
+
+    SPARE_BYTES = 256 << 20
+    """How much memory the caches of finished batches may keep for the next ones (`_cache`)."""
+
+    def _cache(self, rows: int, max_len: int, zeroed: bool) -> KVCache:
+        """A KV cache with room for `rows` rows of `max_len` positions. The C step's caches
+        (uninitialised, on the CPU) come from those that finished batches gave back when one is big
+        enough: the first write to each 4 KiB page of a fresh buffer is a page fault, and a 32-row
+        batch of 128 tokens took 2,600 of them, ~10 % of its time (GRPO starts such a batch every
+        step). A GPU's caching allocator reuses memory by itself, and a zeroed cache needs a memset
+        anyway, so neither is kept."""
+        if not zeroed and self.device.type == "cpu":
+            dtype = self.model.lm_head.weight.dtype
+            with self._spare_lock:
+                fits = [c for c in self._spare if c.batch >= rows and c.max_len >= max_len and c.kv.dtype == dtype]
+                if fits:
+                    cache = min(fits, key=lambda c: c.kv.numel())
+                    self._spare.remove(cache)
+                    return cache
+        return self.model.new_cache(rows, max_len, zeroed=zeroed)
+
+    def _give_back(self, cache: KVCache | None) -> None:
+        """Keep a finished batch's C-step cache for `_cache`: the most recent ones, up to `SPARE_BYTES`."""
+        if cache is None or cache.kv.device.type != "cpu":
+            return
+        with self._spare_lock:
+            self._spare.append(cache)
+            while sum(c.kv.numel() * c.kv.element_size() for c in self._spare) > self.SPARE_BYTES:
+                self._spare.pop(0)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> list[Completion]:
         """n completions for every prompt, prompt-major: result[i * n + j] is sample j of prompt i."""
@@ -379,9 +418,12 @@ class Engine:
             rows = [self.new_row(c, params, None if params.seed is None else params.seed + start * n + i)
                     for i, c in enumerate(done)]
             batch = DecodeBatch(self, self._context(chunk, params))
-            batch.admit(chunk, rows, n)
-            while len(batch):
-                batch.step()
+            try:
+                batch.admit(chunk, rows, n)
+                while len(batch):
+                    batch.step()
+            finally:
+                batch.close()
             for row in rows:
                 self._finish(row.owner, row)
             out += done
@@ -391,11 +433,14 @@ class Engine:
         """Yield the ids of one completion as they are generated (stop token excluded)."""
         row = self.new_row(None, params, params.seed)
         batch = DecodeBatch(self, self._context([prompt], params))
-        batch.admit([prompt], [row])
-        while len(batch):
-            for r, token, finished in batch.step():
-                if r.reports(token, finished):
-                    yield token
+        try:
+            batch.admit([prompt], [row])
+            while len(batch):
+                for r, token, finished in batch.step():
+                    if r.reports(token, finished):
+                        yield token
+        finally:  # also when the consumer stops early (the generator is closed)
+            batch.close()
 
     def _context(self, prompts, params: SamplingParams) -> int:
         return min(self.model.config.max_position_embeddings, max(len(p) for p in prompts) + params.max_new_tokens)
@@ -630,6 +675,8 @@ class Scheduler:
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join()
+            self._thread = None
+        self._batch.close()   # its cache goes back to the engine, for the next batch or scheduler
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink=None, tag=None) -> Request:
         """Queue a request; consume it by iterating it (from a thread or, when submitted from an event

@@ -312,3 +312,49 @@ def test_scheduler_error_finishes_every_request(tok, model):
     assert all(r.finish_reason == "error" for r in reqs)
     with pytest.raises(RuntimeError, match="stopped after an error"):
         sched.submit(tok.prompt_ids("1+1"), SamplingParams())
+
+
+def test_finished_batches_give_their_cache_to_the_next_and_results_do_not_change(tok, model):
+    """A fresh cache costs a page fault per page on first touch, so the C step's caches are reused.
+    A reused cache holds the last batch's keys and values: each row must only ever read positions it
+    wrote itself, so the tokens equal a fresh engine's."""
+    prompts = [tok.prompt_ids(p) for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=5)
+    engine = Engine(model, tok)
+    if not DecodeBatch(engine, 32).native:
+        pytest.skip("needs the C kernel")
+    first = engine.generate(prompts, params, n=2)
+    assert len(engine._spare) == 1
+    spare = engine._spare[0].kv.data_ptr()
+    longer = [tok.prompt_ids("reach 100 with 5 5 4 and more")] + prompts   # dirty rows, other lengths
+    second = engine.generate(longer[1:], params, n=2)
+    assert [c.token_ids for c in second] == [c.token_ids for c in first]
+    assert [engine._spare[0].kv.data_ptr()] == [spare]            # the same buffer, given back again
+    fresh = Engine(model, tok)
+    assert ([c.token_ids for c in engine.generate(longer, params)] ==
+            [c.token_ids for c in fresh.generate(longer, params)])
+    # a stream closed early and a stopped scheduler give theirs back too
+    stream = engine.stream(prompts[0], params)
+    next(stream)
+    stream.close()
+    sched = Scheduler(engine, max_running=4).start()
+    try:
+        got = [list(sched.submit(p, params)) for p in prompts]
+    finally:
+        sched.stop()
+    assert got == [_alone(fresh, p, params) for p in prompts]
+    assert sched._batch.cache is None and engine._spare
+    # bounded: nothing above the byte budget is kept
+    engine.SPARE_BYTES = 0
+    engine.generate(prompts, params)
+    assert engine._spare == []
+
+
+def test_caches_without_the_kernel_are_not_reused(tok, model, monkeypatch):
+    # the PyTorch step masks rather than skips positions past a row: its caches must start zeroed
+    monkeypatch.setenv("QIUSUO_NATIVE", "0")
+    from qiusuo import native
+    monkeypatch.setattr(native, "_loaded", {})
+    engine = Engine(model, tok)
+    engine.generate([tok.prompt_ids(PROMPTS[0])], SamplingParams(max_new_tokens=4, seed=1))
+    assert engine._spare == []
