@@ -401,6 +401,9 @@ class Engine:
         """Keep a finished batch's C-step cache for `_cache`: the most recent ones, up to `SPARE_BYTES`."""
         if cache is None or cache.kv.device.type != "cpu":
             return
+        size = cache.kv.numel() * cache.kv.element_size()
+        if size > self.SPARE_BYTES:   # too big to keep: do not drop the others for it
+            return
         with self._spare_lock:
             self._spare.append(cache)
             while sum(c.kv.numel() * c.kv.element_size() for c in self._spare) > self.SPARE_BYTES:
@@ -739,7 +742,9 @@ class Scheduler:
             self._outbox.hand_over(busy=len(self._batch) > self.coalesce_above)
             self.steps += 1
         self._outbox.hand_over(force=True)
-        for req in self._waiting:
+        with self._lock:
+            waiting, self._waiting = self._waiting, []    # a restarted scheduler must not run them
+        for req in waiting:
             req._deliver(None, "cancelled")
         for row in self._batch.rows:
             row.owner._deliver(None, "cancelled")

@@ -318,36 +318,54 @@ def test_finished_batches_give_their_cache_to_the_next_and_results_do_not_change
     """A fresh cache costs a page fault per page on first touch, so the C step's caches are reused.
     A reused cache holds the last batch's keys and values: each row must only ever read positions it
     wrote itself, so the tokens equal a fresh engine's."""
-    prompts = [tok.prompt_ids(p) for p in PROMPTS]
     params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=5)
-    engine = Engine(model, tok)
+    engine, fresh = Engine(model, tok), Engine(model, tok)
     if not DecodeBatch(engine, 32).native:
         pytest.skip("needs the C kernel")
-    first = engine.generate(prompts, params, n=2)
-    assert len(engine._spare) == 1
-    spare = engine._spare[0].kv.data_ptr()
-    longer = [tok.prompt_ids("reach 100 with 5 5 4 and more")] + prompts   # dirty rows, other lengths
-    second = engine.generate(longer[1:], params, n=2)
-    assert [c.token_ids for c in second] == [c.token_ids for c in first]
-    assert [engine._spare[0].kv.data_ptr()] == [spare]            # the same buffer, given back again
-    fresh = Engine(model, tok)
-    assert ([c.token_ids for c in engine.generate(longer, params)] ==
-            [c.token_ids for c in fresh.generate(longer, params)])
-    # a stream closed early and a stopped scheduler give theirs back too
-    stream = engine.stream(prompts[0], params)
+
+    def ptrs():
+        return [c.kv.data_ptr() for c in engine._spare]
+
+    long = [tok.prompt_ids("reach 100 with 5 5 4 and 3 more " * 2), tok.prompt_ids("90817-3349")]
+    engine.generate(long, params, n=4)                       # 8 rows, dirty up to a long prompt's end
+    assert len(ptrs()) == 1
+    spare = ptrs()[0]
+    short = [tok.prompt_ids(p) for p in PROMPTS]             # other, shorter prompts in those rows
+    got = engine.generate(short, params, n=2)
+    assert ptrs() == [spare]                                  # the same buffer, taken and given back
+    assert [c.token_ids for c in got] == [c.token_ids for c in fresh.generate(short, params, n=2)]
+
+    stream = engine.stream(short[0], params)                 # a stream stopped early gives it back too
     next(stream)
+    assert ptrs() == []
     stream.close()
-    sched = Scheduler(engine, max_running=4).start()
+    assert ptrs() == [spare]
+
+    first = Scheduler(engine, max_running=4).start()         # a stopped scheduler's cache goes to the next
     try:
-        got = [list(sched.submit(p, params)) for p in prompts]
+        [list(first.submit(p, params)) for p in short]
     finally:
-        sched.stop()
-    assert got == [_alone(fresh, p, params) for p in prompts]
-    assert sched._batch.cache is None and engine._spare
-    # bounded: nothing above the byte budget is kept
-    engine.SPARE_BYTES = 0
-    engine.generate(prompts, params)
-    assert engine._spare == []
+        first.stop()
+    assert first._batch.cache is None and len(ptrs()) == 2
+    kept = ptrs()[-1]
+    second = Scheduler(engine, max_running=4).start()
+    try:
+        got = [list(second.submit(p, params)) for p in short]
+        assert second._batch.cache.kv.data_ptr() == kept
+    finally:
+        second.stop()
+    assert got == [_alone(fresh, p, params) for p in short]
+
+    # bounded by bytes: the most recent caches are kept; one over the budget by itself is not, and
+    # does not push the others out
+    engine._spare.clear()
+    caches = [model.new_cache(1, 64, zeroed=False) for _ in range(3)]
+    engine.SPARE_BYTES = 2 * caches[0].kv.numel() * 4
+    for c in caches:
+        engine._give_back(c)
+    assert ptrs() == [c.kv.data_ptr() for c in caches[1:]]
+    engine._give_back(model.new_cache(8, 64, zeroed=False))
+    assert ptrs() == [c.kv.data_ptr() for c in caches[1:]]
 
 
 def test_caches_without_the_kernel_are_not_reused(tok, model, monkeypatch):
@@ -358,3 +376,20 @@ def test_caches_without_the_kernel_are_not_reused(tok, model, monkeypatch):
     engine = Engine(model, tok)
     engine.generate([tok.prompt_ids(PROMPTS[0])], SamplingParams(max_new_tokens=4, seed=1))
     assert engine._spare == []
+
+
+def test_a_restarted_scheduler_does_not_run_requests_cancelled_at_stop(tok, model):
+    sched = Scheduler(Engine(model, tok), max_running=1).start()
+    params = SamplingParams(max_new_tokens=200, seed=1)
+    running = sched.submit(tok.prompt_ids(PROMPTS[0]), params)
+    waiting = sched.submit(tok.prompt_ids(PROMPTS[1]), params)
+    sched.stop()
+    assert running.finish_reason == "cancelled" and waiting.finish_reason == "cancelled"
+    sched.start()
+    try:
+        done = sched.submit(tok.prompt_ids(PROMPTS[2]), SamplingParams(max_new_tokens=5, seed=2))
+        list(done)
+    finally:
+        sched.stop()
+    assert done.finish_reason in ("stop", "length")
+    assert not waiting.started and waiting.output_ids == []

@@ -299,3 +299,34 @@ def test_team_mode_is_picked_for_large_weights_and_a_long_lone_prompt(tok):
     assert step._team(1, None, 2) and step._team(32, None, 2) and not step._team(32, None, 1)
     step.team = False
     assert not step._team(1, None, 2)
+
+
+def test_narrow_panels_give_the_same_bits_alone_in_blocks_and_in_team_mode(tok):
+    # Widths of 8 mod 16 end each matmul in an 8-wide panel, which the lone-row loop and the register
+    # tiles each have a code path for. Both must fuse multiply and add alike: with the compiler left
+    # to decide, the lone row's last 8 columns once differed in the last bit, so a request's logits
+    # depended on its batch (3 rows on 2 threads: blocks of 2 and 1) and on the mode.
+    model = tiny_model(tok, hidden_size=40, intermediate_size=72, num_attention_heads=5, num_key_value_heads=1)
+    step = DecodeWeights(model, 16, native=True)
+    tokens, positions = np.array([5, 9, 11], dtype=np.int64), np.array([3, 7, 2], dtype=np.int64)
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        for threads, team in ((1, False), (2, False), (2, True), (3, True)):
+            torch.set_num_threads(threads)
+            step.team = team
+            cache = _fresh_cache(model, 3)
+            out[threads, team] = _step_logits(step, tokens, positions, cache), cache.kv
+        lone = []
+        for r in range(3):   # each row on its own
+            cache = _fresh_cache(model, 3)
+            logits = np.zeros((1, step.vocab_padded), dtype=np.float32)
+            step.kernel(tokens[r:r + 1], positions[r:r + 1], cache, logits, np.array([r], dtype=np.int64))
+            lone.append(logits[0])
+    finally:
+        step.team = None
+        torch.set_num_threads(before)
+    ref, ref_kv = out[1, False]
+    for key, (logits, kv) in out.items():
+        assert np.array_equal(logits, ref) and torch.equal(kv, ref_kv), key
+    assert np.array_equal(np.stack(lone), ref)

@@ -28,12 +28,23 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#if defined(__FMA__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 typedef float v8 __attribute__((vector_size(32)));
 
 static inline v8 ld(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 static inline v8 bc(float s) { return (v8){s, s, s, s, s, s, s, s}; }
+/* a·b + c in one rounding where the CPU has FMA. Written out, not left to the compiler's contraction:
+ * GCC fused `c += a * b` in the register tile but not in the lone row's narrow-panel loop, so a row's
+ * last 8 columns differed in the last bit between running alone and in a batch (or in team mode). */
+#if defined(__FMA__) && defined(__x86_64__)
+static inline v8 fma8(v8 a, v8 b, v8 c) { return (v8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+#else
+static inline v8 fma8(v8 a, v8 b, v8 c) { return a * b + c; }
+#endif
 static inline float hsum(v8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -87,8 +98,8 @@ static void matmul_row(int K, int N, const float *x, const float *W, float *y, i
             const v8 a = bc(x[k]);
 #pragma GCC unroll 4
             for (int i = 0; i < 4; i++) {
-                c[2 * i] += a * ld(w + i * P);
-                c[2 * i + 1] += a * ld(w + i * P + 8);
+                c[2 * i] = fma8(a, ld(w + i * P), c[2 * i]);
+                c[2 * i + 1] = fma8(a, ld(w + i * P + 8), c[2 * i + 1]);
             }
         }
         for (int i = 0; i < 8; i++) st(y + j + 8 * i, c[i]);
@@ -98,8 +109,8 @@ static void matmul_row(int K, int N, const float *x, const float *W, float *y, i
         v8 c0 = accumulate ? ld(y + j) : (v8){0}, c1 = accumulate && width == 16 ? ld(y + j + 8) : (v8){0};
         const float *w = W + (size_t)j * K;
         for (int k = 0; k < K; k++, w += width) {
-            c0 += bc(x[k]) * ld(w);
-            if (width == 16) c1 += bc(x[k]) * ld(w + 8);
+            c0 = fma8(bc(x[k]), ld(w), c0);
+            if (width == 16) c1 = fma8(bc(x[k]), ld(w + 8), c1);
         }
         st(y + j, c0);
         if (width == 16) st(y + j + 8, c1);
@@ -121,8 +132,8 @@ static inline __attribute__((always_inline)) void tile(const int n, const int wi
         const v8 w0 = ld(w), w1 = wide ? ld(w + 8) : (v8){0};
         for (int i = 0; i < n; i++) {
             const v8 a = bc(x[(size_t)i * ldx + k]);
-            c[i][0] += a * w0;
-            if (wide) c[i][1] += a * w1;
+            c[i][0] = fma8(a, w0, c[i][0]);
+            if (wide) c[i][1] = fma8(a, w1, c[i][1]);
         }
     }
     for (int i = 0; i < n; i++) {
@@ -318,7 +329,7 @@ static inline __attribute__((always_inline)) void attend2(int S, int D, const fl
 }
 
 /* out[r] = x[r] / rms(x[r]) (the gain is folded into the next matmul). */
-static void rms_scale(int R, int n, const float *x, float *out, float eps) {
+static __attribute__((noinline)) void rms_scale(int R, int n, const float *x, float *out, float eps) {
     for (int r = 0; r < R; r++) {
         const float *xr = x + (size_t)r * n;
         v8 acc = {0};
@@ -328,9 +339,14 @@ static void rms_scale(int R, int n, const float *x, float *out, float eps) {
     }
 }
 
+/* The per-row steps below (and `rms_scale` above) are shared by the block path and team mode, and
+ * kept out of line so both run the same machine code: inlined into each, the compiler was free to
+ * fuse a multiply and an add in one copy and not in the other, and the two modes differed in the
+ * last bit (seen with a head size of 16). */
+
 /* Row r's q|k|v after the matmul (yr): bias, rotary on the q and k heads, then the token's keys and
  * values stored at its position p in cache row `slot`. */
-static inline void qkv_finish(const Model *m, int l, float *yr, int64_t p, int64_t slot, int B, float *cache, int L) {
+static __attribute__((noinline)) void qkv_finish(const Model *m, int l, float *yr, int64_t p, int64_t slot, int B, float *cache, int L) {
     const int H = m->heads, KV = m->kv_heads, D = m->head_dim, N = (H + 2 * KV) * D, half = D / 2;
     const float *c = m->cos + (size_t)p * D, *s = m->sin + (size_t)p * D;
     for (int i = 0; i < N; i++) yr[i] += m->qkv_b[l][i];
@@ -352,7 +368,7 @@ static inline void qkv_finish(const Model *m, int l, float *yr, int64_t p, int64
 
 /* The G query heads of kv head j of one row (queries in yr, output to att_r) over cache row `slot`'s
  * positions 0..p: scores, softmax, value mix. `scores` holds G·(p + 1) floats. */
-static inline void attend_head(const Model *m, int l, const float *yr, int64_t p, int64_t slot, int j, int B,
+static __attribute__((noinline)) void attend_head(const Model *m, int l, const float *yr, int64_t p, int64_t slot, int j, int B,
                                const float *cache, int L, float *scores, float *att_r) {
     const int H = m->heads, KV = m->kv_heads, D = m->head_dim, G = H / KV, Sr = (int)p + 1;
     const float scale = 1.0f / sqrtf((float)D);
@@ -380,7 +396,7 @@ static inline void attend_head(const Model *m, int l, const float *yr, int64_t p
 }
 
 /* a[0:I] = silu(g) ⊙ u for one row of gate|up (g, then u = g + I). */
-static inline void silu_mul(int I, const float *g, float *a) {
+static __attribute__((noinline)) void silu_mul(int I, const float *g, float *a) {
     const float *u = g + I;
     for (int i = 0; i < I; i += 8) {
         v8 gi = ld(g + i);
