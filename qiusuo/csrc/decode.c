@@ -340,13 +340,14 @@ static __attribute__((noinline)) void rms_scale(int R, int n, const float *x, fl
 }
 
 /* The per-row steps below (and `rms_scale` above) are shared by the block path and team mode, and
- * kept out of line so both run the same machine code: inlined into each, the compiler was free to
- * fuse a multiply and an add in one copy and not in the other, and the two modes differed in the
- * last bit (seen with a head size of 16). */
+ * kept out of line so both run the same machine code: inlined into each, the compiler would be free
+ * to fuse a multiply and an add in one copy and not in the other (as it did in the matmul, see
+ * `fma8`), and the two modes could differ in the last bit. */
 
 /* Row r's q|k|v after the matmul (yr): bias, rotary on the q and k heads, then the token's keys and
  * values stored at its position p in cache row `slot`. */
-static __attribute__((noinline)) void qkv_finish(const Model *m, int l, float *yr, int64_t p, int64_t slot, int B, float *cache, int L) {
+static __attribute__((noinline)) void qkv_finish(const Model *m, int l, float *yr, int64_t p, int64_t slot, int B,
+                                                  float *cache, int L) {
     const int H = m->heads, KV = m->kv_heads, D = m->head_dim, N = (H + 2 * KV) * D, half = D / 2;
     const float *c = m->cos + (size_t)p * D, *s = m->sin + (size_t)p * D;
     for (int i = 0; i < N; i++) yr[i] += m->qkv_b[l][i];
@@ -368,8 +369,9 @@ static __attribute__((noinline)) void qkv_finish(const Model *m, int l, float *y
 
 /* The G query heads of kv head j of one row (queries in yr, output to att_r) over cache row `slot`'s
  * positions 0..p: scores, softmax, value mix. `scores` holds G·(p + 1) floats. */
-static __attribute__((noinline)) void attend_head(const Model *m, int l, const float *yr, int64_t p, int64_t slot, int j, int B,
-                               const float *cache, int L, float *scores, float *att_r) {
+static __attribute__((noinline)) void attend_head(const Model *m, int l, const float *yr, int64_t p, int64_t slot,
+                                                   int j, int B, const float *cache, int L, float *scores,
+                                                   float *att_r) {
     const int H = m->heads, KV = m->kv_heads, D = m->head_dim, G = H / KV, Sr = (int)p + 1;
     const float scale = 1.0f / sqrtf((float)D);
     const float *K = cache + ((((size_t)l * 2 + 0) * B + slot) * KV + j) * L * D;
