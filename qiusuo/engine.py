@@ -277,6 +277,14 @@ class DecodeBatch:
         """Sample one token for every live row and feed it back; return (row, token, finished) triples.
         (No `torch.no_grad` around the C path: it runs no torch op, and entering and leaving the
         context costs microseconds on every step.)"""
+        events = self.sample()
+        self.forward()
+        return events
+
+    def sample(self) -> list[tuple[Row, int, bool]]:
+        """The first half of `step`: draw every live row's next token and retire the rows it ends.
+        A caller that hands tokens on (the scheduler) does so between the halves, so they travel
+        while the model computes the next logits rather than after."""
         if not self.rows:
             return []
         rows, state = self.rows, self.state
@@ -302,6 +310,10 @@ class DecodeBatch:
                 self.alive[i] = False
             events.append((row, token, row.finish_reason is not None))
         self._compact()
+        return events
+
+    def forward(self) -> None:
+        """The second half of `step`: feed each live row's last token, making its next logits."""
         if self.rows:
             feed = np.fromiter((r.generated[-1] for r in self.rows), dtype=np.int64, count=len(self.rows))
             pos = np.fromiter((r.pos for r in self.rows), dtype=np.int64, count=len(self.rows))
@@ -314,7 +326,6 @@ class DecodeBatch:
                                                  torch.from_numpy(pos).to(device), self.cache)
             for r in self.rows:
                 r.pos += 1
-        return events
 
     def _hit_stop_string(self, row: Row) -> bool:
         if not row.params.stop_strings or self.engine.tokenizer is None:
@@ -734,12 +745,14 @@ class Scheduler:
             if admit:
                 self._admit(admit)
             step_items: dict = {}
-            for row, token, finished in self._batch.step():
+            for row, token, finished in self._batch.sample():
                 req: Request = row.owner
                 req._deliver(token if row.reports(token, finished) else None, row.finish_reason if finished else None,
                              step_items)
             self._outbox.add(step_items)
+            # the tokens go out before the model computes the next ones, not one forward pass later
             self._outbox.hand_over(busy=len(self._batch) > self.coalesce_above)
+            self._batch.forward()
             self.steps += 1
         self._outbox.hand_over(force=True)
         with self._lock:

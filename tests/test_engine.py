@@ -159,8 +159,8 @@ def test_scheduler_gives_each_request_its_solo_tokens(tok, model, engine):
     widths = []
     from qiusuo.engine import DecodeBatch
 
-    original = DecodeBatch.step
-    DecodeBatch.step = lambda self: (widths.append(len(self.rows)), original(self))[1]
+    original = DecodeBatch.sample      # the scheduler's step: sample, hand the tokens over, forward
+    DecodeBatch.sample = lambda self: (widths.append(len(self.rows)), original(self))[1]
     sched = Scheduler(Engine(model, tok), max_running=5).start()
     try:
         reqs = [sched.submit(p, sp) for p, sp in zip(prompts[:6], params[:6])]
@@ -169,7 +169,7 @@ def test_scheduler_gives_each_request_its_solo_tokens(tok, model, engine):
         got += [list(r) for r in reqs[2:]]
     finally:
         sched.stop()
-        DecodeBatch.step = original
+        DecodeBatch.sample = original
     assert max(widths) <= 5          # never more running sequences than the cap
     for p, sp, tokens, r in zip(prompts, params, got, reqs):
         assert tokens == _alone(engine, p, sp)
@@ -199,8 +199,8 @@ def test_scheduler_cancel_stops_generation(tok, model, monkeypatch):
     # The row can end only by the cancel or at 400 tokens: no end-of-text stop (the random model
     # samples one sooner or later), and steps slowed to 1 ms, so the consuming thread cannot fall
     # hundreds of tokens behind the scheduler's (the engine is fast enough for that on a loaded host).
-    step = DecodeBatch.step
-    monkeypatch.setattr(DecodeBatch, "step", lambda self: (time.sleep(0.001), step(self))[1])
+    sample = DecodeBatch.sample
+    monkeypatch.setattr(DecodeBatch, "sample", lambda self: (time.sleep(0.001), sample(self))[1])
     sched = Scheduler(Engine(model, None, eos_ids=())).start()
     try:
         req = sched.submit(tok.prompt_ids("1+1"), SamplingParams(max_new_tokens=400, temperature=1.0, seed=0,
@@ -294,12 +294,12 @@ def test_scheduler_error_finishes_every_request(tok, model):
     """If a step raises, waiting and running requests end with reason "error" instead of hanging."""
     from qiusuo.engine import DecodeBatch
 
-    original = DecodeBatch.step
+    original = DecodeBatch.forward
 
     def broken(self, *a):
         raise RuntimeError("boom")
 
-    DecodeBatch.step = broken
+    DecodeBatch.forward = broken
     sched = Scheduler(Engine(model, tok))
     try:
         reqs = [sched.submit(tok.prompt_ids("1+1"), SamplingParams(max_new_tokens=20, seed=i)) for i in range(3)]
@@ -308,7 +308,7 @@ def test_scheduler_error_finishes_every_request(tok, model):
             list(r)
         sched._thread.join()
     finally:
-        DecodeBatch.step = original
+        DecodeBatch.forward = original
     assert all(r.finish_reason == "error" for r in reqs)
     with pytest.raises(RuntimeError, match="stopped after an error"):
         sched.submit(tok.prompt_ids("1+1"), SamplingParams())
