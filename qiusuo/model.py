@@ -388,7 +388,7 @@ class DecodeWeights:
         within = torch.cat([torch.arange(half, D), torch.arange(half)])
         self.perm = (torch.arange(H + 2 * KV)[:, None] * D + within).flatten().to(device)
         self.eps = torch.tensor(cfg.rms_norm_eps, dtype=torch.float32, device=device)
-        self.weight_bytes = sum(t.numel() * t.element_size() for layer in fused for t in layer) + head.numel() * 4
+        self.weight_bytes = sum(t.numel() * t.element_size() for layer in [*fused, (head,)] for t in layer)
         self.team: bool | None = None
         """Team mode of the C step: None decides per call (`_team`), True / False forces it."""
         self.native = self._native(fused, head, max_len) if native is not False else None

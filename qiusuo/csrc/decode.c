@@ -344,6 +344,12 @@ static __attribute__((noinline)) void rms_scale(int R, int n, const float *x, fl
  * to fuse a multiply and an add in one copy and not in the other (as it did in the matmul, see
  * `fma8`), and the two modes could differ in the last bit. */
 
+/* Where the [L, D] keys (kv = 0) or values (kv = 1) of layer l, cache row `slot`, kv head j start in
+ * the cache [layers, 2, B, KV, L, D]. */
+static inline size_t kv_block(const Model *m, int l, int kv, int B, int64_t slot, int j, int L) {
+    return ((((size_t)l * 2 + kv) * B + slot) * m->kv_heads + j) * L * m->head_dim;
+}
+
 /* Row r's q|k|v after the matmul (yr): bias, rotary on the q and k heads, then the token's keys and
  * values stored at its position p in cache row `slot`. */
 static __attribute__((noinline)) void qkv_finish(const Model *m, int l, float *yr, int64_t p, int64_t slot, int B,
@@ -360,8 +366,8 @@ static __attribute__((noinline)) void qkv_finish(const Model *m, int l, float *y
         }
     }
     for (int j = 0; j < KV; j++) {
-        float *kd = cache + ((((size_t)l * 2 + 0) * B + slot) * KV + j) * L * D + (size_t)p * D;
-        float *vd = cache + ((((size_t)l * 2 + 1) * B + slot) * KV + j) * L * D + (size_t)p * D;
+        float *kd = cache + kv_block(m, l, 0, B, slot, j, L) + (size_t)p * D;
+        float *vd = cache + kv_block(m, l, 1, B, slot, j, L) + (size_t)p * D;
         memcpy(kd, yr + (H + j) * D, D * sizeof(float));
         memcpy(vd, yr + (H + KV + j) * D, D * sizeof(float));
     }
@@ -374,8 +380,7 @@ static __attribute__((noinline)) void attend_head(const Model *m, int l, const f
                                                    float *att_r) {
     const int H = m->heads, KV = m->kv_heads, D = m->head_dim, G = H / KV, Sr = (int)p + 1;
     const float scale = 1.0f / sqrtf((float)D);
-    const float *K = cache + ((((size_t)l * 2 + 0) * B + slot) * KV + j) * L * D;
-    const float *V = cache + ((((size_t)l * 2 + 1) * B + slot) * KV + j) * L * D;
+    const float *K = cache + kv_block(m, l, 0, B, slot, j, L), *V = cache + kv_block(m, l, 1, B, slot, j, L);
     float *out = att_r + (size_t)j * G * D;
     const float *q = yr + (size_t)j * G * D;
     int g = 0;
@@ -708,6 +713,16 @@ static void team_matmul(Team *t, int ph, int K, int N, const float *x, int ldx, 
     team_wait(t, ph, n);
 }
 
+/* xn = x / rms(x), row by row, for one phase. */
+static void team_rms(Team *t, int ph) {
+    const int hd = t->m->hidden, n = n_chunks(t->B, t->members);
+    for (int c, lo, hi; (c = team_take(t, ph, n)) >= 0; team_done(t, ph)) {
+        chunk_range(c, n, t->B, &lo, &hi);
+        rms_scale(hi - lo, hd, t->x + (size_t)lo * hd, t->xn + (size_t)lo * hd, t->m->eps);
+    }
+    team_wait(t, ph, n);
+}
+
 static void team_member(void *arg, int me, int *failed) {
     Team *t = arg;
     const Model *m = t->m;
@@ -717,11 +732,7 @@ static void team_member(void *arg, int me, int *failed) {
     int ph = 0, lo, hi;
     (void)failed;
     for (int l = 0; l < m->layers; l++) {
-        for (int c; (c = team_take(t, ph, nr)) >= 0; team_done(t, ph)) {
-            chunk_range(c, nr, R, &lo, &hi);
-            rms_scale(hi - lo, hd, t->x + (size_t)lo * hd, t->xn + (size_t)lo * hd, m->eps);
-        }
-        team_wait(t, ph++, nr);
+        team_rms(t, ph++);
         team_matmul(t, ph++, hd, N, t->xn, hd, m->qkv[l], t->y, N, 0);
         /* every row's keys and values are in the cache before any row attends: a prompt's later
          * tokens read its earlier ones (prefill) */
@@ -741,11 +752,7 @@ static void team_member(void *arg, int me, int *failed) {
         }
         team_wait(t, ph++, nu);
         team_matmul(t, ph++, H * D, hd, t->att, H * D, m->o[l], t->x, hd, 1);
-        for (int c; (c = team_take(t, ph, nr)) >= 0; team_done(t, ph)) {
-            chunk_range(c, nr, R, &lo, &hi);
-            rms_scale(hi - lo, hd, t->x + (size_t)lo * hd, t->xn + (size_t)lo * hd, m->eps);
-        }
-        team_wait(t, ph++, nr);
+        team_rms(t, ph++);
         team_matmul(t, ph++, hd, 2 * I, t->xn, hd, m->gu[l], t->y, 2 * I, 0);
         for (int c; (c = team_take(t, ph, nr)) >= 0; team_done(t, ph)) {
             chunk_range(c, nr, R, &lo, &hi);
@@ -754,11 +761,7 @@ static void team_member(void *arg, int me, int *failed) {
         team_wait(t, ph++, nr);
         team_matmul(t, ph++, I, hd, t->xn, I, m->down[l], t->x, hd, 1);
     }
-    for (int c; (c = team_take(t, ph, nr)) >= 0; team_done(t, ph)) {
-        chunk_range(c, nr, R, &lo, &hi);
-        rms_scale(hi - lo, hd, t->x + (size_t)lo * hd, t->xn + (size_t)lo * hd, m->eps);
-    }
-    team_wait(t, ph++, nr);
+    team_rms(t, ph++);
     team_matmul(t, ph++, hd, m->vocab_padded, t->xn, hd, m->head, t->logits, m->vocab_padded, 0);
 }
 
