@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -146,23 +146,37 @@ def _find_stop_string(text: str, stop_strings: Sequence[str]) -> int | None:
 
 @dataclass
 class Row:
-    """One sequence being decoded. `owner` is whatever the caller uses to route its tokens."""
+    """One sequence being decoded. `owner` is whatever the caller uses to route its tokens. Its
+    position in the cache lives in its batch (`DecodeBatch.state["pos"]`), with the batch's other
+    per-row numbers."""
 
     owner: object
     params: SamplingParams
     stops: frozenset
     key: int                        # sampling stream of this row (see `uniform`)
     limit: int                      # last position this row may reach (context or max_new_tokens)
-    pos: int = 0                    # position of the next token fed to the model
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cancelled: bool = False
+
+    cancels: ClassVar[int] = 0
+    """Bumped by every `cancel`, so a batch looks for cancelled rows only when this has changed."""
+
+    def cancel(self) -> None:
+        """End at the next step (any thread); the token drawn then is not reported."""
+        self.cancelled = True
+        Row.cancels += 1      # after the flag: a batch that sees the new count sees the flag
 
     def reports(self, token: int, finished: bool) -> bool:
         """Whether a sampled token belongs to the output: the stop token that ended the row, and the
         token drawn after a cancel, do not."""
         return not (finished and self.finish_reason in ("stop", "cancelled")
                     and (token in self.stops or self.cancelled))
+
+    def reported(self) -> int:
+        """How many of `generated` belong to the output (all but an ending stop or cancel token)."""
+        n = len(self.generated)
+        return n - 1 if n and self.finish_reason and not self.reports(self.generated[-1], True) else n
 
 
 class DecodeBatch:
@@ -174,29 +188,41 @@ class DecodeBatch:
     (its cache moved, up to its position). So joining and leaving cost a copy of the rows that move,
     never of the whole batch, and a finished row never takes part in another step.
 
-    With the C kernel (CPU, fp32) the per-row state lives in numpy arrays and a step is two C calls
-    and some Python bookkeeping, with no torch op: in the server, every torch op would give up the
-    GIL to the event loop and wait to get it back. Otherwise (GPU, bf16, no compiler) the same steps
-    run as PyTorch ops."""
+    The per-row numbers a step needs (sampling settings, draw counter, position, limit, last token)
+    are numpy arrays in `state`, so a step's Python work per row is one list append: the checks for
+    an end run on the arrays when the batch is wide (`VECTOR_ROWS`), and what a row's owner receives
+    is read from `Row.generated` by whoever hands tokens on, as often as it likes (the scheduler:
+    once per stream interval under load, not once per step).
+
+    With the C kernel (CPU, fp32) a step is two C calls and that bookkeeping, with no torch op: in
+    the server, every torch op would give up the GIL to the event loop and wait to get it back.
+    Otherwise (GPU, bf16, no compiler) the same steps run as PyTorch ops."""
+
+    VECTOR_ROWS = 8
+    """From this many rows on, the end-of-row checks run on numpy arrays (a few µs a step, whatever
+    the width); below it a Python loop over the rows is cheaper."""
 
     def __init__(self, engine: "Engine", max_len: int):
         self.engine, self.model, self.max_len = engine, engine.model, max_len
-        self.fast = DecodeWeights(engine.model, max_len)
+        self.fast = engine.decode_weights(max_len)
         self.native = self.fast.native is not None
         self.rows: list[Row] = []
         self.cache: KVCache | None = None
         # next-token logits of every row: numpy [capacity, vocab padded] (C) or a tensor [B, V] (torch)
         self.logits = None
-        self.state: dict[str, np.ndarray] = {}     # per-row sampling settings and draw counters
-        self._sampler = native.Sampler(self.fast.native[0], self.fast.embed.shape[0]) if self.native else None
-        self.alive: list[bool] = []
+        self.state: dict[str, np.ndarray] = {}     # per-row numbers, in row order (see `_state`)
+        vocab = self.fast.embed.shape[0]
+        self._sampler = native.Sampler(self.fast.native[0], vocab) if self.native else None
+        self._stop_ids = np.zeros(vocab, dtype=bool)   # any row's stop ids: candidates for a stop
+        self._string_rows = 0                           # rows with stop strings (and a tokenizer)
+        self._cancels_seen = -1                         # `Row.cancels` when rows were last checked
 
     def __len__(self) -> int:
-        return sum(self.alive)
+        return len(self.rows)
 
     def cached_tokens(self) -> int:
         """Cache positions reserved by the rows (their prompt plus what they may still generate)."""
-        return sum(r.limit + 1 for r, a in zip(self.rows, self.alive) if a)
+        return sum(r.limit + 1 for r in self.rows)
 
     @torch.no_grad()
     def admit(self, prompts: list[list[int]], rows: list[Row], n: int = 1) -> None:
@@ -207,10 +233,9 @@ class DecodeBatch:
         if max(lengths) >= self.max_len:
             raise ValueError(f"prompt of {max(lengths)} tokens leaves no room in a context of {self.max_len}")
         width = max(lengths)
-        for i, row in enumerate(rows):
-            row.pos = lengths[i // n]
-            row.limit = min(self.max_len - 1, row.pos + row.params.max_new_tokens - 1)
-        self._compact()
+        pos = [lengths[i // n] for i in range(len(rows))]
+        for row, p in zip(rows, pos):
+            row.limit = min(self.max_len - 1, p + row.params.max_new_tokens - 1)
         start = len(self.rows)
         self._reserve(start + len(rows))
         fan = np.repeat(np.arange(len(prompts)), n)          # the n samples of a prompt share its prefill
@@ -234,16 +259,18 @@ class DecodeBatch:
             self.cache.kv[:, :, start:start + len(rows), :, :width] = prefill.kv[:, :, fan_t]
             logits = self.model.lm_head(last)[fan_t]                                  # [n·P, V]
             self.logits = logits if start == 0 else torch.cat([self.logits, logits])
-        new = self._state(rows)
+        new = self._state(rows, pos)
         self.state = new if start == 0 else {k: np.concatenate([v, new[k]]) for k, v in self.state.items()}
         self.rows += rows
-        self.alive += [True] * len(rows)
+        for row in rows:
+            self._stop_ids[[t for t in row.stops if 0 <= t < len(self._stop_ids)]] = True
+            self._string_rows += self._has_stop_strings(row)
 
     def close(self) -> None:
         """Give the cache back to the engine for the next batch (the batch is unusable after)."""
         if self.native:
             self.engine._give_back(self.cache)
-        self.cache, self.rows, self.alive, self.state = None, [], [], {}
+        self.cache, self.rows, self.state, self._string_rows = None, [], {}, 0
 
     def _reserve(self, need: int) -> None:
         """Make room for `need` rows (doubling), keeping the running rows' caches and logits."""
@@ -253,7 +280,7 @@ class DecodeBatch:
         grown = self.engine._cache(max(need, 2 * capacity), self.max_len, zeroed=not self.native)
         capacity = grown.batch
         if self.rows:
-            upto = max(r.pos for r in self.rows) + 1
+            upto = int(self.state["pos"].max()) + 1
             grown.kv[:, :, :len(self.rows), :, :upto] = self.cache.kv[:, :, :len(self.rows), :, :upto]
         if self.native:
             self.engine._give_back(self.cache)
@@ -265,92 +292,118 @@ class DecodeBatch:
             self.logits = logits
 
     @staticmethod
-    def _state(rows: list[Row]) -> dict[str, np.ndarray]:
-        """Per-row sampling settings, built once per admission rather than every step."""
+    def _state(rows: list[Row], pos: list[int]) -> dict[str, np.ndarray]:
+        """Per-row numbers, built once per admission rather than every step: sampling settings, the
+        draw counter, the position of the next token fed to the model, the last position allowed,
+        and the last sampled token."""
         return {"temperature": np.array([r.params.temperature for r in rows], dtype=np.float32),
                 "top_p": np.array([r.params.top_p for r in rows], dtype=np.float32),
                 "top_k": np.array([r.params.top_k for r in rows], dtype=np.int64),
                 "key": np.array([r.key for r in rows], dtype=np.int64),
-                "drawn": np.array([len(r.generated) for r in rows], dtype=np.int64)}
+                "drawn": np.array([len(r.generated) for r in rows], dtype=np.int64),
+                "pos": np.array(pos, dtype=np.int64),
+                "limit": np.array([r.limit for r in rows], dtype=np.int64),
+                "token": np.zeros(len(rows), dtype=np.int64)}
 
-    def step(self) -> list[tuple[Row, int, bool]]:
-        """Sample one token for every live row and feed it back; return (row, token, finished) triples.
-        (No `torch.no_grad` around the C path: it runs no torch op, and entering and leaving the
-        context costs microseconds on every step.)"""
-        events = self.sample()
+    def step(self) -> list[Row]:
+        """Sample one token for every live row (appended to its `generated`) and feed it back; return
+        the rows that this token ended. (No `torch.no_grad` around the C path: it runs no torch op,
+        and entering and leaving the context costs microseconds on every step.)"""
+        ended = self.sample()
         self.forward()
-        return events
+        return ended
 
-    def sample(self) -> list[tuple[Row, int, bool]]:
-        """The first half of `step`: draw every live row's next token and retire the rows it ends.
-        A caller that hands tokens on (the scheduler) does so between the halves, so they travel
-        while the model computes the next logits rather than after."""
-        if not self.rows:
-            return []
+    def sample(self) -> list[Row]:
+        """The first half of `step`: draw every live row's next token, append it to the row's
+        `generated`, and retire the rows it ends (returned, `finish_reason` set). A caller that hands
+        tokens on (the scheduler) does so between the halves, so they travel while the model computes
+        the next logits rather than after."""
         rows, state = self.rows, self.state
+        if not rows:
+            return []
         if self.native:
             tokens = self._sampler(self.logits, state, len(rows))
         else:
             device = self.engine.device
-            t = {k: torch.from_numpy(v).to(device) for k, v in state.items()}
+            t = {k: torch.from_numpy(state[k]).to(device) for k in ("key", "drawn", "temperature", "top_p", "top_k")}
             u = uniform(t["key"], t["drawn"])
             with torch.no_grad():
-                tokens = sample_next(self.logits, t["temperature"], t["top_p"], t["top_k"], u).tolist()
+                tokens = sample_next(self.logits, t["temperature"], t["top_p"], t["top_k"], u).cpu().numpy()
         state["drawn"] += 1
-        events = []
-        for i, (row, token) in enumerate(zip(rows, tokens)):
+        state["token"][:] = tokens
+        ids = tokens.tolist()
+        for row, token in zip(rows, ids):
             row.generated.append(token)
+        # which rows may have ended: a cancel, a stop id, the limit, a stop string; then the exact test
+        if len(rows) >= self.VECTOR_ROWS:
+            maybe = np.flatnonzero(self._stop_ids[tokens] | (state["pos"] >= state["limit"])).tolist()
+            if self._string_rows:
+                maybe = sorted({*maybe, *(i for i, r in enumerate(rows) if self._has_stop_strings(r))})
+            if Row.cancels != self._cancels_seen:
+                self._cancels_seen = Row.cancels
+                maybe = sorted({*maybe, *(i for i, r in enumerate(rows) if r.cancelled)})
+        else:
+            maybe = range(len(rows))
+        pos = state["pos"]
+        dead = []
+        for i in maybe:
+            row, token = rows[i], ids[i]
             if row.cancelled:
                 row.finish_reason = "cancelled"
             elif token in row.stops or self._hit_stop_string(row):
                 row.finish_reason = "stop"
-            elif row.pos >= row.limit:
+            elif pos[i] >= row.limit:
                 row.finish_reason = "length"
-            if row.finish_reason:
-                self.alive[i] = False
-            events.append((row, token, row.finish_reason is not None))
-        self._compact()
-        return events
+            else:
+                continue
+            dead.append(i)
+        ended = [rows[i] for i in dead]
+        if dead:
+            self._compact(dead)
+        return ended
 
     def forward(self) -> None:
         """The second half of `step`: feed each live row's last token, making its next logits."""
-        if self.rows:
-            feed = np.fromiter((r.generated[-1] for r in self.rows), dtype=np.int64, count=len(self.rows))
-            pos = np.fromiter((r.pos for r in self.rows), dtype=np.int64, count=len(self.rows))
-            if self.native:
-                self.fast.kernel(feed, pos, self.cache, self.logits)
-            else:
-                device = self.engine.device
-                with torch.no_grad():
-                    self.logits = self.fast.step(torch.from_numpy(feed).to(device),
-                                                 torch.from_numpy(pos).to(device), self.cache)
-            for r in self.rows:
-                r.pos += 1
+        if not self.rows:
+            return
+        state = self.state
+        if self.native:
+            self.fast.kernel(state["token"], state["pos"], self.cache, self.logits)
+        else:
+            device = self.engine.device
+            with torch.no_grad():
+                self.logits = self.fast.step(torch.from_numpy(state["token"]).to(device),
+                                             torch.from_numpy(state["pos"]).to(device), self.cache)
+        state["pos"] += 1
+
+    def _has_stop_strings(self, row: Row) -> bool:
+        return bool(row.params.stop_strings) and self.engine.tokenizer is not None
 
     def _hit_stop_string(self, row: Row) -> bool:
-        if not row.params.stop_strings or self.engine.tokenizer is None:
+        if not self._has_stop_strings(row):
             return False
         tail = self.engine.tokenizer.decode(row.generated[-64:])
         return _find_stop_string(tail, row.params.stop_strings) is not None
 
-    def _compact(self) -> None:
-        """Drop finished rows: each hole below the new batch size is filled by a running row from
-        above it, whose cache (up to its position) moves down; everything else stays in place."""
-        if all(self.alive):
-            return
-        live = sum(self.alive)
+    def _compact(self, dead: list[int]) -> None:
+        """Drop the rows at indices `dead` (ascending): each hole below the new batch size is filled by
+        a running row from above it, whose cache (up to its position) moves down; everything else
+        stays in place."""
+        live = len(self.rows) - len(dead)
+        self._string_rows -= sum(self._has_stop_strings(self.rows[i]) for i in dead)
         if live == 0:  # keep the cache buffer: the next admission reuses it
-            self.rows, self.alive, self.state = [], [], {}
+            self.rows, self.state = [], {}
             if not self.native:
                 self.logits = None
             return
-        holes = [i for i in range(live) if not self.alive[i]]
-        movers = [i for i in range(live, len(self.rows)) if self.alive[i]]
+        gone = set(dead)
+        holes = [i for i in dead if i < live]
+        movers = [i for i in range(live, len(self.rows)) if i not in gone]
         order = list(range(live))
         for h, m in zip(holes, movers):
             order[h] = m
         if holes:
-            upto = max(self.rows[i].pos for i in movers) + 1
+            upto = int(self.state["pos"][movers].max()) + 1
             if self.native:
                 native.copy_rows(self.fast.native[0], self.cache, movers, holes, upto)
                 self.logits[holes] = self.logits[movers]
@@ -362,7 +415,6 @@ class DecodeBatch:
             self.logits = self.logits[torch.tensor(order, device=self.engine.device)]
         self.state = {k: v[order] for k, v in self.state.items()}
         self.rows = [self.rows[i] for i in order]
-        self.alive = [True] * live
 
 
 class Engine:
@@ -379,6 +431,8 @@ class Engine:
         self.pad_id = tokenizer.pad_id if tokenizer is not None else (self.eos_ids[0] if self.eos_ids else 0)
         self._spare: list[KVCache] = []      # caches of finished batches, most recent last (`_cache`)
         self._spare_lock = threading.Lock()
+        self._packed: tuple | None = None    # (what the weights were, DecodeWeights): `decode_weights`
+        self._packed_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -387,6 +441,31 @@ class Engine:
     def new_row(self, owner, params: SamplingParams, seed: int | None) -> Row:
         return Row(owner=owner, params=params, stops=frozenset(self.eos_ids) | frozenset(params.stop_token_ids),
                    key=_key(seed), limit=0)
+
+    PACKED_MIN_LEN = 1024
+    """Positions the packed weights' rotary tables cover at least (up to the model's context), so
+    batches of different lengths share one packing."""
+
+    def decode_weights(self, max_len: int) -> DecodeWeights:
+        """The model's weights in the decode step's layout (`DecodeWeights`), for positions below
+        `max_len`. Packing them is a pass over all the weights — 3.5 ms for the demo model, 92 ms at
+        24 M parameters — which every `stream` call (each chat message) and every `generate` call
+        paid before; now it is paid again only when the weights have changed. A change is seen from
+        each parameter's storage and version counter, which every in-place update bumps (optimizer
+        steps, `load_state_dict`, `copy_` under no_grad) — but not writes through `.data`, which
+        autograd does not see either: call `forget_weights` after those."""
+        key = (os.environ.get("QIUSUO_NATIVE"), [(p.data_ptr(), p._version) for p in self.model.parameters()])
+        with self._packed_lock:
+            if self._packed is None or self._packed[0] != key or self._packed[1].max_len < max_len:
+                span = min(self.model.config.max_position_embeddings, max(max_len, self.PACKED_MIN_LEN))
+                self._packed = None   # the old copy goes before the new one is made
+                self._packed = (key, DecodeWeights(self.model, span))
+            return self._packed[1]
+
+    def forget_weights(self) -> None:
+        """Drop the packed copy of the weights (GRPO does before its update, which makes it stale)."""
+        with self._packed_lock:
+            self._packed = None
 
     SPARE_BYTES = 256 << 20
     """How much memory the caches of finished batches may keep for the next ones (`_cache`)."""
@@ -450,9 +529,9 @@ class Engine:
         try:
             batch.admit([prompt], [row])
             while len(batch):
-                for r, token, finished in batch.step():
-                    if r.reports(token, finished):
-                        yield token
+                ended = batch.step()
+                if row.reports(row.generated[-1], bool(ended)):
+                    yield row.generated[-1]
         finally:  # also when the consumer stops early (the generator is closed)
             batch.close()
 
@@ -493,20 +572,21 @@ class Request:
         news to, as [(request, tokens, finished)] — how a request reaches another process. `tag`:
         the caller's name for the request (the engine process's id)."""
         self.prompt_ids, self.params, self.tag = prompt_ids, params, tag
-        self.output_ids: list[int] = []
+        self.output_ids: list[int] = []     # the tokens handed to the consumer so far
         self.finish_reason: str | None = None
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self.started = False
         self.row: Row | None = None
-        self._loop, self._sink = loop, sink
+        # where its tokens go: the sink, the event loop of its consumer, or a blocked thread's queue
+        self._route = sink if sink is not None else loop if loop is not None else _SYNC
         self._on_cancel = None        # called by `cancel` (a remote request tells its engine process)
         # what the consumer receives: (token ids, finished) items, each carrying everything produced
         # since the previous one — one item per hand-over, not one per token
         self._sync: queue.SimpleQueue = queue.SimpleQueue()
         self._async: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
-        self._handed = 0              # output_ids[:_handed] are on their way to the consumer
+        self._handed = 0              # row.generated[:_handed] are on their way to the consumer
         self._end_handed = False
         self._cancelled = threading.Event()
 
@@ -514,7 +594,7 @@ class Request:
         """Stop generating at the next step (or never start, if still waiting)."""
         self._cancelled.set()
         if self.row is not None:
-            self.row.cancelled = True
+            self.row.cancel()
         if self._on_cancel is not None:
             self._on_cancel()
 
@@ -523,39 +603,33 @@ class Request:
         return self._cancelled.is_set()
 
     def _take(self) -> tuple[list[int], bool]:
-        """The tokens not yet handed to the consumer, and whether the end goes with them (scheduler thread)."""
-        tokens = self.output_ids[self._handed:]
-        self._handed = len(self.output_ids)
+        """The tokens its row generated that the consumer has not been given yet (added to
+        `output_ids`), and whether the end goes with them (scheduler thread)."""
+        tokens = []
+        if self.row is not None:
+            upto = self.row.reported()
+            if upto > self._handed:
+                tokens = self.row.generated[self._handed:upto]
+                self._handed = upto
+                self.output_ids += tokens
         done = self.finish_reason is not None and not self._end_handed
         self._end_handed |= done
         return tokens, done
 
-    def _deliver(self, token: int | None, finish_reason: str | None, outbox: dict | None = None) -> None:
-        """Called from the scheduler thread. With an `outbox` (a step's), a request consumed in an event
-        loop is only noted there: the scheduler's `_Outbox` hands its tokens over, several steps' worth
-        at a time under load, rather than with one wake-up per token."""
-        if token is not None:
-            if self.first_token_at is None:
-                self.first_token_at = time.perf_counter()
-                if outbox is not None:
-                    outbox.setdefault(_URGENT, set()).add(self)   # a first token is worth a hand-over of its own
-            self.output_ids.append(token)
-        if finish_reason is not None:
-            self.finish_reason = finish_reason
-            self.finished_at = time.perf_counter()
-            if outbox is not None:
-                outbox.setdefault(_URGENT, set()).add(self)
-        if self._sink is not None:
-            if outbox is None:
-                self._sink([(self, *self._take())])
-            else:
-                outbox.setdefault(self._sink, {})[self] = None
-        elif self._async is None:
-            self._sync.put(self._take())     # a blocked thread wakes per step anyway
-        elif outbox is None:
-            self._loop.call_soon_threadsafe(self._async.put_nowait, self._take())
+    def _end(self, finish_reason: str) -> None:
+        """Finish outside a step (cancelled while waiting, scheduler stopped, a failed step) and hand
+        over what is left at once (scheduler thread)."""
+        self.finish_reason, self.finished_at = finish_reason, time.perf_counter()
+        item = self._take()
+        if self._route is _SYNC:
+            self._sync.put(item)
+        elif isinstance(self._route, asyncio.AbstractEventLoop):
+            try:
+                self._route.call_soon_threadsafe(self._async.put_nowait, item)
+            except RuntimeError:  # the loop was closed: nobody is waiting
+                pass
         else:
-            outbox.setdefault(self._loop, {})[self] = None          # an ordered set of the loop's requests
+            self._route([(self, *item)])
 
     def __iter__(self) -> Iterator[int]:
         if self._async is not None:
@@ -587,64 +661,92 @@ class Request:
                 return
 
 
-_URGENT = object()   # key, in a step's outbox, of the requests with a first token or an end in it
+_SYNC = object()   # route of requests consumed by a blocked thread: their tokens go out every step
 
 
 class _Outbox:
-    """Tokens on their way from the scheduler thread to event loops.
+    """Tokens on their way from the scheduler thread to their consumers.
 
-    Each hand-over is one thread-safe wake-up of the loop, carrying, for every request with news, all
-    its tokens since the last hand-over: one queue item and, in the server, one SSE chunk. With few
-    streams running, a loop gets the next hand-over as soon as it has taken the previous one: every
-    token goes out at once. With many (`busy`), tokens are held for `interval` seconds so each
-    stream's tokens go out several to a chunk: per-chunk work (event loop wake-ups, JSON, socket
+    Requests are grouped by route: the event loop that consumes them, a sink, or blocked threads.
+    A step only notes which requests joined (a first token) or ended; the tokens themselves stay in
+    each row's `generated` until a hand-over takes, for every request of a route, all its tokens
+    since the last one — for an event loop one thread-safe wake-up with one queue item per request
+    and, in the server, one SSE chunk. So the per-request work is done once per hand-over, not once
+    per step.
+
+    With few streams running, a loop gets the next hand-over as soon as it has taken the previous
+    one: every token goes out at once. With many (`busy`), tokens are held for `interval` seconds so
+    each stream's tokens go out several to a chunk: per-chunk work (event loop wake-ups, JSON, socket
     writes, the client's parsing) is what limits a loaded server, not the decoding. Nothing is held
     longer than `max_delay`, and a first token or the end of a stream is not held at all: they decide
     time to first token and when a client can send its next request. (vLLM and SGLang call this the
-    stream interval.)"""
+    stream interval.) Blocked threads get every step's tokens."""
 
     def __init__(self, interval: float = 0.02, max_delay: float = 0.05):
         self.interval, self.max_delay = interval, max(max_delay, interval)
-        self.pending: dict = {}          # loop or sink → {request: None}, the requests with news, in order
-        self.since: dict = {}            # loop → when its oldest pending news arrived
+        self.running: dict = {}          # route → {request: None}: its requests in the batch, in order
+        self.ended: dict = {}            # route → [request]: ended since the route's last hand-over
+        self.since: dict = {}            # route → when its oldest news not handed over arrived
         self.ready: dict = {}            # loop → it has taken the last hand-over
-        self.urgent: set = set()         # requests with a first token or an end pending
+        self.urgent: dict = {}           # route → {request: None} with a first token or an end pending
 
-    def add(self, step_items: dict) -> None:
+    def stepped(self, joined: list[Request], ended: list[Request]) -> None:
+        """After a step's sampling: `joined` got their first token (or ended at once), `ended` ended;
+        every running request got a token."""
         now = time.perf_counter()
-        self.urgent |= step_items.pop(_URGENT, set())
-        for loop, reqs in step_items.items():
-            self.pending.setdefault(loop, {}).update(reqs)
-            self.since.setdefault(loop, now)
+        for r in joined:
+            self.running.setdefault(r._route, {})[r] = None
+            self.urgent.setdefault(r._route, {})[r] = None
+        for r in ended:
+            route = r._route
+            running = self.running[route]
+            del running[r]
+            if not running:
+                del self.running[route]
+            self.ended.setdefault(route, []).append(r)
+            self.urgent.setdefault(route, {})[r] = None
+            self.since.setdefault(route, now)
+        for route in self.running:
+            self.since.setdefault(route, now)
+
+    def requests(self) -> list[Request]:
+        """Every request with news not handed over, or still running."""
+        return [r for reqs in self.ended.values() for r in reqs] + [r for reqs in self.running.values() for r in reqs]
 
     def hand_over(self, force: bool = False, busy: bool = False) -> None:
         now = time.perf_counter()
-        for loop in list(self.pending):
-            age = now - self.since[loop]
-            if force or (self.ready.get(loop, True) and (not busy or age >= self.interval)) or age > self.max_delay:
-                reqs = list(self.pending.pop(loop))
-                del self.since[loop]
-            elif self.urgent:
-                # only the streams with a first token or an end go now
-                reqs = [r for r in self.pending[loop] if r in self.urgent]
-                if not reqs:
-                    continue
-                for r in reqs:
-                    del self.pending[loop][r]
-                if not self.pending[loop]:
-                    del self.pending[loop], self.since[loop]
+        for route in list(self.since):
+            age = now - self.since[route]
+            if (force or route is _SYNC or (self.ready.get(route, True) and (not busy or age >= self.interval))
+                    or age > self.max_delay):
+                reqs = self.ended.pop(route, []) + list(self.running.get(route, ()))
+                del self.since[route]
+                self.urgent.pop(route, None)
+            elif route in self.urgent:
+                # only the streams with a first token or an end go now (every ended one is urgent)
+                reqs = list(self.urgent.pop(route))
+                self.ended.pop(route, None)
+                if route not in self.running:
+                    del self.since[route]
             else:
                 continue
-            self.urgent.difference_update(reqs)
-            if not isinstance(loop, asyncio.AbstractEventLoop):   # a sink: it takes them here and now
-                loop([(r, *r._take()) for r in reqs])
-                continue
-            items = [(r._async, r._take()) for r in reqs]
-            self.ready[loop] = False
+            self._send(route, reqs)
+
+    def _send(self, route, reqs: list[Request]) -> None:
+        items = [(r, item) for r in reqs if (item := r._take())[0] or item[1]]
+        if not items:
+            return
+        if route is _SYNC:
+            for r, item in items:
+                r._sync.put(item)
+        elif not isinstance(route, asyncio.AbstractEventLoop):   # a sink: it takes them here and now
+            route([(r, *item) for r, item in items])
+        else:
+            self.ready[route] = False
             try:
-                loop.call_soon_threadsafe(self._put_all, loop, items)
+                route.call_soon_threadsafe(self._put_all, route, [(r._async, item) for r, item in items])
             except RuntimeError:  # the loop was closed: nobody is waiting for these tokens
-                self.ready.pop(loop, None)
+                self.ready.pop(route, None)
 
     def _put_all(self, loop, items: list) -> None:
         """Runs in the event loop."""
@@ -673,6 +775,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._outbox = _Outbox(stream_interval)
         self._stop = False
+        self._joining: list[Request] = []
         self.steps = 0
         self.error: BaseException | None = None
 
@@ -727,40 +830,43 @@ class Scheduler:
             self._outbox.hand_over(force=True)   # tokens already produced go out before the error
             with self._lock:
                 waiting, self._waiting = self._waiting, []
-            for req in waiting + [row.owner for row in self._batch.rows]:
+            for req in waiting + self._joining + self._outbox.requests() + [row.owner for row in self._batch.rows]:
                 if req.finish_reason is None:
-                    req._deliver(None, "error")
+                    req._end("error")
             logging.getLogger(__name__).exception("scheduler stopped")
 
     def _run(self) -> None:
+        batch, outbox = self._batch, self._outbox
         while True:
             with self._lock:
-                if not self._waiting and not len(self._batch):
-                    self._outbox.hand_over(force=True)  # about to idle: nothing may stay behind
-                while not self._stop and not self._waiting and not len(self._batch):
+                if not self._waiting and not batch.rows:
+                    outbox.hand_over(force=True)  # about to idle: nothing may stay behind
+                while not self._stop and not self._waiting and not batch.rows:
                     self._lock.wait()
                 if self._stop:
                     break
                 admit = self._take_admissible()
+            self._joining = admit   # (for the error path: they are in neither the queue nor the outbox yet)
             if admit:
                 self._admit(admit)
-            step_items: dict = {}
-            for row, token, finished in self._batch.sample():
-                req: Request = row.owner
-                req._deliver(token if row.reports(token, finished) else None, row.finish_reason if finished else None,
-                             step_items)
-            self._outbox.add(step_items)
+            ended = [row.owner for row in batch.sample()]
+            now = time.perf_counter()
+            for req in admit:        # this was their first draw
+                if req.row.reported():
+                    req.first_token_at = now
+            for req in ended:
+                req.finish_reason, req.finished_at = req.row.finish_reason, now
+            outbox.stepped(admit, ended)
             # the tokens go out before the model computes the next ones, not one forward pass later
-            self._outbox.hand_over(busy=len(self._batch) > self.coalesce_above)
-            self._batch.forward()
+            outbox.hand_over(busy=len(batch) > self.coalesce_above)
+            batch.forward()
             self.steps += 1
-        self._outbox.hand_over(force=True)
+        outbox.hand_over(force=True)
         with self._lock:
             waiting, self._waiting = self._waiting, []    # a restarted scheduler must not run them
-        for req in waiting:
-            req._deliver(None, "cancelled")
-        for row in self._batch.rows:
-            row.owner._deliver(None, "cancelled")
+        for req in waiting + [row.owner for row in batch.rows]:
+            req._end("cancelled")
+        self._outbox = _Outbox(outbox.interval, outbox.max_delay)
 
     def _take_admissible(self) -> list[Request]:
         """Waiting requests that fit the running-sequence and cache budgets, oldest first."""
@@ -771,7 +877,7 @@ class Scheduler:
         for req in list(self._waiting):
             if req.cancelled:
                 self._waiting.remove(req)
-                req._deliver(None, "cancelled")
+                req._end("cancelled")
                 continue
             need = min(self.max_len, len(req.prompt_ids) + req.params.max_new_tokens)
             over_budget = running + len(admit) >= self.max_running or reserved + need > self.max_cache_tokens
@@ -786,7 +892,8 @@ class Scheduler:
         rows = []
         for req in reqs:
             req.row = self.engine.new_row(req, req.params, req.params.seed)
-            req.row.cancelled = req.cancelled
+            if req.cancelled:
+                req.row.cancel()
             req.started = True
             rows.append(req.row)
         self._batch.admit([r.prompt_ids for r in reqs], rows)

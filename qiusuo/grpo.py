@@ -246,6 +246,7 @@ def rollout(engine: Engine, tok, problems: list, cfg: GRPOConfig, seed: int) -> 
     prompt_ids = [tok.prompt_ids(p.prompt) for p in problems]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
     completions = engine.generate(prompt_ids, params, n=cfg.group_size)
+    engine.forget_weights()   # the update is about to change them: no stale copy held through it
     weights = RewardWeights(accuracy=cfg.reward_accuracy, format=cfg.reward_format)
     P, G = len(problems), cfg.group_size
     rewards = torch.zeros(P, G)

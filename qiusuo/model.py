@@ -355,9 +355,9 @@ class DecodeWeights:
     - Residual adds ride on `addmm`; attention is baddbmm → softmax → bmm over B × kv_heads (faster on
       CPU than SDPA's flash kernel for one query row), grouped-query heads sharing their kv head.
 
-    Built from the live parameters (a copy): rebuild after the weights change (the engine does so for
-    every batch, which costs one pass over the weights). Logits equal `Transformer.forward`'s up to
-    float rounding.
+    Built from the live parameters (a copy, one pass over the weights): rebuild after the weights
+    change (`Engine.decode_weights` does, and reuses it while they do not). Positions up to `max_len`.
+    Logits equal `Transformer.forward`'s up to float rounding.
 
     On the CPU in fp32 the step runs as one call into the C kernel of `native.py` (same layout, same
     maths, the whole step in one parallel region on the kernel's own threads, in blocks of rows or,
@@ -367,7 +367,7 @@ class DecodeWeights:
     @torch.no_grad()
     def __init__(self, model: "Transformer", max_len: int, native: bool | None = None):
         cfg = model.config
-        self.cfg = cfg
+        self.cfg, self.max_len = cfg, max_len
         H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.embed = model.model.embed_tokens.weight
         dtype, device = self.embed.dtype, self.embed.device

@@ -129,7 +129,7 @@ def kernel():
 class Sampler:
     """`qiusuo_sample` for a decode batch: `sampler(logits, state, n)` samples rows 0..n−1 of `logits`
     (C-contiguous float32, first `vocab` columns) with the per-row settings in `state` (numpy arrays)
-    and holds the GIL (microseconds). Called once per step, so the ctypes pointers of the arrays are
+    into an int64 array (reused by the next call) and holds the GIL (microseconds). Called once per step, so the ctypes pointers of the arrays are
     worked out again only when they are replaced (admission, compaction), not on every call —
     `ndarray.ctypes` costs microseconds per array."""
 
@@ -139,7 +139,7 @@ class Sampler:
         self._args: tuple = ()
         self._out = np.empty(0, dtype=np.int64)
 
-    def __call__(self, logits: np.ndarray, state: dict, n: int) -> list[int]:
+    def __call__(self, logits: np.ndarray, state: dict, n: int) -> np.ndarray:
         if logits is not self._logits or state is not self._state or len(self._out) < n:
             if not logits.flags.c_contiguous or logits.dtype != np.float32:
                 raise ValueError("logits must be a C-contiguous float32 array")
@@ -149,7 +149,7 @@ class Sampler:
                           ("temperature", "top_p", "top_k", "key", "drawn")), self._out.ctypes.data)
         if self.lib.qiusuo_sample(n, self.vocab, *self._args):
             raise MemoryError("C sampler could not allocate its buffers")
-        return self._out[:n].tolist()
+        return self._out[:n]   # overwritten by the next call
 
 
 def copy_rows(lib, cache, src: list[int], dst: list[int], upto: int) -> None:

@@ -393,3 +393,90 @@ def test_a_restarted_scheduler_does_not_run_requests_cancelled_at_stop(tok, mode
         sched.stop()
     assert done.finish_reason in ("stop", "length")
     assert not waiting.started and waiting.output_ids == []
+
+
+@pytest.mark.parametrize("vector_rows", [1, 10**6])
+def test_rows_end_alike_when_checked_on_arrays_or_row_by_row(tok, model, engine, monkeypatch, vector_rows):
+    """From `DecodeBatch.VECTOR_ROWS` rows on, a step looks for ended rows on numpy arrays; stop
+    ids, stop strings and limits must end each row where it ends alone."""
+    from dataclasses import replace
+
+    prompts = [tok.prompt_ids(p) for p in PROMPTS]
+    free = SamplingParams(max_new_tokens=25, temperature=1.2, seed=3, stop_token_ids=())
+    probe = Engine(model, tok, eos_ids=()).generate(prompts, free, n=3)
+    stop_id = probe[1].token_ids[4]           # ends some rows early and leaves others to run out
+    stop_text = tok.decode(probe[4].token_ids[6:7])
+    monkeypatch.setattr(DecodeBatch, "VECTOR_ROWS", vector_rows)
+    reasons = set()
+    for params in (free, replace(free, stop_token_ids=(stop_id,)), replace(free, stop_strings=(stop_text,))):
+        batched = Engine(model, tok, eos_ids=()).generate(prompts, params, n=3)      # 12 rows
+        for i, c in enumerate(batched):
+            alone = Engine(model, tok, eos_ids=()).generate([prompts[i // 3]], replace(params, seed=params.seed + i))[0]
+            assert (c.token_ids, c.finish_reason, c.text) == (alone.token_ids, alone.finish_reason, alone.text)
+            reasons.add((params.stop_token_ids, params.stop_strings, c.finish_reason))
+    assert ((stop_id,), (), "stop") in reasons and ((stop_id,), (), "length") in reasons
+    assert ((), (stop_text,), "stop") in reasons
+
+
+def test_a_cancel_in_a_wide_batch_ends_only_that_row(tok, model, engine, monkeypatch):
+    """A wide batch looks for cancelled rows only when some row was cancelled since its last look
+    (`Row.cancels`): the cancelled request ends at once, the others are untouched."""
+    assert DecodeBatch.VECTOR_ROWS <= 10
+    sample = DecodeBatch.sample
+    monkeypatch.setattr(DecodeBatch, "sample", lambda self: (time.sleep(0.001), sample(self))[1])
+    prompts = [tok.prompt_ids(PROMPTS[i % len(PROMPTS)]) for i in range(10)]
+    params = [SamplingParams(max_new_tokens=60, temperature=1.0, seed=20 + i, stop_token_ids=()) for i in range(10)]
+    eng = Engine(model, None, eos_ids=())
+    sched = Scheduler(eng, max_running=16).start()
+    try:
+        reqs = [sched.submit(p, sp) for p, sp in zip(prompts, params)]
+        victim, seen = reqs[3], []
+        for t in victim:
+            seen.append(t)
+            if len(seen) == 3:
+                victim.cancel()
+                at_cancel = len(victim.output_ids)   # (see test_scheduler_cancel_stops_generation)
+        others = [list(r) for r in reqs if r is not victim]
+    finally:
+        sched.stop()
+    assert victim.finish_reason == "cancelled" and len(victim.output_ids) <= at_cancel + 1 < 60
+    assert victim.output_ids == _alone(eng, prompts[3], params[3])[:len(victim.output_ids)]
+    rest = [(p, sp) for i, (p, sp) in enumerate(zip(prompts, params)) if i != 3]
+    assert others == [_alone(eng, p, sp) for p, sp in rest]
+    assert all(r.finish_reason == "length" for r in reqs if r is not victim)
+
+
+def test_packed_weights_are_reused_until_the_weights_change(tok, model):
+    """Packing the weights for the decode step is a pass over all of them: an engine keeps the packed
+    copy while the parameters are unchanged and packs again after any in-place update."""
+    engine = Engine(model, tok)
+    prompt = tok.prompt_ids(PROMPTS[0])
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=4, stop_token_ids=())
+    first = engine.generate([prompt], params)[0].token_ids
+    packed = engine.decode_weights(16)
+    assert list(engine.stream(prompt, params)) == [t for t in first if t not in engine.eos_ids]
+    assert engine.generate([prompt], params)[0].token_ids == first
+    assert engine.decode_weights(64) is packed                # other batch lengths share it
+
+    def fresh():
+        return Engine(model, tok).generate([prompt], params)[0].token_ids
+
+    with torch.no_grad():                                      # an in-place update
+        model.model.layers[0].mlp.down_proj.weight.mul_(-3)
+    assert engine.decode_weights(16) is not packed
+    assert engine.generate([prompt], params)[0].token_ids == fresh() != first
+
+    packed = engine.decode_weights(16)                         # an optimizer step
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(torch.tensor([prompt])).logsumexp(-1).sum().backward()
+    opt.step()
+    assert engine.decode_weights(16) is not packed
+    assert engine.generate([prompt], params)[0].token_ids == fresh()
+
+    packed = engine.decode_weights(16)                         # load_state_dict
+    model.load_state_dict({k: v * 1.5 for k, v in model.state_dict().items()})
+    assert engine.decode_weights(16) is not packed
+    assert engine.generate([prompt], params)[0].token_ids == fresh()
+
+    engine.forget_weights()                                    # writes through .data are not seen
+    assert engine._packed is None

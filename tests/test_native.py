@@ -87,7 +87,7 @@ def test_c_sampler_draws_what_the_torch_sampler_draws():
              "key": keys.numpy(), "drawn": counters.numpy()}
     padded = np.zeros((B, 56), dtype=np.float32)        # the kernel's logits buffers are padded
     padded[:, :V] = logits.numpy()
-    got = native.Sampler(native.kernel(), V)(padded, state, B)
+    got = native.Sampler(native.kernel(), V)(padded, state, B).tolist()
     assert got == expected.tolist()
 
 
@@ -149,7 +149,7 @@ def test_c_top_p_sampler_matches_torch_on_flat_and_peaked_distributions(scale):
              "key": keys.numpy(), "drawn": counters.numpy()}
     padded = np.zeros((B, 1008), dtype=np.float32)
     padded[:, :V] = logits.numpy()
-    got = native.Sampler(native.kernel(), V)(padded, state, B)
+    got = native.Sampler(native.kernel(), V)(padded, state, B).tolist()
     assert got == expected.tolist()
 
 
