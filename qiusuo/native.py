@@ -129,9 +129,9 @@ def kernel():
 class Sampler:
     """`qiusuo_sample` for a decode batch: `sampler(logits, state, n)` samples rows 0..n−1 of `logits`
     (C-contiguous float32, first `vocab` columns) with the per-row settings in `state` (numpy arrays)
-    into an int64 array (reused by the next call) and holds the GIL (microseconds). Called once per step, so the ctypes pointers of the arrays are
-    worked out again only when they are replaced (admission, compaction), not on every call —
-    `ndarray.ctypes` costs microseconds per array."""
+    into an int64 array (reused by the next call) and holds the GIL (microseconds). Called once per
+    step, so the ctypes pointers of the arrays are worked out again only when they are replaced
+    (admission, compaction), not on every call — `ndarray.ctypes` costs microseconds per array."""
 
     def __init__(self, lib, vocab: int):
         self.lib, self.vocab = lib, vocab

@@ -74,6 +74,29 @@ def test_c_step_rejects_positions_and_tokens_out_of_range(tok):
         step.step(torch.tensor([1, tok.vocab_size]), torch.tensor([3, 4]), cache)
 
 
+def test_c_step_checks_each_new_array_and_remembers_only_live_ones(tok):
+    """`kernel` keeps the address of the arrays it was last given (a decode batch passes the same ones
+    every step): an array it has not seen is checked for type and layout, and a new array at a dead
+    one's place is never taken for it."""
+    model = tiny_model(tok)
+    step = DecodeWeights(model, 16, native=True)
+    cache = model.new_cache(2, 16)
+    logits = np.zeros((2, step.vocab_padded), dtype=np.float32)
+    tokens, positions = np.array([3, 4]), np.array([0, 0])
+    step.kernel(tokens, positions, cache, logits)
+    first = logits.copy()
+    for bad in (tokens.astype(np.int32), np.array([3, 9, 4, 9])[::2]):
+        with pytest.raises(ValueError, match="C-contiguous int64"):
+            step.kernel(bad, positions, cache, logits)
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        step.kernel(tokens, positions, cache, logits.astype(np.float64))
+    step.kernel(tokens[:0], positions[:0], cache, logits)             # no rows: nothing to do
+    for _ in range(3):                # fresh arrays each time (often at a freed one's address)
+        out = np.zeros((2, step.vocab_padded), dtype=np.float32)
+        step.kernel(np.array([3, 4]), np.array([0, 0]), cache, out)
+        assert np.array_equal(out, first)
+
+
 def test_c_sampler_draws_what_the_torch_sampler_draws():
     torch.manual_seed(0)
     B, V = 600, 50

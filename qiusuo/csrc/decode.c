@@ -807,6 +807,7 @@ int qiusuo_decode_step(const Model *m, int B, const int64_t *tokens, const int64
         if (tokens[b] < 0 || tokens[b] >= m->vocab) return 3;
         if (slots && (slots[b] < 0 || slots[b] >= capacity)) return 4;
     }
+    if (B <= 0) return B < 0;   /* nothing to do (and no blocks to divide the rows into) */
     if (threads < 1) threads = 1;
     int64_t *identity = NULL;
     if (!slots) {
