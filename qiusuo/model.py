@@ -449,10 +449,11 @@ class DecodeWeights:
         return lib, m, keep
 
     def kernel(self, tokens: np.ndarray, positions: np.ndarray, cache: KVCache, logits: np.ndarray,
-               slots: np.ndarray | None = None, blocks: np.ndarray | None = None) -> None:
+               slots: np.ndarray | None = None, blocks: np.ndarray | None = None, last_only: bool = False) -> None:
         """The C step on numpy arrays (int64 tokens / positions / slots, int32 block bounds) writing
-        `logits` [≥ B, vocab padded to 8] (C-contiguous float32). No torch op runs here, so a caller
-        holding the GIL gives it up only while the kernel computes."""
+        `logits` [≥ B, vocab padded to 8] (C-contiguous float32) — with `last_only`, [≥ blocks] for each
+        block's last row. No torch op runs here, so a caller holding the GIL gives it up only while
+        the kernel computes."""
         lib, m, _ = self.native
         threads = torch.get_num_threads()
         kv = cache.kv
@@ -461,16 +462,18 @@ class DecodeWeights:
         B = len(tokens)
         if slots is None and B > cache.batch:
             raise ValueError(f"{B} rows do not fit a cache of {cache.batch}")
-        if logits.shape[0] < B or logits.shape[1] != m.vocab_padded or len(positions) != B:
+        rows_out = len(blocks) - 1 if last_only and blocks is not None else B
+        if logits.shape[0] < rows_out or logits.shape[1] != m.vocab_padded or len(positions) != B:
             raise ValueError("logits buffer or positions of the wrong shape")
         rc = lib.nogil.qiusuo_decode_step(
             ctypes.byref(m), B, self._address(0, tokens, np.int64), self._address(1, positions, np.int64),
             None if slots is None else self._address(2, slots, np.int64), kv.data_ptr(), cache.batch, cache.max_len,
             self._address(3, logits, np.float32), None if blocks is None else self._address(4, blocks, np.int32),
-            0 if blocks is None else len(blocks) - 1, threads, self._team(B, blocks, threads))
+            0 if blocks is None else len(blocks) - 1, threads, self._team(B, blocks, threads), int(last_only))
         if rc:
-            why = {1: "unsupported shape", 2: "a position outside the cache", 3: "a token id outside the vocabulary",
-                   4: "a cache row outside the cache", 5: "out of memory"}
+            why = {1: "unsupported shape (or last_only without blocks)", 2: "a position outside the cache",
+                   3: "a token id outside the vocabulary", 4: "a cache row outside the cache", 5: "out of memory",
+                   6: "block bounds that are not increasing within the rows"}
             if rc == 5:
                 raise MemoryError("C decode step: out of memory for its work buffers")
             raise ValueError(f"C decode step rejected its input: {why.get(rc, rc)}")
@@ -526,9 +529,9 @@ class DecodeWeights:
         np.cumsum(lengths, out=bounds[1:])
         positions = np.arange(len(tokens), dtype=np.int64) - np.repeat(bounds[:-1].astype(np.int64), lengths)
         rows = np.repeat(np.asarray(slots, dtype=np.int64), lengths)
-        logits = np.empty((len(tokens), self.vocab_padded), dtype=np.float32)
-        self.kernel(tokens, positions, cache, logits, rows, bounds)
-        return logits[bounds[1:] - 1]
+        logits = np.empty((len(prompts), self.vocab_padded), dtype=np.float32)
+        self.kernel(tokens, positions, cache, logits, rows, bounds, last_only=True)
+        return logits
 
     def _inv_rms(self, x: torch.Tensor) -> torch.Tensor:
         """1 / rms(x) per row [B, 1] (statistics in fp32, as transformers computes them)."""

@@ -155,6 +155,28 @@ def test_c_prefill_matches_a_full_forward_and_the_torch_prefill(tok):
     assert cache.kv[:, :, [1, 3, 5]].abs().max() == 0          # rows not named stay untouched
 
 
+@pytest.mark.parametrize("team", [False, True])
+def test_c_prefill_computes_the_last_tokens_logits_only_and_the_same_bits(tok, team):
+    """A prefill asks for each prompt's last-token logits only (`last_only`): they are the bits the
+    step computes when it writes every row's logits, in blocks and in team mode."""
+    model = tiny_model(tok)
+    prompts = [tok.prompt_ids("12+34"), [tok.eos_id], tok.prompt_ids("reach 46 with 3 7 25 2")]
+    step = DecodeWeights(model, 64, native=True)
+    step.team = team
+    lengths = np.array([len(p) for p in prompts])
+    bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    tokens = np.concatenate([np.array(p, dtype=np.int64) for p in prompts])
+    positions = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
+    slots = np.repeat(np.arange(3, dtype=np.int64), lengths)
+    every = np.zeros((len(tokens), step.vocab_padded), dtype=np.float32)
+    step.kernel(tokens, positions, model.new_cache(3, 64), every, slots, bounds)
+    last = step.prefill(prompts, [0, 1, 2], model.new_cache(3, 64))
+    assert last.shape == (3, step.vocab_padded)
+    assert np.array_equal(last, every[bounds[1:] - 1])
+    with pytest.raises(ValueError, match="block bounds"):
+        step.kernel(tokens, positions, model.new_cache(3, 64), every, slots, bounds[[0, 2, 1, 3]], last_only=True)
+
+
 @pytest.mark.parametrize("scale", [0.05, 1.0, 8.0])
 def test_c_top_p_sampler_matches_torch_on_flat_and_peaked_distributions(scale):
     """Top-p without top-k orders only the tokens above a threshold; flat logits (nearly the whole

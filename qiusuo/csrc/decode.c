@@ -415,7 +415,7 @@ static __attribute__((noinline)) void silu_mul(int I, const float *g, float *a) 
  * cache's row capacity. Within a layer the rows are processed in order, so rows that share a slot
  * (the tokens of one prompt, in position order) see each other's keys: that is a prefill. */
 static int run_block(const Model *m, int R, const int64_t *tokens, const int64_t *positions, const int64_t *slots,
-                     int B, float *cache, int L, float *logits) {
+                     int B, float *cache, int L, float *logits, int last_only) {
     const int hd = m->hidden, I = m->inter, H = m->heads, KV = m->kv_heads, D = m->head_dim;
     const int N = (H + 2 * KV) * D, G = H / KV;
     int S = 1;
@@ -451,7 +451,9 @@ static int run_block(const Model *m, int R, const int64_t *tokens, const int64_t
         for (int r = 0; r < R; r++) silu_mul(I, y + (size_t)r * 2 * I, xn + (size_t)r * I);
         matmul(R, I, hd, xn, I, m->down[l], x, hd, 1);
     }
-    rms_scale(R, hd, x, xn, m->eps);
+    /* a prompt (last_only) needs the logits of its last token only: the next token's distribution */
+    const int heads = last_only ? 1 : R;
+    rms_scale(heads, hd, x + (size_t)(R - heads) * hd, xn, m->eps);
     float *out = y;  /* reuse: [R, vocab_padded] fits when vocab_padded <= width, else allocate */
     float *extra = NULL;
     if ((size_t)m->vocab_padded > width) out = extra = malloc((size_t)R * m->vocab_padded * sizeof(float));
@@ -459,8 +461,8 @@ static int run_block(const Model *m, int R, const int64_t *tokens, const int64_t
         free(x); free(xn); free(y); free(att); free(scores);
         return 1;
     }
-    matmul(R, hd, m->vocab_padded, xn, hd, m->head, out, m->vocab_padded, 0);
-    memcpy(logits, out, (size_t)R * m->vocab_padded * sizeof(float));
+    matmul(heads, hd, m->vocab_padded, xn, hd, m->head, out, m->vocab_padded, 0);
+    memcpy(logits, out, (size_t)heads * m->vocab_padded * sizeof(float));
     free(extra); free(x); free(xn); free(y); free(att); free(scores);
     return 0;
 }
@@ -641,7 +643,7 @@ typedef struct {
     const int64_t *tokens, *positions, *slots;
     const int32_t *block_start;
     float *cache, *logits;
-    int B, capacity, L, per, nblocks;
+    int B, capacity, L, per, nblocks, last_only;
 } StepArgs;
 
 static void step_block(void *arg, int blk, int *failed) {
@@ -649,7 +651,7 @@ static void step_block(void *arg, int blk, int *failed) {
     const int b0 = a->nblocks > 0 ? a->block_start[blk] : blk * a->per;
     const int b1 = a->nblocks > 0 ? a->block_start[blk + 1] : (b0 + a->per <= a->B ? b0 + a->per : a->B);
     if (b1 > b0 && run_block(a->m, b1 - b0, a->tokens + b0, a->positions + b0, a->slots + b0, a->capacity, a->cache,
-                             a->L, a->logits + (size_t)b0 * a->m->vocab_padded))
+                             a->L, a->logits + (size_t)(a->last_only ? blk : b0) * a->m->vocab_padded, a->last_only))
         __atomic_store_n(failed, 1, __ATOMIC_RELAXED);
 }
 
@@ -673,6 +675,8 @@ typedef struct {
     int B, capacity, L, S, members;
     float *x, *xn, *y, *att, *scores;      /* shared activations; scores: G·S floats per member */
     int *next, *done;                      /* per phase: chunks handed out, chunks finished */
+    const int32_t *ends;                   /* last_only: the P prompts' bounds (their last rows get logits) */
+    int P;
 } Team;
 
 static inline int team_take(Team *t, int ph, int n) {
@@ -700,9 +704,9 @@ static inline int n_chunks(int total, int members) {
 
 /* y[:, cols] (=|+=) x @ W for one phase: chunks of whole panels (a multiple of 4 panels for a lone
  * row, `matmul_row`'s group), so every column is computed as the block path computes it. */
-static void team_matmul(Team *t, int ph, int K, int N, const float *x, int ldx, const float *W, float *y,
-                        int ldy, int accumulate) {
-    const int R = t->B, panels = (N + 15) / 16, group = R == 1 ? 4 : 1;
+static void team_matmul(Team *t, int ph, int R, int K, int N, const float *x, int ldx, const float *W, float *y,
+                         int ldy, int accumulate) {
+    const int panels = (N + 15) / 16, group = R == 1 ? 4 : 1;
     const int units = (panels + group - 1) / group, n = n_chunks(units, t->members);
     for (int c; (c = team_take(t, ph, n)) >= 0; team_done(t, ph)) {
         int u0, u1;
@@ -713,12 +717,18 @@ static void team_matmul(Team *t, int ph, int K, int N, const float *x, int ldx, 
     team_wait(t, ph, n);
 }
 
-/* xn = x / rms(x), row by row, for one phase. */
-static void team_rms(Team *t, int ph) {
-    const int hd = t->m->hidden, n = n_chunks(t->B, t->members);
+/* xn = x / rms(x), row by row, for one phase; with `ends` (the final norm of a prefill), xn[k] from the
+ * last row of prompt k only. */
+static void team_rms(Team *t, int ph, const int32_t *ends) {
+    const int hd = t->m->hidden, R = ends ? t->P : t->B, n = n_chunks(R, t->members);
     for (int c, lo, hi; (c = team_take(t, ph, n)) >= 0; team_done(t, ph)) {
-        chunk_range(c, n, t->B, &lo, &hi);
-        rms_scale(hi - lo, hd, t->x + (size_t)lo * hd, t->xn + (size_t)lo * hd, t->m->eps);
+        chunk_range(c, n, R, &lo, &hi);
+        if (ends) {
+            for (int k = lo; k < hi; k++)
+                rms_scale(1, hd, t->x + (size_t)(ends[k + 1] - 1) * hd, t->xn + (size_t)k * hd, t->m->eps);
+        } else {
+            rms_scale(hi - lo, hd, t->x + (size_t)lo * hd, t->xn + (size_t)lo * hd, t->m->eps);
+        }
     }
     team_wait(t, ph, n);
 }
@@ -732,8 +742,8 @@ static void team_member(void *arg, int me, int *failed) {
     int ph = 0, lo, hi;
     (void)failed;
     for (int l = 0; l < m->layers; l++) {
-        team_rms(t, ph++);
-        team_matmul(t, ph++, hd, N, t->xn, hd, m->qkv[l], t->y, N, 0);
+        team_rms(t, ph++, NULL);
+        team_matmul(t, ph++, R, hd, N, t->xn, hd, m->qkv[l], t->y, N, 0);
         /* every row's keys and values are in the cache before any row attends: a prompt's later
          * tokens read its earlier ones (prefill) */
         for (int c; (c = team_take(t, ph, nr)) >= 0; team_done(t, ph)) {
@@ -751,25 +761,25 @@ static void team_member(void *arg, int me, int *failed) {
             }
         }
         team_wait(t, ph++, nu);
-        team_matmul(t, ph++, H * D, hd, t->att, H * D, m->o[l], t->x, hd, 1);
-        team_rms(t, ph++);
-        team_matmul(t, ph++, hd, 2 * I, t->xn, hd, m->gu[l], t->y, 2 * I, 0);
+        team_matmul(t, ph++, R, H * D, hd, t->att, H * D, m->o[l], t->x, hd, 1);
+        team_rms(t, ph++, NULL);
+        team_matmul(t, ph++, R, hd, 2 * I, t->xn, hd, m->gu[l], t->y, 2 * I, 0);
         for (int c; (c = team_take(t, ph, nr)) >= 0; team_done(t, ph)) {
             chunk_range(c, nr, R, &lo, &hi);
             for (int r = lo; r < hi; r++) silu_mul(I, t->y + (size_t)r * 2 * I, t->xn + (size_t)r * I);
         }
         team_wait(t, ph++, nr);
-        team_matmul(t, ph++, I, hd, t->xn, I, m->down[l], t->x, hd, 1);
+        team_matmul(t, ph++, R, I, hd, t->xn, I, m->down[l], t->x, hd, 1);
     }
-    team_rms(t, ph++);
-    team_matmul(t, ph++, hd, m->vocab_padded, t->xn, hd, m->head, t->logits, m->vocab_padded, 0);
+    team_rms(t, ph++, t->ends);
+    team_matmul(t, ph++, t->ends ? t->P : R, hd, m->vocab_padded, t->xn, hd, m->head, t->logits, m->vocab_padded, 0);
 }
 
 #define TEAM_PHASES(layers) (9 * (layers) + 2)
 
 /* All B rows on `threads` threads in team mode (see above); returns nonzero when out of memory. */
 static int run_team(const Model *m, int B, const int64_t *tokens, const int64_t *positions, const int64_t *slots,
-                    float *cache, int capacity, int L, float *logits, int threads) {
+                    float *cache, int capacity, int L, float *logits, int threads, const int32_t *ends, int P) {
     const int hd = m->hidden, I = m->inter, H = m->heads, KV = m->kv_heads, D = m->head_dim;
     const int N = (H + 2 * KV) * D, G = H / KV, members = threads < 1 ? 1 : threads;
     int S = 1;
@@ -779,7 +789,7 @@ static int run_team(const Model *m, int B, const int64_t *tokens, const int64_t 
               calloc((size_t)B * hd, sizeof(float)), calloc((size_t)B * (hd > I ? hd : I), sizeof(float)),
               calloc((size_t)B * width, sizeof(float)), calloc((size_t)B * H * D, sizeof(float)),
               malloc((size_t)members * G * S * sizeof(float)),
-              calloc(TEAM_PHASES(m->layers), sizeof(int)), calloc(TEAM_PHASES(m->layers), sizeof(int))};
+              calloc(TEAM_PHASES(m->layers), sizeof(int)), calloc(TEAM_PHASES(m->layers), sizeof(int)), ends, P};
     int failed = !t.x || !t.xn || !t.y || !t.att || !t.scores || !t.next || !t.done;
     if (!failed) {
         for (int r = 0; r < B; r++) memcpy(t.x + (size_t)r * hd, m->embed + (size_t)tokens[r] * hd, hd * sizeof(float));
@@ -795,11 +805,14 @@ static int run_team(const Model *m, int B, const int64_t *tokens, const int64_t 
  * Decode: slots = NULL (row b is cache row b), nblocks = 0: rows are independent, so they are split
  * into blocks that run on `threads` threads with no synchronisation inside the step.
  * Prefill: the tokens of each prompt in position order, sharing the prompt's slot, one block per
- * prompt (block k is rows block_start[k] .. block_start[k + 1] − 1): prompts run in parallel.
- * team != 0: all rows in team mode instead (see above; blocks are then ignored), same results. */
+ * prompt (block k is rows block_start[k] .. block_start[k + 1] − 1): prompts run in parallel. With
+ * last_only, logits [nblocks, vocab_padded] holds each block's last row only: a prompt's other
+ * positions need no logits, and with a large vocabulary the LM head over every prompt token is a
+ * large share of the work (a quarter of a 0.5 B Qwen's weights) and of the memory.
+ * team != 0: all rows in team mode instead (see above; blocks only mark the last rows), same results. */
 int qiusuo_decode_step(const Model *m, int B, const int64_t *tokens, const int64_t *positions, const int64_t *slots,
                        float *cache, int capacity, int L, float *logits, const int32_t *block_start, int nblocks,
-                       int threads, int team) {
+                       int threads, int team, int last_only) {
     if (m->head_dim % 8 || m->hidden % 8 || m->inter % 8 || m->vocab_padded % 8 || m->heads % m->kv_heads) return 1;
     if (!slots && B > capacity) return 1;
     for (int b = 0; b < B; b++) {
@@ -808,6 +821,9 @@ int qiusuo_decode_step(const Model *m, int B, const int64_t *tokens, const int64
         if (slots && (slots[b] < 0 || slots[b] >= capacity)) return 4;
     }
     if (B <= 0) return B < 0;   /* nothing to do (and no blocks to divide the rows into) */
+    if (last_only && nblocks < 1) return 1;
+    for (int k = 0; k < nblocks; k++)   /* blocks: nonempty, in order, covering the rows */
+        if (block_start[k] < 0 || block_start[k + 1] <= block_start[k] || block_start[k + 1] > B) return 6;
     if (threads < 1) threads = 1;
     int64_t *identity = NULL;
     if (!slots) {
@@ -817,7 +833,8 @@ int qiusuo_decode_step(const Model *m, int B, const int64_t *tokens, const int64
         slots = identity;
     }
     if (team && B > 0) {
-        const int failed = run_team(m, B, tokens, positions, slots, cache, capacity, L, logits, threads);
+        const int failed = run_team(m, B, tokens, positions, slots, cache, capacity, L, logits, threads,
+                                    last_only ? block_start : NULL, nblocks);
         free(identity);
         return failed ? 5 : 0;
     }
@@ -825,7 +842,8 @@ int qiusuo_decode_step(const Model *m, int B, const int64_t *tokens, const int64
     int per = (B + threads - 1) / threads;
     if (per > 36) per = 36;
     const int blocks = nblocks > 0 ? nblocks : (B + per - 1) / per;
-    StepArgs args = {m, tokens, positions, slots, block_start, cache, logits, B, capacity, L, per, nblocks};
+    StepArgs args = {m, tokens, positions, slots, block_start, cache, logits, B, capacity, L, per, nblocks,
+                     last_only != 0};
     const int failed = run_blocks(step_block, &args, blocks, threads);
     free(identity);
     return failed ? 5 : 0;
