@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import queue
@@ -144,6 +145,9 @@ def _find_stop_string(text: str, stop_strings: Sequence[str]) -> int | None:
     return min(hits) if hits else None
 
 
+_CANCELS = itertools.count(1)
+
+
 @dataclass
 class Row:
     """One sequence being decoded. `owner` is whatever the caller uses to route its tokens. Its
@@ -158,14 +162,17 @@ class Row:
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cancelled: bool = False
+    dropped: bool = False           # the token that ended the row is not output (set with finish_reason)
 
     cancels: ClassVar[int] = 0
-    """Bumped by every `cancel`, so a batch looks for cancelled rows only when this has changed."""
+    """A new value at every `cancel`, so a batch looks for cancelled rows only when it has changed."""
 
     def cancel(self) -> None:
         """End at the next step (any thread); the token drawn then is not reported."""
         self.cancelled = True
-        Row.cancels += 1      # after the flag: a batch that sees the new count sees the flag
+        # after the flag: a batch that sees the new value sees the flag. A fresh number rather than
+        # += 1, so two threads cancelling at once cannot write back a value a batch has already seen.
+        Row.cancels = next(_CANCELS)
 
     def reports(self, token: int, finished: bool) -> bool:
         """Whether a sampled token belongs to the output: the stop token that ended the row, and the
@@ -174,9 +181,9 @@ class Row:
                     and (token in self.stops or self.cancelled))
 
     def reported(self) -> int:
-        """How many of `generated` belong to the output (all but an ending stop or cancel token)."""
-        n = len(self.generated)
-        return n - 1 if n and self.finish_reason and not self.reports(self.generated[-1], True) else n
+        """How many of `generated` belong to the output (all but an ending stop or cancel token, as
+        decided when the row ended: a cancel that comes later changes nothing)."""
+        return len(self.generated) - self.dropped
 
 
 class DecodeBatch:
@@ -356,6 +363,7 @@ class DecodeBatch:
                 row.finish_reason = "length"
             else:
                 continue
+            row.dropped = not row.reports(token, True)
             dead.append(i)
         ended = [rows[i] for i in dead]
         if dead:
@@ -451,13 +459,15 @@ class Engine:
         `max_len`. Packing them is a pass over all the weights — 3.5 ms for the demo model, 92 ms at
         24 M parameters — which every `stream` call (each chat message) and every `generate` call
         paid before; now it is paid again only when the weights have changed. A change is seen from
-        each parameter's storage and version counter, which every in-place update bumps (optimizer
-        steps, `load_state_dict`, `copy_` under no_grad) — but not writes through `.data`, which
-        autograd does not see either: call `forget_weights` after those."""
+        each parameter's storage and version counter, which in-place updates bump (`load_state_dict`,
+        `copy_` under no_grad, the for-loop and foreach optimizer steps) — but a fused optimizer step
+        (`fused=True`) and writes through `.data` do not: call `forget_weights` after those (or after
+        any training step, as GRPO does). A stale copy is still one whole model (`DecodeWeights`
+        copies the embedding too), never a mix of old and new weights."""
         key = (os.environ.get("QIUSUO_NATIVE"), [(p.data_ptr(), p._version) for p in self.model.parameters()])
         with self._packed_lock:
             if self._packed is None or self._packed[0] != key or self._packed[1].max_len < max_len:
-                span = min(self.model.config.max_position_embeddings, max(max_len, self.PACKED_MIN_LEN))
+                span = max(max_len, min(self.model.config.max_position_embeddings, self.PACKED_MIN_LEN))
                 self._packed = None   # the old copy goes before the new one is made
                 self._packed = (key, DecodeWeights(self.model, span))
             return self._packed[1]
@@ -573,10 +583,14 @@ class Request:
         the caller's name for the request (the engine process's id)."""
         self.prompt_ids, self.params, self.tag = prompt_ids, params, tag
         self.output_ids: list[int] = []     # the tokens handed to the consumer so far
+        # set when the end is handed over, with the last of `output_ids` (the scheduler knows it at
+        # once, as `_finish` / `_finished_at`)
         self.finish_reason: str | None = None
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
+        self._finish: str | None = None
+        self._finished_at: float | None = None
         self.started = False
         self.row: Row | None = None
         # where its tokens go: the sink, the event loop of its consumer, or a blocked thread's queue
@@ -593,8 +607,9 @@ class Request:
     def cancel(self) -> None:
         """Stop generating at the next step (or never start, if still waiting)."""
         self._cancelled.set()
-        if self.row is not None:
-            self.row.cancel()
+        row = self.row
+        if row is not None and row.finish_reason is None:   # (the server cancels every request it ends)
+            row.cancel()
         if self._on_cancel is not None:
             self._on_cancel()
 
@@ -612,14 +627,16 @@ class Request:
                 tokens = self.row.generated[self._handed:upto]
                 self._handed = upto
                 self.output_ids += tokens
-        done = self.finish_reason is not None and not self._end_handed
-        self._end_handed |= done
+        done = self._finish is not None and not self._end_handed
+        if done:
+            self._end_handed = True
+            self.finish_reason, self.finished_at = self._finish, self._finished_at
         return tokens, done
 
     def _end(self, finish_reason: str) -> None:
         """Finish outside a step (cancelled while waiting, scheduler stopped, a failed step) and hand
         over what is left at once (scheduler thread)."""
-        self.finish_reason, self.finished_at = finish_reason, time.perf_counter()
+        self._finish, self._finished_at = finish_reason, time.perf_counter()
         item = self._take()
         if self._route is _SYNC:
             self._sync.put(item)
@@ -831,7 +848,7 @@ class Scheduler:
             with self._lock:
                 waiting, self._waiting = self._waiting, []
             for req in waiting + self._joining + self._outbox.requests() + [row.owner for row in self._batch.rows]:
-                if req.finish_reason is None:
+                if req._finish is None:
                     req._end("error")
             logging.getLogger(__name__).exception("scheduler stopped")
 
@@ -855,7 +872,7 @@ class Scheduler:
                 if req.row.reported():
                     req.first_token_at = now
             for req in ended:
-                req.finish_reason, req.finished_at = req.row.finish_reason, now
+                req._finish, req._finished_at = req.row.finish_reason, now
             outbox.stepped(admit, ended)
             # the tokens go out before the model computes the next ones, not one forward pass later
             outbox.hand_over(busy=len(batch) > self.coalesce_above)

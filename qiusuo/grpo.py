@@ -246,7 +246,6 @@ def rollout(engine: Engine, tok, problems: list, cfg: GRPOConfig, seed: int) -> 
     prompt_ids = [tok.prompt_ids(p.prompt) for p in problems]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
     completions = engine.generate(prompt_ids, params, n=cfg.group_size)
-    engine.forget_weights()   # the update is about to change them: no stale copy held through it
     weights = RewardWeights(accuracy=cfg.reward_accuracy, format=cfg.reward_format)
     P, G = len(problems), cfg.group_size
     rewards = torch.zeros(P, G)
@@ -406,6 +405,7 @@ def train(cfg: GRPOConfig, resume: bool = False) -> Path:
             # 1. rollout with π_old (the current weights, no grad)
             model.eval()
             r, generated, zero_std_frac = collect(engine, tok, cfg, rng, step)
+            engine.forget_weights()   # the update makes the packed copy stale: not held through it
             t_gen = time.perf_counter() - t0
             adv = group_advantages(r.rewards, variant.scale_by_std).flatten()  # [P*G]
             batch = training_batch(r, tok.pad_id, cfg.device)

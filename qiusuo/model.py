@@ -384,7 +384,9 @@ class DecodeWeights:
         cfg = model.config
         self.cfg, self.max_len = cfg, max_len
         H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.embed = model.model.embed_tokens.weight
+        # a copy like every other weight here, so a copy kept past a weight change is the old model
+        # in full rather than old layers behind a new embedding
+        self.embed = model.model.embed_tokens.weight.detach().clone()
         dtype, device = self.embed.dtype, self.embed.device
         fused = []   # per layer in Linear layout [out, in]: q|k|v and its bias, o, gate|up, down
         for layer in model.model.layers:
@@ -463,8 +465,9 @@ class DecodeWeights:
         if slots is None and B > cache.batch:
             raise ValueError(f"{B} rows do not fit a cache of {cache.batch}")
         rows_out = len(blocks) - 1 if last_only and blocks is not None else B
-        if logits.shape[0] < rows_out or logits.shape[1] != m.vocab_padded or len(positions) != B:
-            raise ValueError("logits buffer or positions of the wrong shape")
+        if (logits.shape[0] < rows_out or logits.shape[1] != m.vocab_padded or len(positions) != B
+                or (slots is not None and len(slots) != B)):
+            raise ValueError("logits buffer, positions or slots of the wrong shape")
         rc = lib.nogil.qiusuo_decode_step(
             ctypes.byref(m), B, self._address(0, tokens, np.int64), self._address(1, positions, np.int64),
             None if slots is None else self._address(2, slots, np.int64), kv.data_ptr(), cache.batch, cache.max_len,
@@ -523,6 +526,8 @@ class DecodeWeights:
         prompts run in parallel. Only with the C kernel (`self.native`)."""
         if self.native is None:
             raise RuntimeError("prefill runs on the C kernel; without it use Transformer.hidden with a cache")
+        if not prompts or min(len(p) for p in prompts) < 1:
+            raise ValueError("prefill needs at least one prompt, each of at least one token")
         lengths = np.fromiter((len(p) for p in prompts), dtype=np.int64, count=len(prompts))
         tokens = np.fromiter((t for p in prompts for t in p), dtype=np.int64, count=int(lengths.sum()))
         bounds = np.zeros(len(prompts) + 1, dtype=np.int32)

@@ -1,10 +1,12 @@
 """The engine: greedy equals transformers, batching and seeds don't change a row's tokens, stops work."""
+import copy
 import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import tiny_model
 from qiusuo.engine import DecodeBatch, Engine, SamplingParams, sample_next, uniform
 from qiusuo.model import save_model
 
@@ -480,3 +482,82 @@ def test_packed_weights_are_reused_until_the_weights_change(tok, model):
 
     engine.forget_weights()                                    # writes through .data are not seen
     assert engine._packed is None
+
+
+def test_a_scheduler_context_beyond_the_models_positions_still_runs(tok):
+    # the packed rotary tables must cover the batch's context even past max_position_embeddings
+    model = tiny_model(tok, max_position_embeddings=32)
+    sched = Scheduler(Engine(model, None, eos_ids=()), max_len=64).start()
+    try:
+        r = sched.submit(tok.prompt_ids("1+1"), SamplingParams(max_new_tokens=50, seed=0, stop_token_ids=()))
+        got = list(r)
+    finally:
+        sched.stop()
+    assert len(got) == 50 and r.finish_reason == "length" and sched.error is None
+
+
+def test_a_stale_packed_copy_is_the_old_model_whole_until_forgotten(tok):
+    """A fused optimizer step changes the weights without bumping their version counters: the engine
+    keeps its packed copy, which must then be the old model entire (not old layers behind the new
+    embedding), and `forget_weights` brings the new one."""
+    model = tiny_model(tok)
+    prompt = tok.prompt_ids(PROMPTS[1])
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=8, stop_token_ids=())
+    engine = Engine(model, tok, eos_ids=())
+    before = engine.generate([prompt], params)[0].token_ids
+    old = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+    model(torch.tensor([prompt])).logsumexp(-1).sum().backward()
+    opt.step()
+    assert Engine(model, tok, eos_ids=()).generate([prompt], params)[0].token_ids != before   # it did change
+    assert engine.generate([prompt], params)[0].token_ids == before == \
+        Engine(old, tok, eos_ids=()).generate([prompt], params)[0].token_ids
+    engine.forget_weights()
+    assert engine.generate([prompt], params)[0].token_ids == Engine(model, tok, eos_ids=()).generate([prompt], params)[0].token_ids
+
+
+def test_the_end_is_published_with_the_last_tokens(tok, model):
+    """Under a stream interval tokens reach a request only at hand-overs: its finish_reason must not be
+    visible before output_ids holds every token (a thread polling finish_reason reads a whole result)."""
+    import asyncio
+
+    seen = []
+    sched = Scheduler(Engine(model, tok), stream_interval=0.05, coalesce_above=0)
+    stepped = sched._outbox.stepped
+
+    def watch(joined, ended):
+        seen.extend((r.finish_reason, r.finished_at) for r in ended)
+        return stepped(joined, ended)
+
+    sched._outbox.stepped = watch
+    sched.start()
+
+    async def go():
+        reqs = [sched.submit(tok.prompt_ids("12+34"), SamplingParams(max_new_tokens=20, seed=i)) for i in range(4)]
+        return reqs, [[t async for t in r] for r in reqs]
+
+    try:
+        reqs, outs = asyncio.run(go())
+    finally:
+        sched.stop()
+    assert len(seen) == 4 and all(f is None and at is None for f, at in seen)   # not yet at the step's end
+    for r, out in zip(reqs, outs):
+        assert r.finish_reason in ("stop", "length") and r.output_ids == out and r.finished_at >= r.first_token_at
+
+
+def test_cancelling_a_finished_request_costs_the_batch_nothing(tok, model):
+    from qiusuo.engine import Row
+
+    sched = Scheduler(Engine(model, tok)).start()
+    try:
+        r = sched.submit(tok.prompt_ids("1+1"), SamplingParams(max_new_tokens=5, seed=1))
+        list(r)
+        before = Row.cancels
+        r.cancel()                          # what the server does with every request it ends
+        assert Row.cancels == before
+    finally:
+        sched.stop()
+    row = Row(owner=None, params=SamplingParams(), stops=frozenset({2}), key=0, limit=9, generated=[5, 7],
+              finish_reason="stop")         # ended on a stop string: both tokens are output …
+    row.cancel()                            # … and a cancel arriving after that changes nothing
+    assert row.reported() == 2

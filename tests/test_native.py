@@ -375,3 +375,15 @@ def test_narrow_panels_give_the_same_bits_alone_in_blocks_and_in_team_mode(tok):
     for key, (logits, kv) in out.items():
         assert np.array_equal(logits, ref) and torch.equal(kv, ref_kv), key
     assert np.array_equal(np.stack(lone), ref)
+
+
+def test_c_step_and_prefill_reject_short_slots_and_empty_prompts(tok):
+    model = tiny_model(tok)
+    step = DecodeWeights(model, 16, native=True)
+    cache = model.new_cache(2, 16)
+    logits = np.zeros((2, step.vocab_padded), dtype=np.float32)
+    with pytest.raises(ValueError, match="slots of the wrong shape"):
+        step.kernel(np.array([3, 4]), np.array([0, 0]), cache, logits, slots=np.array([0]))
+    for prompts in ([], [[]], [[3], []]):
+        with pytest.raises(ValueError, match="at least one token"):
+            step.prefill(prompts, list(range(len(prompts))), cache)

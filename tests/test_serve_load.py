@@ -100,8 +100,9 @@ def test_full_queue_gives_503_and_a_waiting_stream_gets_keep_alives(tok, looping
         assert e.value.status_code == 503 and 1 <= int(e.value.response.headers["Retry-After"]) <= 60
         assert e.value.response.json()["error"]["code"] == "overloaded"
         running.close()                                            # A leaves: B runs
-        assert waiting.read_content() in LOOP
+        content = waiting.read_content()       # one token, or several when the loop fell behind
         waiting.close()
+        assert content and set(content) <= set(LOOP)
         wait_for(lambda: idle(s.service), what="both requests to be cancelled")
         metrics = httpx.get(s.url + "/metrics").text
         assert 'qiusuo_requests_total{route="/v1/chat/completions",status="503"} 1.0' in metrics

@@ -820,7 +820,7 @@ int qiusuo_decode_step(const Model *m, int B, const int64_t *tokens, const int64
         if (tokens[b] < 0 || tokens[b] >= m->vocab) return 3;
         if (slots && (slots[b] < 0 || slots[b] >= capacity)) return 4;
     }
-    if (B <= 0) return B < 0;   /* nothing to do (and no blocks to divide the rows into) */
+    if (B <= 0) return B < 0 || nblocks > 0 ? 6 : 0;   /* no rows: nothing to do, and no block can be nonempty */
     if (last_only && nblocks < 1) return 1;
     for (int k = 0; k < nblocks; k++)   /* blocks: nonempty, in order, covering the rows */
         if (block_start[k] < 0 || block_start[k + 1] <= block_start[k] || block_start[k + 1] > B) return 6;
