@@ -814,7 +814,9 @@ class Scheduler:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink=None, tag=None) -> Request:
         """Queue a request; consume it by iterating it (from a thread or, when submitted from an event
-        loop, with `async for`), or pass a `sink` (see `Request`). `tag` is kept as `request.tag`."""
+        loop, with `async for`), or pass a `sink` (see `Request`). `tag` is kept as `request.tag`.
+        Requests may be queued before `start`; a stopped scheduler refuses them (RuntimeError) until
+        it is started again, rather than keep them waiting for a restart that may never come."""
         check_prompt(prompt_ids, self.max_len)
         try:
             loop = asyncio.get_running_loop()
@@ -824,6 +826,9 @@ class Scheduler:
         if self.error is not None:
             raise RuntimeError(f"the scheduler stopped after an error: {self.error!r}")
         with self._lock:
+            if self._stop:
+                raise RuntimeError("the scheduler is stopped" if self.error is None else
+                                   f"the scheduler stopped after an error: {self.error!r}")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests already waiting")
             self._waiting.append(req)
@@ -844,13 +849,21 @@ class Scheduler:
             self._run()
         except BaseException as e:  # a failed step must not leave clients waiting forever
             self.error = e
-            self._outbox.hand_over(force=True)   # tokens already produced go out before the error
+            log = logging.getLogger(__name__)
+            log.exception("scheduler stopped")
             with self._lock:
+                self._stop = True                # refuse new requests (`submit`)
                 waiting, self._waiting = self._waiting, []
+            try:
+                self._outbox.hand_over(force=True)   # tokens already produced go out before the error
+            except Exception:   # a sink that fails (the cause, perhaps): the others must still end
+                log.exception("handing over after the error failed")
             for req in waiting + self._joining + self._outbox.requests() + [row.owner for row in self._batch.rows]:
                 if req._finish is None:
-                    req._end("error")
-            logging.getLogger(__name__).exception("scheduler stopped")
+                    try:
+                        req._end("error")
+                    except Exception:
+                        log.exception("could not end request %s", req.tag)
 
     def _run(self) -> None:
         batch, outbox = self._batch, self._outbox
@@ -894,7 +907,10 @@ class Scheduler:
         for req in list(self._waiting):
             if req.cancelled:
                 self._waiting.remove(req)
-                req._end("cancelled")
+                try:
+                    req._end("cancelled")
+                except Exception:   # (a failing sink) must not lose the requests taken so far
+                    logging.getLogger(__name__).exception("could not end request %s", req.tag)
                 continue
             need = min(self.max_len, len(req.prompt_ids) + req.params.max_new_tokens)
             over_budget = running + len(admit) >= self.max_running or reserved + need > self.max_cache_tokens

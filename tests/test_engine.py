@@ -561,3 +561,37 @@ def test_cancelling_a_finished_request_costs_the_batch_nothing(tok, model):
               finish_reason="stop")         # ended on a stop string: both tokens are output …
     row.cancel()                            # … and a cancel arriving after that changes nothing
     assert row.reported() == 2
+
+
+def test_a_failing_sink_ends_the_other_requests_and_a_stopped_scheduler_refuses_more(tok, model):
+    """The error path must reach every request even when what failed is a sink that it calls again;
+    and a request submitted once the scheduler has stopped is refused, not left waiting."""
+    import threading
+
+    def broken_sink(items):
+        raise RuntimeError("the pipe is gone")
+
+    sched = Scheduler(Engine(model, tok))
+    params = SamplingParams(max_new_tokens=50, seed=3, stop_token_ids=())
+    sched.submit(tok.prompt_ids("1+1"), params, sink=broken_sink, tag="remote")
+    local = sched.submit(tok.prompt_ids("12+34"), params)
+    got = []
+    consumer = threading.Thread(target=lambda: got.extend(local), daemon=True)
+    consumer.start()
+    sched.start()
+    consumer.join(timeout=30)
+    assert not consumer.is_alive(), "a request was left waiting after the scheduler failed"
+    assert local.finish_reason == "error" and isinstance(sched.error, RuntimeError)
+    with pytest.raises(RuntimeError, match="stopped after an error"):
+        sched.submit(tok.prompt_ids("1+1"), params)
+    sched.stop()
+
+    fine = Scheduler(Engine(model, tok)).start()
+    fine.stop()
+    with pytest.raises(RuntimeError, match="is stopped"):
+        fine.submit(tok.prompt_ids("1+1"), params)
+    fine.start()                                   # started again: it takes requests again
+    try:
+        assert len(list(fine.submit(tok.prompt_ids("1+1"), SamplingParams(max_new_tokens=3, seed=1)))) <= 3
+    finally:
+        fine.stop()
