@@ -483,9 +483,10 @@ class DecodeWeights:
 
     def _address(self, arg: int, a: np.ndarray, dtype) -> int:
         """The data address of `a`, the step's array argument number `arg`, after checking its type
-        and layout. `ndarray.ctypes` costs ~2 µs a call, most of the 9 µs of Python a call took before
-        (4.6 µs now): the address of the array last passed as each argument is kept (under a weak reference, so
-        nothing is held alive), and a decode batch passes the same arrays step after step."""
+        and layout. `ndarray.ctypes` costs ~2 µs a call, most of the 9 µs of Python a step call took
+        before (4.6 µs now): the address of the array last passed as each argument is kept (under a
+        weak reference, so nothing is held alive), and a decode batch passes the same arrays step
+        after step."""
         ref, address = self._addresses[arg]
         if ref() is a:
             return address
