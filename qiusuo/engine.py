@@ -174,12 +174,6 @@ class Row:
         # += 1, so two threads cancelling at once cannot write back a value a batch has already seen.
         Row.cancels = next(_CANCELS)
 
-    def reports(self, token: int, finished: bool) -> bool:
-        """Whether a sampled token belongs to the output: the stop token that ended the row, and the
-        token drawn after a cancel, do not."""
-        return not (finished and self.finish_reason in ("stop", "cancelled")
-                    and (token in self.stops or self.cancelled))
-
     def reported(self) -> int:
         """How many of `generated` belong to the output (all but an ending stop or cancel token, as
         decided when the row ended: a cancel that comes later changes nothing)."""
@@ -341,14 +335,14 @@ class DecodeBatch:
         ids = tokens.tolist()
         for row, token in zip(rows, ids):
             row.generated.append(token)
-        # which rows may have ended: a cancel, a stop id, the limit, a stop string; then the exact test
+        # which rows may have ended: a stop id, the limit, a stop string, a cancel; then the exact test
         if len(rows) >= self.VECTOR_ROWS:
-            maybe = np.flatnonzero(self._stop_ids[tokens] | (state["pos"] >= state["limit"])).tolist()
-            if self._string_rows:
-                maybe = sorted({*maybe, *(i for i, r in enumerate(rows) if self._has_stop_strings(r))})
-            if Row.cancels != self._cancels_seen:
+            maybe = self._stop_ids[tokens] | (state["pos"] >= state["limit"])
+            cancels = Row.cancels != self._cancels_seen
+            if self._string_rows or cancels:
                 self._cancels_seen = Row.cancels
-                maybe = sorted({*maybe, *(i for i, r in enumerate(rows) if r.cancelled)})
+                maybe |= [r.cancelled or self._has_stop_strings(r) for r in rows]
+            maybe = np.flatnonzero(maybe).tolist()
         else:
             maybe = range(len(rows))
         pos = state["pos"]
@@ -363,7 +357,7 @@ class DecodeBatch:
                 row.finish_reason = "length"
             else:
                 continue
-            row.dropped = not row.reports(token, True)
+            row.dropped = row.cancelled or token in row.stops   # the stop token, or the draw after a cancel
             dead.append(i)
         ended = [rows[i] for i in dead]
         if dead:
@@ -539,8 +533,8 @@ class Engine:
         try:
             batch.admit([prompt], [row])
             while len(batch):
-                ended = batch.step()
-                if row.reports(row.generated[-1], bool(ended)):
+                batch.step()
+                if not row.dropped:
                     yield row.generated[-1]
         finally:  # also when the consumer stops early (the generator is closed)
             batch.close()
@@ -632,21 +626,6 @@ class Request:
             self._end_handed = True
             self.finish_reason, self.finished_at = self._finish, self._finished_at
         return tokens, done
-
-    def _end(self, finish_reason: str) -> None:
-        """Finish outside a step (cancelled while waiting, scheduler stopped, a failed step) and hand
-        over what is left at once (scheduler thread)."""
-        self._finish, self._finished_at = finish_reason, time.perf_counter()
-        item = self._take()
-        if self._route is _SYNC:
-            self._sync.put(item)
-        elif isinstance(self._route, asyncio.AbstractEventLoop):
-            try:
-                self._route.call_soon_threadsafe(self._async.put_nowait, item)
-            except RuntimeError:  # the loop was closed: nobody is waiting
-                pass
-        else:
-            self._route([(self, *item)])
 
     def __iter__(self) -> Iterator[int]:
         if self._async is not None:
@@ -823,8 +802,6 @@ class Scheduler:
         except RuntimeError:
             loop = None
         req = Request(prompt_ids, params, None if sink is not None else loop, sink, tag)
-        if self.error is not None:
-            raise RuntimeError(f"the scheduler stopped after an error: {self.error!r}")
         with self._lock:
             if self._stop:
                 raise RuntimeError("the scheduler is stopped" if self.error is None else
@@ -849,21 +826,34 @@ class Scheduler:
             self._run()
         except BaseException as e:  # a failed step must not leave clients waiting forever
             self.error = e
-            log = logging.getLogger(__name__)
-            log.exception("scheduler stopped")
-            with self._lock:
-                self._stop = True                # refuse new requests (`submit`)
-                waiting, self._waiting = self._waiting, []
-            try:
-                self._outbox.hand_over(force=True)   # tokens already produced go out before the error
-            except Exception:   # a sink that fails (the cause, perhaps): the others must still end
-                log.exception("handing over after the error failed")
-            for req in waiting + self._joining + self._outbox.requests() + [row.owner for row in self._batch.rows]:
-                if req._finish is None:
-                    try:
-                        req._end("error")
-                    except Exception:
-                        log.exception("could not end request %s", req.tag)
+            logging.getLogger(__name__).exception("scheduler stopped")
+            self._end_all("error")
+
+    def _end(self, req: Request, finish_reason: str) -> None:
+        """Finish `req` outside a step (cancelled while waiting, scheduler stopped, a failed step): what
+        is left of its tokens and its end go out at once."""
+        req._finish, req._finished_at = finish_reason, time.perf_counter()
+        self._outbox._send(req._route, [req])
+
+    def _end_all(self, finish_reason: str) -> None:
+        """Refuse new requests and end every request still owed an end: waiting, being admitted,
+        running, or ended but not handed over. One that cannot be reached (a failing sink, perhaps
+        the failure itself) does not keep the others from theirs."""
+        log = logging.getLogger(__name__)
+        with self._lock:
+            self._stop = True
+            waiting, self._waiting = self._waiting, []    # a restarted scheduler must not run them
+        try:
+            self._outbox.hand_over(force=True)   # the tokens already produced go out first
+        except Exception:
+            log.exception("handing over at the end failed")
+        for req in waiting + self._joining + self._outbox.requests() + [row.owner for row in self._batch.rows]:
+            if req._finish is None:
+                try:
+                    self._end(req, finish_reason)
+                except Exception:
+                    log.exception("could not end request %s", req.tag)
+        self._outbox = _Outbox(self._outbox.interval, self._outbox.max_delay)
 
     def _run(self) -> None:
         batch, outbox = self._batch, self._outbox
@@ -891,12 +881,7 @@ class Scheduler:
             outbox.hand_over(busy=len(batch) > self.coalesce_above)
             batch.forward()
             self.steps += 1
-        outbox.hand_over(force=True)
-        with self._lock:
-            waiting, self._waiting = self._waiting, []    # a restarted scheduler must not run them
-        for req in waiting + [row.owner for row in batch.rows]:
-            req._end("cancelled")
-        self._outbox = _Outbox(outbox.interval, outbox.max_delay)
+        self._end_all("cancelled")
 
     def _take_admissible(self) -> list[Request]:
         """Waiting requests that fit the running-sequence and cache budgets, oldest first."""
@@ -908,7 +893,7 @@ class Scheduler:
             if req.cancelled:
                 self._waiting.remove(req)
                 try:
-                    req._end("cancelled")
+                    self._end(req, "cancelled")
                 except Exception:   # (a failing sink) must not lose the requests taken so far
                     logging.getLogger(__name__).exception("could not end request %s", req.tag)
                 continue

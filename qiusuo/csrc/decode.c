@@ -827,12 +827,12 @@ int qiusuo_decode_step(const Model *m, int B, const int64_t *tokens, const int64
     if (threads < 1) threads = 1;
     int64_t *identity = NULL;
     if (!slots) {
-        identity = malloc((size_t)(B > 0 ? B : 1) * sizeof(int64_t));
+        identity = malloc((size_t)B * sizeof(int64_t));
         if (!identity) return 5;
         for (int b = 0; b < B; b++) identity[b] = b;
         slots = identity;
     }
-    if (team && B > 0) {
+    if (team) {
         const int failed = run_team(m, B, tokens, positions, slots, cache, capacity, L, logits, threads,
                                     last_only ? block_start : NULL, nblocks);
         free(identity);
