@@ -15,6 +15,11 @@ One after another is measured two ways, each against the same concurrent runs:
 - the same scheduler with one running slot, the requests submitted one after another as a server
   without batching would run them: this isolates what continuous batching itself adds.
 
+The last line bounds the ratio from the C decode step alone, timed in the same run at the same
+positions (one row at a time, then all N rows in one cache, alternated): the concurrent side cannot
+beat N rows' step time per token, so `Engine.stream`'s time per token over that is the most the ratio
+could reach if the scheduler, sampling, prefill and consumers cost nothing.
+
     .venv/bin/python bench/serve_batching.py [--checkpoint runs/tiny/base | --size tiny|small|medium] [--requests 32]
 """
 from __future__ import annotations
@@ -27,6 +32,9 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.generate import SIZES, checkpoint  # noqa: E402
 from qiusuo.engine import Engine, SamplingParams, Scheduler  # noqa: E402
@@ -35,6 +43,22 @@ from qiusuo.model import load_model  # noqa: E402
 from qiusuo.tokenizer import Tokenizer  # noqa: E402
 
 PROMPTS = ["4821+397", "reach 46 with 3 7 25 2", "12*7", "90817-3349", "reach 100 with 5 5 4", "77+77"]
+
+
+def step_seconds(engine: Engine, lengths: list[int], new_tokens: int) -> float:
+    """Seconds per token of the C decode step alone, for rows whose prompts are `lengths` long, all in
+    one cache, stepped `new_tokens` times from the end of their prompts (what the same rows cost the
+    concurrent side's kernel, nothing else)."""
+    max_len = max(lengths) + new_tokens + 1
+    fast = engine.decode_weights(max_len)
+    cache = engine.model.new_cache(len(lengths), max_len)
+    tokens, pos = np.zeros(len(lengths), dtype=np.int64), np.array(lengths, dtype=np.int64)
+    logits = np.empty((len(lengths), fast.vocab_padded), dtype=np.float32)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        fast.kernel(tokens, pos, cache, logits)
+        pos += 1
+    return (time.perf_counter() - t0) / (len(lengths) * new_tokens)
 
 
 def main() -> None:
@@ -116,6 +140,12 @@ def main() -> None:
         con_times.append(time.perf_counter() - t0)
         ttfts += ttft
     same = seq_out == con_out == slot_out
+    lengths = [len(p) for p in prompts]
+    lone_step, batch_step = [], []
+    if engine.decode_weights(max(lengths) + args.new_tokens + 1).native is not None:
+        for _ in range(args.repeats):
+            lone_step.append(statistics.mean(step_seconds(engine, [n], args.new_tokens) for n in lengths))
+            batch_step.append(step_seconds(engine, lengths, args.new_tokens))
     seq, slot, con = (total / statistics.median(t) for t in (seq_times, slot_times, con_times))
     consumers = "a thread per request" if args.threads else f"one event loop, stream interval {args.stream_interval_ms:g} ms"
     params_m = sum(p.numel() for p in engine.model.parameters()) / 1e6
@@ -127,6 +157,11 @@ def main() -> None:
           f"identical tokens: {same}")
     print(f"ratio vs Engine.stream {con / seq:.2f}x (target ≥ 6x: {'PASS' if con / seq >= 6 else 'FAIL'}) | "
           f"vs one slot {con / slot:.2f}x")
+    if lone_step:
+        lone_us, batch_us = 1e6 * statistics.median(lone_step), 1e6 * statistics.median(batch_step)
+        print(f"C step alone, same positions: 1 row {lone_us:.1f} µs/token, {args.requests} rows "
+              f"{batch_us:.1f} µs/token ({torch.get_num_threads()} threads) = {lone_us / batch_us:.2f}x | "
+              f"bound on the ratio vs Engine.stream ({1e6 / seq:.1f} µs/token): {1e6 / seq / batch_us:.2f}x")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ the tokens/s of one client alone.
 
 The load generator shares the machine with the server, so it is the leanest well-kept async client:
 aiohttp (measured at a third of httpx's CPU per streamed request here). The server's CPU time, its
-engine process included, and the generator's are printed for each phase.
+engine process included, and the generator's are printed for each phase, and from them the most the
+N clients could make on this machine's cores at the CPU time per token they measured.
 
     .venv/bin/python bench/serve_clients.py [--checkpoint runs/tiny/base | --size tiny|small|medium]
                                             [--clients 32] [--seconds 10] [--rounds 2]
@@ -232,6 +233,14 @@ def main() -> None:
         print(f"  cores by thread, {r['clients']} client{'s' if r['clients'] > 1 else ''}: " +
               ", ".join(f"{role} {r[f'{role} cores']:.2f}" for role in THREADS) +
               f", load generator {r['loadgen_cores']:.2f}")
+    # The machine's cores bound the N-client side: at its CPU time per token (server, engine and load
+    # generator together), all cores busy would make `cores / that` tokens a second.
+    cpu_per_token = {r["clients"]: (r["server_cores"] + r["loadgen_cores"]) / r["tok_per_s"] for r in (alone, together)}
+    cores = hw["logical_cores"]
+    print(f"CPU time per token: {1e6 * cpu_per_token[1]:.0f} µs with 1 client, "
+          f"{1e6 * cpu_per_token[args.clients]:.0f} µs with {args.clients}; at that cost {cores} busy cores "
+          f"bound {args.clients} clients to {cores / cpu_per_token[args.clients]:,.0f} tok/s = "
+          f"{cores / cpu_per_token[args.clients] / alone['tok_per_s']:.1f}x one client")
     per_round = [b["tok_per_s"] / a["tok_per_s"] for a, b in zip(runs[1], runs[args.clients])]
     print(f"aggregate speed-up with {args.clients} clients: {ratio:.1f}x (target ≥ 6x) — "
           f"{'PASS' if ratio >= 6 else 'FAIL'}; per round: {', '.join(f'{x:.1f}x' for x in per_round)}")
