@@ -237,17 +237,18 @@ def main() -> None:
     # generator together), all cores busy would make `cores / that` tokens a second.
     cpu_per_token = {r["clients"]: (r["server_cores"] + r["loadgen_cores"]) / r["tok_per_s"] for r in (alone, together)}
     cores = hw["logical_cores"]
+    bound = cores / cpu_per_token[args.clients] / alone["tok_per_s"]
     print(f"CPU time per token: {1e6 * cpu_per_token[1]:.0f} µs with 1 client, "
           f"{1e6 * cpu_per_token[args.clients]:.0f} µs with {args.clients}; at that cost {cores} busy cores "
           f"bound {args.clients} clients to {cores / cpu_per_token[args.clients]:,.0f} tok/s = "
-          f"{cores / cpu_per_token[args.clients] / alone['tok_per_s']:.1f}x one client")
+          f"{bound:.1f}x one client")
     per_round = [b["tok_per_s"] / a["tok_per_s"] for a, b in zip(runs[1], runs[args.clients])]
     print(f"aggregate speed-up with {args.clients} clients: {ratio:.1f}x (target ≥ 6x) — "
           f"{'PASS' if ratio >= 6 else 'FAIL'}; per round: {', '.join(f'{x:.1f}x' for x in per_round)}")
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_clients.json").write_text(json.dumps(
-        {"hardware": hw, "args": vars(args), "alone": alone, "together": together, "ratio": ratio,
+        {"hardware": hw, "args": vars(args), "alone": alone, "together": together, "ratio": ratio, "cores_bound": bound,
          "rounds": runs}, indent=2))
     sys.exit(0 if ratio >= 6 else 1)
 
