@@ -155,6 +155,24 @@ def test_c_prefill_matches_a_full_forward_and_the_torch_prefill(tok):
     assert cache.kv[:, :, [1, 3, 5]].abs().max() == 0          # rows not named stay untouched
 
 
+def test_c_step_and_prefill_with_a_vocabulary_wider_than_the_work_buffer(tok):
+    """The LM head's output goes to the step's own work buffer when it fits (rows × the widest
+    matmul); here the vocabulary (112 padded) is wider than q|k|v and gate|up (32), so a lone row and
+    a short prompt take a buffer of their own, sized for the logits they return."""
+    model = tiny_model(tok, hidden_size=16, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1)
+    c_step, torch_step = DecodeWeights(model, 32, native=True), DecodeWeights(model, 32, native=False)
+    for rows in (1, 5):
+        a, b = model.new_cache(rows, 32), model.new_cache(rows, 32)
+        for p in range(3):
+            tokens, positions = torch.arange(rows) + 3 + p, torch.full((rows,), p)
+            assert (c_step.step(tokens, positions, a) - torch_step.step(tokens, positions, b)).abs().max() < 1e-4
+    prompts = [[5], tok.prompt_ids("12+34")]          # 1 row: logits wider than its buffer; 9 rows: not
+    logits = torch.from_numpy(c_step.prefill(prompts, [0, 1], model.new_cache(2, 32)))[:, :tok.vocab_size]
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            assert (logits[i] - model(torch.tensor([prompt]))[0, -1]).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("team", [False, True])
 def test_c_prefill_computes_the_last_tokens_logits_only_and_the_same_bits(tok, team):
     """A prefill asks for each prompt's last-token logits only (`last_only`): they are the bits the

@@ -454,9 +454,12 @@ static int run_block(const Model *m, int R, const int64_t *tokens, const int64_t
     /* a prompt (last_only) needs the logits of its last token only: the next token's distribution */
     const int heads = last_only ? 1 : R;
     rms_scale(heads, hd, x + (size_t)(R - heads) * hd, xn, m->eps);
-    float *out = y;  /* reuse: [R, vocab_padded] fits when vocab_padded <= width, else allocate */
+    /* reuse y when the [heads, vocab_padded] logits fit in it, else allocate just those: with last_only
+     * that is one row, not a prompt's worth (2,000 tokens × 152k columns would be 1.2 GB) */
+    float *out = y;
     float *extra = NULL;
-    if ((size_t)m->vocab_padded > width) out = extra = malloc((size_t)R * m->vocab_padded * sizeof(float));
+    if ((size_t)heads * m->vocab_padded > (size_t)R * width)
+        out = extra = malloc((size_t)heads * m->vocab_padded * sizeof(float));
     if (!out) {
         free(x); free(xn); free(y); free(att); free(scores);
         return 1;
