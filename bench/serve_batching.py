@@ -37,7 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.generate import SIZES, checkpoint  # noqa: E402
-from qiusuo.engine import Engine, SamplingParams, Scheduler  # noqa: E402
+from qiusuo.engine import Engine, SamplingParams  # noqa: E402
+from qiusuo.serve.scheduler import Scheduler  # noqa: E402
 from qiusuo.ledger import hardware  # noqa: E402
 from qiusuo.model import load_model  # noqa: E402
 from qiusuo.tokenizer import Tokenizer  # noqa: E402

@@ -147,7 +147,7 @@ def test_bad_params_are_rejected():
 
 # --- continuous batching ----------------------------------------------------------------------------
 
-from qiusuo.engine import QueueFull, Scheduler  # noqa: E402
+from qiusuo.serve.scheduler import QueueFull, Scheduler  # noqa: E402
 
 
 def _alone(engine, prompt, params):

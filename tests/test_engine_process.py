@@ -6,7 +6,8 @@ import signal
 
 import pytest
 
-from qiusuo.engine import Engine, QueueFull, SamplingParams
+from qiusuo.engine import Engine, SamplingParams
+from qiusuo.serve.scheduler import QueueFull
 from qiusuo.model import save_model
 from qiusuo.serve.engine_process import EngineProcess
 

@@ -31,9 +31,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import Engine, SamplingParams, Scheduler
-from ..engine import Request as EngineRequest
-from ..engine import QueueFull as SchedulerFull
+from ..engine import Engine, SamplingParams
+from .scheduler import QueueFull as SchedulerFull
+from .scheduler import Request as EngineRequest
+from .scheduler import Scheduler
 from .engine_process import EngineProcess
 from .keys import DEFAULT_DB, Key, KeyStore, Usage
 from .limits import Gate, KeyLimits, QueueFull, retry_after_header

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from ..engine import QueueFull, Request, SamplingParams, check_prompt
+from ..engine import SamplingParams
+from .scheduler import QueueFull, Request, check_prompt
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 def _child(conn, checkpoint: str, device: str, threads: int, kwargs: dict) -> None:
     """Entry point of the engine process: load the model, run a Scheduler, relay its output."""
     from ..checkpoint import load_checkpoint
-    from ..engine import Engine, Scheduler
+    from ..engine import Engine
+    from .scheduler import Scheduler
 
     # Ctrl-C in a terminal reaches the whole process group: the server shuts the engine down itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)
