@@ -27,8 +27,9 @@ from fractions import Fraction
 STYLES = ("direct", "steps", "flawed")
 SPLITS = ("train", "heldout")
 
-# One bucket in eight is held out; hashing the content (not the seed) makes the
-# split disjoint by construction, whichever seeds callers use.
+# One bucket in eight is held out; hashing the canonical problem (not the seed, not the prompt
+# text) makes the split disjoint by construction, whichever seeds callers use, and keeps every
+# reordering of a held-out problem out of training.
 HELDOUT_BUCKETS = 8
 
 # Bound on rejection sampling so a broken generator fails loudly instead of hanging.
@@ -60,10 +61,16 @@ class Problem:
     answer: str
     # Left out of eq/hash: a dict is unhashable, and the prompt already pins the content.
     data: dict = field(default_factory=dict, compare=False, hash=False)
+    canonical: str = field(default="", compare=False)
+    """The problem with its incidental order removed (sorted operands of + and *, sorted Countdown
+    numbers); empty: the prompt itself. Problems that differ only in that order share a canonical form."""
 
     def key(self) -> str:
-        """Canonical identity of the problem content, e.g. ``arith:4821+397``."""
-        return f"{self.task}:{self.prompt}"
+        """Canonical identity of the problem content, e.g. ``arith:397+4821`` for ``4821+397``.
+
+        The held-out split and held-out deduplication hash this key, so a permutation of a
+        held-out problem (``397+4821``, ``reach 20 with 2 10 5``) is held out with it."""
+        return f"{self.task}:{self.canonical or self.prompt}"
 
 
 class Task(ABC):
@@ -79,6 +86,11 @@ class Task(ABC):
     @abstractmethod
     def score(self, problem: Problem, answer: str) -> tuple[float, str]:
         """Return (1.0, "correct") or (0.0, reason) for a final answer string."""
+
+    def vote_key(self, problem: Problem, answer: str) -> str:
+        """The answer's canonical form for majority voting (cons@k): answers with the same key are
+        the same answer and score the same. This default is the text itself; tasks override it."""
+        return answer
 
     def sample(self, split: str, seed: int, difficulty: int) -> Problem:
         """Draw a problem from ``split``; deterministic for (split, seed, difficulty).
@@ -135,8 +147,9 @@ class Task(ABC):
 ARITH_DIRECT_ACCURACY = {1: 0.95, 2: 0.85, 3: 0.5, 4: 0.3, 5: 0.15}
 ARITH_DIRECT_ACCURACY_DEFAULT = 0.05
 
-# Strict integer syntax: no sign other than a minus, no leading zeros, no spaces.
-INTEGER_RE = re.compile(r"-?(?:0|[1-9][0-9]*)")
+# Strict integer syntax: no sign other than a minus, no leading zeros, no spaces, no "-0": every
+# integer has exactly one accepted spelling.
+INTEGER_RE = re.compile(r"0|-?[1-9][0-9]*")
 
 
 @dataclass(frozen=True)
@@ -256,12 +269,15 @@ class ArithmeticTask(Task):
 
     def make_problem(self, a: int, op: str, b: int) -> Problem:
         """Build the Problem for ``a op b`` (also handy for tests and demos)."""
+        # + and * commute: 397+4821 and 4821+397 are one problem.
+        lo, hi = (min(a, b), max(a, b)) if op in "+*" else (a, b)
         return Problem(
             task=self.name,
             difficulty=len(str(a)),
             prompt=f"{a}{op}{b}",
             answer=str(arith_result(a, op, b)),
             data={"a": a, "op": op, "b": b},
+            canonical=f"{lo}{op}{hi}",
         )
 
     def score(self, problem: Problem, answer: str) -> tuple[float, str]:
@@ -271,6 +287,10 @@ class ArithmeticTask(Task):
         if answer != problem.answer:
             return 0.0, "wrong value"
         return 1.0, "correct"
+
+    def vote_key(self, problem: Problem, answer: str) -> str:
+        """The integer (its one strict spelling); anything else votes as itself, marked invalid."""
+        return answer if INTEGER_RE.fullmatch(answer) else f"invalid:{answer}"
 
     def _operands(self, problem: Problem) -> tuple[int, str, int]:
         """The (a, op, b) a problem was built from."""
@@ -312,6 +332,9 @@ COUNTDOWN_DIRECT_ACCURACY_DEFAULT = 0.1
 COUNTDOWN_MAX_NUMBER = 12
 COUNTDOWN_MAX_TARGET = 200
 MAX_ANSWER_CHARS = 100
+# What an answer may contain. Checked before parsing: Python's parser would otherwise drop comments,
+# newlines and line continuations (``10*2#trust me`` would parse as ``10*2``).
+COUNTDOWN_ALPHABET = frozenset("0123456789+-*/() ")
 # Random chains inspected when looking for a small, plausible slip in a flawed trace.
 FLAWED_CANDIDATE_CHAINS = 32
 
@@ -435,6 +458,9 @@ def _parse_answer(text: str) -> ast.expr:
     """Parse (never evaluate) an answer into an expression tree."""
     if len(text) > MAX_ANSWER_CHARS:
         raise _Reject(f"malformed: longer than {MAX_ANSWER_CHARS} chars")
+    stray = next((ch for ch in text if ch not in COUNTDOWN_ALPHABET), None)
+    if stray is not None:
+        raise _Reject(f"malformed: character {stray!r} not allowed")
     try:
         return ast.parse(text, mode="eval").body
     except SyntaxError:
@@ -488,16 +514,21 @@ def _evaluate(node: ast.expr) -> Fraction:
     return result
 
 
+def countdown_value(text: str, numbers: tuple[int, ...]) -> int:
+    """The value of a well-formed answer that uses only the given numbers; raises _Reject otherwise.
+    Never executes the text: it is parsed into a tree and the tree is evaluated exactly."""
+    tree = _parse_answer(text)
+    _check_numbers(_literals(tree, text), numbers)
+    try:
+        return int(_evaluate(tree))
+    except RecursionError:
+        raise _Reject("malformed: too deeply nested") from None
+
+
 def verify_countdown(text: str, numbers: tuple[int, ...], target: int) -> tuple[float, str]:
     """Score a countdown answer expression without ever executing it."""
     try:
-        tree = _parse_answer(text)
-        _check_numbers(_literals(tree, text), numbers)
-        try:
-            value = _evaluate(tree)
-        except RecursionError:
-            raise _Reject("malformed: too deeply nested") from None
-        if value != target:
+        if countdown_value(text, numbers) != target:
             raise _Reject("wrong value")
     except _Reject as rejection:
         return 0.0, rejection.reason
@@ -533,11 +564,21 @@ class CountdownTask(Task):
             prompt=f"reach {target} with {' '.join(map(str, numbers))}",
             answer=chain.expression(),
             data={"numbers": numbers, "target": target, "chain": chain},
+            # The order of the given numbers is incidental: one problem, whatever the order.
+            canonical=f"{target}:{','.join(map(str, sorted(numbers)))}",
         )
 
     def score(self, problem: Problem, answer: str) -> tuple[float, str]:
         """Verify the expression against the problem's numbers and target."""
         return verify_countdown(answer, problem.data["numbers"], problem.data["target"])
+
+    def vote_key(self, problem: Problem, answer: str) -> str:
+        """A valid expression votes for its value (``=46``: every correct answer votes alike, however
+        it is written); an invalid one votes as itself, marked invalid."""
+        try:
+            return f"={countdown_value(answer, problem.data['numbers'])}"
+        except _Reject:
+            return f"invalid:{answer}"
 
     def _wrong_chain(self, problem: Problem, rng: random.Random) -> Chain:
         """A random valid chain whose value misses the target."""

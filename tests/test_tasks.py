@@ -132,7 +132,7 @@ def test_invalid_split_style_and_difficulty_raise():
 
 def test_problem_key_and_hashable():
     problem = ARITH.make_problem(4821, "+", 397)
-    assert problem.key() == "arith:4821+397"
+    assert problem.key() == "arith:397+4821"
     assert problem.answer == "5218" and problem.difficulty == 4
     assert problem == ARITH.make_problem(4821, "+", 397)
     assert len({problem, ARITH.make_problem(4821, "+", 397)}) == 1
@@ -411,7 +411,7 @@ def test_arith_score(answer, expected):
 
 def test_arith_score_negative_and_zero():
     assert ARITH.score(ARITH.make_problem(7, "-", 7), "0") == (1.0, "correct")
-    assert ARITH.score(ARITH.make_problem(7, "-", 7), "-0") == (0.0, "wrong value")
+    assert ARITH.score(ARITH.make_problem(7, "-", 7), "-0") == (0.0, "malformed: not a plain integer")
     negative = Problem("arith", 1, "3-5", "-2", {"a": 3, "op": "-", "b": 5})
     assert ARITH.score(negative, "-2") == (1.0, "correct")
 
@@ -440,15 +440,23 @@ COUNTDOWN_PROBLEM = COUNTDOWN.make_problem(
         ("-3+7*7", "malformed: UnaryOp not allowed"),
         ("2**10", "malformed: Pow not allowed"),
         ("25//2", "malformed: FloorDiv not allowed"),
-        ("25%7", "malformed: Mod not allowed"),
-        ("__import__('os')", "malformed: Call not allowed"),
-        ("x+25", "malformed: Name not allowed"),
-        ("2.5*10+21", "malformed: float constant"),
-        ("True+45", "malformed: bool constant"),
-        ("'46'", "malformed: str constant"),
-        ("0x19+21", "malformed: number not in plain decimal"),
-        ("2_5+21", "malformed: number not in plain decimal"),
-        ("[46]", "malformed: List not allowed"),
+        ("25%7", "malformed: character '%' not allowed"),
+        ("__import__('os')", "malformed: character '_' not allowed"),
+        ("x+25", "malformed: character 'x' not allowed"),
+        ("2.5*10+21", "malformed: character '.' not allowed"),
+        ("True+45", "malformed: character 'T' not allowed"),
+        ("'46'", "malformed: character \"'\" not allowed"),
+        ("0x19+21", "malformed: character 'x' not allowed"),
+        ("2_5+21", "malformed: character '_' not allowed"),
+        ("[46]", "malformed: character '[' not allowed"),
+        # Python's parser drops comments, newlines and line continuations: none may reach it.
+        ("3*7+25#trust me", "malformed: character '#' not allowed"),
+        ("3*7+25\n", "malformed: character '\\n' not allowed"),
+        ("3*7+\\\n25", "malformed: character '\\\\' not allowed"),
+        ("3*7\t+25", "malformed: character '\\t' not allowed"),
+        ("3 * 7 + 25", "correct"),  # plain spaces are part of the alphabet
+        ("00+46", "malformed: number not in plain decimal"),
+        ("()", "malformed: Tuple not allowed"),
         ("(" * 45 + "46" + ")" * 45, "foreign number 46"),
         ("(" * 60 + "25" + ")" * 60 + "+21", "malformed: longer than 100 chars"),
         ("+".join(["1"] * 60), "malformed: longer than 100 chars"),
@@ -473,3 +481,67 @@ def test_countdown_verifier_accepts_unused_numbers_and_parentheses():
     assert verify_countdown("(7-7)+10", (7, 7, 10), 10) == (1.0, "correct")
     assert verify_countdown("12/4*3", (12, 4, 3), 9) == (1.0, "correct")
     assert verify_countdown("12/(4*3)", (12, 4, 3), 1) == (1.0, "correct")
+
+
+# ---------------------------------------------------------------------------
+# Canonical problems and votes
+# ---------------------------------------------------------------------------
+
+
+def test_reordered_problems_share_one_key():
+    assert ARITH.make_problem(397, "+", 4821).key() == ARITH.make_problem(4821, "+", 397).key()
+    assert ARITH.make_problem(3, "*", 7).key() == ARITH.make_problem(7, "*", 3).key()
+    assert ARITH.make_problem(9, "-", 2).key() != ARITH.make_problem(2, "-", 9).key()
+    chain = Chain(10, (("*", 2),))
+    first = COUNTDOWN.make_problem((10, 2, 5), 20, chain)
+    assert first.key() == COUNTDOWN.make_problem((5, 10, 2), 20, chain).key() == "countdown:20:2,5,10"
+
+
+def test_no_permutation_of_a_heldout_countdown_problem_is_trainable():
+    """The held-out split follows the canonical problem, so no reordering of a held-out problem's
+    numbers can be drawn for training (hashing the prompt text left 37 of 50 with a training twin)."""
+    from itertools import permutations
+
+    twins = 0
+    for seed in range(50):
+        p = COUNTDOWN.sample("heldout", seed, 3)
+        chain = p.data["chain"]
+        for numbers in set(permutations(p.data["numbers"])):
+            twins += not heldout(COUNTDOWN.make_problem(numbers, p.data["target"], chain).key())
+    assert twins == 0
+
+
+@pytest.mark.parametrize("answers, same", [
+    (["10*2", "2*10", "(10*2)", "10 * 2", "5*2*2"], True),   # every valid way to write 20
+    (["5+10", "(10+5)", "2*5+5-2*2+2*2"], False),             # the last reuses 5: invalid
+    (["5+10", "(10+5)", "10+5+2-2"], True),                   # a wrong value votes as its value
+    (["10*2", "10*2#trust me"], False),                       # invalid text is not a valid 20
+    (["10*2*2", "10+2"], False),                              # a reused 2, a foreign 2: each alone
+])
+def test_countdown_vote_key_is_the_value_of_a_valid_expression(answers, same):
+    p = COUNTDOWN.make_problem((10, 2, 5, 2), 20, Chain(10, (("*", 2),)))
+    keys = {COUNTDOWN.vote_key(p, a) for a in answers}
+    assert (len(keys) == 1) == same
+    assert COUNTDOWN.vote_key(p, "2*10") == "=20"
+    assert COUNTDOWN.vote_key(p, "7*3") == "invalid:7*3"
+
+
+def test_arith_vote_key_is_the_integer():
+    p = ARITH.make_problem(4821, "+", 397)
+    assert ARITH.vote_key(p, "5218") == "5218"
+    assert ARITH.vote_key(p, "05218") == "invalid:05218"
+    assert ARITH.vote_key(p, "-0") == "invalid:-0"
+
+
+@pytest.mark.parametrize("name", ["arith", "countdown"])
+def test_equal_vote_keys_score_alike(name):
+    """cons@k scores a representative of the winning key: every answer with that key must score the same."""
+    task = TASKS[name]
+    rng = random.Random(7)
+    for problem in all_problems(task, per_difficulty=4):
+        by_key = {}
+        answers = [parse_completion(task.completion(problem, s, rng))[1] for s in STYLES for _ in range(3)]
+        answers += [problem.answer, f"({problem.answer})", problem.answer + " ", "junk"]
+        for a in answers:
+            by_key.setdefault(task.vote_key(problem, a), set()).add(task.score(problem, a)[0])
+        assert all(len(scores) == 1 for scores in by_key.values()), by_key
