@@ -5,8 +5,11 @@ pass@1 = (1/k) Σ_i p_i (p_i = 1 when sample i is correct), averaged over questi
 frequent answer among the k samples and scores it. Both per task and difficulty, on the held-out split,
 with the same strict parser and scorer the RL reward uses.
 
-Departure: answers are voted by their exact text; an unparseable sample casts no vote (a question whose
-samples are all unparseable counts as wrong).
+Voting is on the task's canonical answer (`Task.vote_key`: the integer for arithmetic, the value of a
+valid expression for Countdown), so `10*2`, `2*10` and `(10*2)` are one answer. Departures: a sample
+whose completion does not parse casts no vote (a question whose samples are all unparseable counts as
+wrong); a tie goes to the answer seen first. The held-out questions are distinct problems (by
+`Problem.key`, which ignores operand order), never seen by corpus or GRPO (the tasks' held-out split).
 """
 from __future__ import annotations
 
@@ -64,9 +67,39 @@ class EvalConfig:
         return ckpt.parent / "eval" / f"{ckpt.name}.json"
 
 
+# Seeds tried per wanted question before a (task, difficulty) is declared too small to fill.
+DRAWS_PER_PROBLEM = 50
+
+
+def distinct_heldout(task, difficulty: int, n: int, seed: int) -> list:
+    """`n` distinct held-out problems of one task and difficulty, deterministic in `seed`.
+    Duplicates (by canonical key) are skipped; a difficulty whose held-out split holds fewer than
+    `n` problems is an error naming it, not a silently shorter or repeated list."""
+    seen, out = set(), []
+    for i in range(n * DRAWS_PER_PROBLEM):
+        p = task.sample("heldout", seed=seed * 10_007 + i, difficulty=difficulty)
+        if p.key() not in seen:
+            seen.add(p.key())
+            out.append(p)
+            if len(out) == n:
+                return out
+    raise ValueError(f"{task.name} difficulty {difficulty}: found only {len(out)} distinct held-out problems "
+                     f"in {n * DRAWS_PER_PROBLEM} draws, {n} asked (n_per_difficulty)")
+
+
 def heldout_problems(cfg: EvalConfig) -> list:
-    return [get_task(name).sample("heldout", seed=cfg.seed * 10_007 + i, difficulty=d)
-            for name, diffs in cfg.tasks.items() for d in diffs for i in range(cfg.n_per_difficulty)]
+    return [p for name, diffs in cfg.tasks.items() for d in diffs
+            for p in distinct_heldout(get_task(name), d, cfg.n_per_difficulty, cfg.seed)]
+
+
+def majority_correct(task, problem, answers: list[str]) -> float:
+    """cons@k of one question: the score of the most frequent canonical answer (`Task.vote_key`);
+    0 when no sample gave an answer. A tie goes to the key seen first."""
+    if not answers:
+        return 0.0
+    keys = [task.vote_key(problem, a) for a in answers]
+    top = Counter(keys).most_common(1)[0][0]   # most_common keeps first-seen order among equal counts
+    return task.score(problem, answers[keys.index(top)])[0]
 
 
 def score_samples(problem, texts: list[str]) -> dict:
@@ -80,11 +113,7 @@ def score_samples(problem, texts: list[str]) -> dict:
             continue
         answers.append(parsed[1])
         correct.append(task.score(problem, parsed[1])[0])
-    cons = 0.0
-    if answers:
-        top = Counter(answers).most_common(1)[0][0]
-        cons = task.score(problem, top)[0]
-    return {"pass@1": sum(correct) / len(texts), "cons@k": cons}
+    return {"pass@1": sum(correct) / len(texts), "cons@k": majority_correct(task, problem, answers)}
 
 
 def summarise(rows: list[dict]) -> dict:
