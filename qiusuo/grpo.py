@@ -216,6 +216,10 @@ class GRPOConfig:
             raise ValueError("group_size must be ≥ 2: the advantage compares completions within a group")
         if self.beta < 0 or self.mu < 1 or self.minibatches < 1:
             raise ValueError("need beta ≥ 0, mu ≥ 1, minibatches ≥ 1")
+        if self.temperature <= 0:
+            # log π at T = 0 divides the logits by zero: the ratio and KL would be NaN. GRPO needs a
+            # group of *different* samples anyway, which greedy decoding cannot give.
+            raise ValueError(f"temperature must be > 0 for GRPO rollouts, not {self.temperature}")
         if (self.prompts_per_step * self.group_size) % self.minibatches:
             raise ValueError("prompts_per_step × group_size must divide into minibatches")
 
@@ -240,6 +244,14 @@ def draw_problems(cfg: GRPOConfig, rng: random.Random, n: int) -> list:
         name = rng.choice(names)
         out.append(get_task(name).sample("train", seed=rng.randrange(2**31), difficulty=rng.choice(cfg.tasks[name])))
     return out
+
+
+def rollout_seed(cfg: GRPOConfig, step: int, round_: int) -> int:
+    """Base sampling seed of rollout round `round_` (0: the first, then refills) of `step`. The engine
+    gives row r the stream of seed + r, so each (step, round) owns a disjoint block of P·G streams:
+    no round, step or run seed reuses another's."""
+    rows = cfg.prompts_per_step * cfg.group_size
+    return cfg.seed * 2**40 + (step * (cfg.max_refills + 1) + round_) * rows
 
 
 def rollout(engine: Engine, tok, problems: list, cfg: GRPOConfig, seed: int) -> Rollout:
@@ -271,8 +283,10 @@ def keep_groups(r: Rollout, groups: list[int], G: int) -> Rollout:
 
 
 def informative(r: Rollout, G: int) -> Rollout:
-    """Only the groups whose rewards differ: an all-equal group has zero advantage everywhere."""
-    return keep_groups(r, (r.rewards.std(1) > 0).nonzero().squeeze(-1).tolist(), G)
+    """Only the groups whose *accuracy* differs (DAPO's dynamic sampling: 0 < #correct < G). A group
+    that is all right or all wrong teaches nothing about solving the problem, even when format or
+    overlong penalties make its total rewards differ."""
+    return keep_groups(r, (r.parts["accuracy"].std(1) > 0).nonzero().squeeze(-1).tolist(), G)
 
 
 def merge(a: Rollout, b: Rollout) -> Rollout:
@@ -285,7 +299,7 @@ def collect(engine, tok, cfg: GRPOConfig, rng: random.Random, step: int) -> tupl
     drop them and sample more questions until the batch is full or the refill budget is spent.
     Returns (rollout, completions generated, fraction of zero-std groups in the first round)."""
     P, G = cfg.prompts_per_step, cfg.group_size
-    batch = rollout(engine, tok, draw_problems(cfg, rng, P), cfg, seed=cfg.seed * 1_000_003 + step * 7_919)
+    batch = rollout(engine, tok, draw_problems(cfg, rng, P), cfg, seed=rollout_seed(cfg, step, 0))
     generated, zero_std_frac = P * G, (batch.rewards.std(1) == 0).float().mean().item()
     if not cfg.dynamic_sampling:
         return batch, generated, zero_std_frac
@@ -293,7 +307,7 @@ def collect(engine, tok, cfg: GRPOConfig, rng: random.Random, step: int) -> tupl
     for refill in range(1, cfg.max_refills + 1):
         if len(kept.problems) >= P:
             break
-        more = rollout(engine, tok, draw_problems(cfg, rng, P), cfg, seed=cfg.seed * 1_000_003 + step * 7_919 + refill)
+        more = rollout(engine, tok, draw_problems(cfg, rng, P), cfg, seed=rollout_seed(cfg, step, refill))
         generated += P * G
         kept = merge(kept, informative(more, G))
     if len(kept.problems) == 0:
@@ -438,19 +452,25 @@ def train(cfg: GRPOConfig, resume: bool = False) -> Path:
     return out
 
 
+def minibatch_slices(n: int, minibatches: int) -> list[slice]:
+    """`minibatches` contiguous, near-equal slices of n sequences — fewer when n is smaller (a batch
+    that dynamic sampling left short still trains, one sequence per optimizer step at worst)."""
+    m = max(1, min(minibatches, n))
+    bounds = [i * n // m for i in range(m + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
 def update(model, opt, batch: TrainBatch, adv, logp_old, logp_ref, variant: Variant, cfg: GRPOConfig) -> dict:
     """μ passes over the rollout batch in `minibatches` optimizer steps each; returns mean stats."""
-    B = len(batch)
-    size = B // cfg.minibatches
-    parts_of = {0: batch} if cfg.minibatches == 1 else {}   # minibatch start → its packed sequences
+    slices = minibatch_slices(len(batch), cfg.minibatches)
+    parts_of = {0: batch} if len(slices) == 1 else {}   # minibatch start → its packed sequences
     totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     n = 0
     for _ in range(cfg.mu):
-        for start in range(0, B, size):
-            sl = slice(start, start + size)
-            if start not in parts_of:
-                parts_of[start] = batch.subset(sl)
-            part = parts_of[start]
+        for sl in slices:
+            if sl.start not in parts_of:
+                parts_of[sl.start] = batch.subset(sl)
+            part = parts_of[sl.start]
             mask = part.mask
             logp, entropy = token_logprobs(model, part, cfg.temperature)
             # With μ = 1 and one minibatch π_old = π_θ: the ratio is 1 in value, its gradient the policy gradient.

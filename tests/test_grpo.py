@@ -135,3 +135,76 @@ def test_packed_log_probs_equal_each_sequence_alone(model, tok):
     part = batch.subset(slice(3, 6))
     assert part.mask.shape == (3, batch.mask.shape[1]) and torch.equal(part.mask, batch.mask[3:])
     assert torch.allclose(token_logprobs(model, part, 0.7)[0], logp[3:], atol=1e-5)
+
+
+def test_temperature_zero_is_refused():
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        GRPOConfig(temperature=0.0)
+
+
+def test_rollout_rounds_and_steps_draw_disjoint_streams():
+    """Row r of a round samples with stream seed + r: every (run seed, step, refill round) must own
+    its own block of P·G streams, so a refill never replays the first round's samples."""
+    from qiusuo.grpo import rollout_seed
+
+    cfg = GRPOConfig(prompts_per_step=4, group_size=3, max_refills=2)
+    rows = 12
+    blocks = [range(rollout_seed(c, step, r), rollout_seed(c, step, r) + rows)
+              for c in (cfg, GRPOConfig(prompts_per_step=4, group_size=3, max_refills=2, seed=1))
+              for step in range(50) for r in range(cfg.max_refills + 1)]
+    streams = [s for b in blocks for s in b]
+    assert len(set(streams)) == len(streams)
+
+
+def _rollout(accuracy, fmt):
+    acc, fm = torch.tensor(accuracy), torch.tensor(fmt)
+    P, G = acc.shape
+    return Rollout(problems=list(range(P)), prompt_ids=[[1]] * P, completions=[Completion(i // G, [2]) for i in range(P * G)],
+                   rewards=acc + 0.2 * fm, parts={"accuracy": acc, "format": fm, "overlong": torch.zeros(P, G)})
+
+
+def test_dynamic_sampling_filters_on_accuracy():
+    """DAPO keeps groups with 0 < correct < G; a group that differs only in format is dropped."""
+    from qiusuo.grpo import informative
+
+    r = _rollout([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+    kept = informative(r, 2)
+    assert kept.problems == [2]
+    assert kept.rewards.tolist() == [[pytest.approx(1.2), pytest.approx(0.2)]]
+
+
+@pytest.mark.parametrize("n, minibatches, sizes", [(8, 2, [4, 4]), (3, 4, [1, 1, 1]), (10, 4, [2, 3, 2, 3]),
+                                                    (1, 1, [1])])
+def test_minibatch_slices_cover_the_batch(n, minibatches, sizes):
+    from qiusuo.grpo import minibatch_slices
+
+    slices = minibatch_slices(n, minibatches)
+    assert [s.stop - s.start for s in slices] == sizes
+    assert slices[0].start == 0 and slices[-1].stop == n
+
+
+def test_update_on_a_batch_smaller_than_minibatches(model, tok):
+    """Dynamic sampling can keep fewer sequences than `minibatches`: the step still trains, once per
+    sequence, and moves the weights."""
+    from qiusuo.grpo import update
+
+    cfg = GRPOConfig(prompts_per_step=4, group_size=2, minibatches=4, mu=1, beta=0.0)
+    comps = [Completion(0, tok.encode("<think>1</think>")), Completion(0, tok.encode("<answer>2</answer>"))]
+    r = Rollout(problems=[None], prompt_ids=[tok.prompt_ids("1+1")], completions=comps, rewards=torch.zeros(1, 2), parts={})
+    batch = training_batch(r, tok.pad_id, "cpu")
+    model.train()
+
+    class CountingSGD(torch.optim.SGD):
+        steps = 0
+
+        def step(self, closure=None):
+            CountingSGD.steps += 1
+            return super().step(closure)
+
+    opt = CountingSGD(model.parameters(), lr=0.0)   # lr 0: π_θ stays π_old, so every ratio is 1
+    with torch.no_grad():
+        old = token_logprobs(model, batch, 1.0)[0]
+    stats = update(model, opt, batch, torch.tensor([1.0, -1.0]), old, None, VARIANTS["grpo"], cfg)
+    assert CountingSGD.steps == 2                           # one optimizer step per sequence
+    assert stats["loss"] == pytest.approx(0.0, abs=1e-6)    # −mean(A·1) of each one-sequence minibatch, averaged
+    assert stats["grad_norm"] > 0
