@@ -13,6 +13,7 @@ from .corpus import CorpusConfig
 from .evaluate import EvalConfig
 from .grpo import GRPOConfig
 from .model import CheckpointError
+from .sample import SampleConfig
 from .sft import SFTConfig
 
 STAGES = {
@@ -20,6 +21,7 @@ STAGES = {
     "pretrain": (SFTConfig, "train the base model on a corpus (or fine-tune a checkpoint with --init)"),
     "grpo": (GRPOConfig, "reinforcement learning with GRPO / Dr. GRPO / DAPO on verifiable rewards"),
     "eval": (EvalConfig, "pass@1 over k samples and cons@k on held-out problems"),
+    "sample": (SampleConfig, "rejection sampling: a checkpoint's correct answers on training problems → an SFT set"),
 }
 
 
@@ -42,6 +44,10 @@ def run_stage(name: str, cfg, resume: bool = False):
         from .evaluate import evaluate
 
         evaluate(cfg)
+    elif name == "sample":
+        from .sample import sample
+
+        sample(cfg)
 
 
 def demo(run: Path, config: Path | None, resume: bool, price: float | None) -> None:
