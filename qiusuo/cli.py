@@ -93,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="write <run>/report.md and plots from a run folder")
     p.add_argument("run", type=Path, help="run folder, e.g. runs/tiny")
     p.add_argument("--price-per-device-hour", type=float, default=None, help="override each stage's price")
+    p = sub.add_parser("paper", help="the whole R1 recipe in miniature: every stage, then the paper's table")
+    p.add_argument("--run", type=Path, default=Path("runs/paper"), help="run folder (default runs/paper)")
+    p.add_argument("--config", type=Path, default=None, help="multi-stage YAML, e.g. configs/paper.yaml")
+    p.add_argument("--resume", action="store_true", help="skip finished stages, continue a stopped one")
+    p.add_argument("--price-per-device-hour", type=float, default=None, help="dollars per device-hour")
     p = sub.add_parser("demo", help="the tiny R1-Zero pipeline end to end: corpus, pretrain, grpo, eval, report")
     p.add_argument("--run", type=Path, default=Path("runs/tiny"), help="run folder (default runs/tiny)")
     p.add_argument("--config", type=Path, default=None, help="multi-stage YAML (default: each stage's defaults)")
@@ -167,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             from .report import write_report
 
             print(write_report(args.run, args.price_per_device_hour))
+        elif args.command == "paper":
+            from .paper import run_paper
+
+            run_paper(args.run, args.config, args.resume, args.price_per_device_hour)
         elif args.command == "demo":
             demo(args.run, args.config, args.resume, args.price_per_device_hour)
         else:

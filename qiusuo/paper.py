@@ -1,0 +1,288 @@
+"""`qiusuo paper`: the whole DeepSeek-R1 recipe in miniature, and the paper's comparison as one table.
+
+The stages (DESIGN §8), each a folder of `runs/paper/`:
+
+- `corpus`, `base` — the synthetic corpus and the pretrained tiny base (as in `make demo`);
+- `control` — the base trained further on its own corpus for the FLOPs the R1-Zero stage spent: does RL
+  beat simply spending the same compute on more pretraining?
+- `zero` — R1-Zero: GRPO straight from the base;
+- `coldstart`, `cold`, `r1` — R1: SFT of the base on a small set of clean, readable traces (the paper's
+  "thousands of long CoT" cold-start examples), then the same GRPO from that checkpoint;
+- `sampled` — rejection sampling of R1's correct answers on training problems (`qiusuo sample`);
+- `student_base`, `student`, `student_rl` — distillation: a smaller model (fewer layers, narrower),
+  pretrained on the same corpus, then either fine-tuned on R1's samples (`student`) or trained with
+  GRPO alone at equal or larger compute than that fine-tuning (`student_rl`);
+- `eval/*.json` of every model, and `report.md` whose first table mirrors the paper's.
+
+Departures, all from scale: the paper's cold-start traces are human-refined model outputs and ours are
+the tasks' reference traces; its distillation set is 800k samples, ours a few thousand; its students
+are Qwen/Llama checkpoints, ours a smaller model of the same family trained from scratch.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import build, read_yaml
+from .corpus import CorpusConfig
+from .evaluate import EvalConfig
+from .grpo import GRPOConfig
+from .ledger import read_json
+from .sample import SampleConfig
+from .sft import SFTConfig
+
+# (row label, model folder, folders whose cost the row carries) — the folders are the stages that
+# produced the model, so FLOPs and dollars are the whole lineage's, teacher included for the student.
+ROWS = (
+    ("base", "base", ("corpus", "base")),
+    ("equal-compute control", "control", ("corpus", "base", "control")),
+    ("R1-Zero (RL from base)", "zero", ("corpus", "base", "zero")),
+    ("R1 (cold start + RL)", "r1", ("corpus", "base", "coldstart", "cold", "r1")),
+    ("distilled student", "student", ("corpus", "base", "coldstart", "cold", "r1", "sampled", "student_base",
+                                      "student")),
+    ("student, RL only", "student_rl", ("corpus", "student_base", "student_rl")),
+)
+
+
+@dataclass
+class Step:
+    """One stage of the plan: its kind (`qiusuo <kind>`), its config, and the file that marks it done."""
+
+    name: str
+    kind: str
+    cfg: object
+    done: Path
+
+
+def ledger_flops(folder: Path) -> float:
+    """FLOPs a finished stage spent, from its ledger; an error when the stage has not run."""
+    ledger = read_json(folder / "ledger.json")
+    if ledger is None:
+        raise FileNotFoundError(f"{folder}/ledger.json missing: the stage has not finished")
+    return float(ledger["flops"])
+
+
+def steps_per_flops(folder: Path, steps: int) -> float:
+    """FLOPs of one optimizer step of a finished training stage (its total over its steps)."""
+    return ledger_flops(folder) / steps
+
+
+class Plan:
+    """The stages in order, built from a multi-section YAML (configs/paper.yaml). Stages whose size
+    depends on an earlier one's FLOPs (the control, the RL-only student) are sized when they start."""
+
+    def __init__(self, run: Path, sections: dict, price: float | None):
+        self.run, self.sections = Path(run), sections
+        self.price_kw = {} if price is None else {"price_per_device_hour": price}
+
+    def cfg(self, cls, section: str, **wiring):
+        return build(cls, {**(self.sections.get(section) or {}), **wiring, **self.price_kw})
+
+    def eval_step(self, model: str) -> Step:
+        return Step(f"eval {model}", "eval", self.cfg(EvalConfig, "eval", checkpoint=str(self.run / model)),
+                    self.run / "eval" / f"{model}.json")
+
+    def static(self) -> list[Step]:
+        r = self.run
+        return [
+            Step("corpus", "corpus", self.cfg(CorpusConfig, "corpus", out=str(r / "corpus")), r / "corpus" / "ledger.json"),
+            Step("base", "pretrain", self.cfg(SFTConfig, "pretrain", data=str(r / "corpus"), out=str(r / "base")),
+                 r / "base" / "ledger.json"),
+            self.eval_step("base"),
+            Step("zero", "grpo", self.cfg(GRPOConfig, "grpo", init=str(r / "base"), out=str(r / "zero")),
+                 r / "zero" / "ledger.json"),
+            self.eval_step("zero"),
+            "control",
+            self.eval_step("control"),
+            Step("coldstart", "corpus", self.cfg(CorpusConfig, "coldstart", out=str(r / "coldstart")),
+                 r / "coldstart" / "ledger.json"),
+            Step("cold", "pretrain", self.cfg(SFTConfig, "cold", init=str(r / "base"), data=str(r / "coldstart"),
+                                              out=str(r / "cold")), r / "cold" / "ledger.json"),
+            Step("r1", "grpo", self.cfg(GRPOConfig, "grpo", init=str(r / "cold"), out=str(r / "r1")),
+                 r / "r1" / "ledger.json"),
+            self.eval_step("r1"),
+            Step("sampled", "sample", self.cfg(SampleConfig, "sample", checkpoint=str(r / "r1"), out=str(r / "sampled")),
+                 r / "sampled" / "ledger.json"),
+            Step("student_base", "pretrain", self.cfg(SFTConfig, "student_base", data=str(r / "corpus"),
+                                                      out=str(r / "student_base")), r / "student_base" / "ledger.json"),
+            "student",
+            "eval student",
+            "student_rl",
+            self.eval_step("student_rl"),
+        ]
+
+    def distilling(self) -> bool:
+        """Whether rejection sampling kept anything to distil (a weak teacher may solve nothing)."""
+        stats = read_json(self.run / "sampled" / "stats.json")
+        return bool(stats and stats["kept"])
+
+    def sized(self, name: str) -> Step | None:
+        """Stages that depend on earlier ones: the control and the RL-only student are sized from the
+        FLOPs of stages that already ran; the student and its eval are skipped (None) when rejection
+        sampling kept nothing."""
+        r = self.run
+        if name in ("student", "eval student"):
+            if not self.distilling():
+                return None
+            if name == "eval student":
+                return self.eval_step("student")
+            return Step("student", "pretrain", self.cfg(SFTConfig, "student", init=str(r / "student_base"),
+                                                        data=str(r / "sampled"), out=str(r / "student")),
+                        r / "student" / "ledger.json")
+        if name == "control":
+            base = self.cfg(SFTConfig, "pretrain")
+            per_step = steps_per_flops(r / "base", base.steps)
+            steps = max(1, round(ledger_flops(r / "zero") / per_step))
+            # The control continues the base's schedule at its final learning rate: a fresh warm-up
+            # and decay would be a different experiment from "more of the same pretraining".
+            cfg = self.cfg(SFTConfig, "pretrain", init=str(r / "base"), data=str(r / "corpus"), out=str(r / "control"),
+                           steps=steps, lr=base.lr * base.min_lr_ratio, warmup_steps=0, min_lr_ratio=1.0,
+                           seed=base.seed + 1)
+            return Step("control", "pretrain", cfg, r / "control" / "ledger.json")
+        # student_rl: at least the compute of the distillation fine-tuning (sampling + SFT), estimated
+        # per step from the R1-Zero stage scaled by the models' sizes; the table shows what it spent.
+        zero = self.cfg(GRPOConfig, "grpo")
+        budget = ledger_flops(r / "sampled") + (ledger_flops(r / "student") if self.distilling() else 0.0)
+        scale = _params(r / "student_base") / _params(r / "base")
+        per_step = ledger_flops(r / "zero") / zero.steps * scale
+        steps = max(zero.steps, math.ceil(budget / per_step))
+        cfg = self.cfg(GRPOConfig, "grpo", init=str(r / "student_base"), out=str(r / "student_rl"), steps=steps)
+        return Step("student_rl", "grpo", cfg, r / "student_rl" / "ledger.json")
+
+
+def _params(folder: Path) -> int:
+    from .model import load_model
+
+    return load_model(folder).num_params()
+
+
+def run_paper(run: Path, config: Path | None, resume: bool, price: float | None) -> Path:
+    """Run every stage of the plan in order (with `resume`, finished ones are skipped and a stopped one
+    continues), then write `<run>/report.md`."""
+    from .cli import run_stage
+
+    plan = Plan(run, read_yaml(config) if config else {}, price)
+    t0 = time.perf_counter()
+    for item in plan.static():
+        step = plan.sized(item) if isinstance(item, str) else item
+        if step is None:
+            print(f"[{item}] skipped: rejection sampling kept no completion, so there is nothing to distil")
+            continue
+        if resume and step.done.exists():
+            print(f"[{step.name}] already done ({step.done}), skipping")
+            continue
+        out = Path(getattr(step.cfg, "out", "") or "")
+        partial = resume and step.kind in ("pretrain", "grpo") and (out / "train_state.pt").exists()
+        print(f"[{step.name}] {'resuming' if partial else 'starting'}")
+        run_stage(step.kind, step.cfg, resume=partial)
+    report = write_paper_report(run, price)
+    print(f"paper pipeline done in {time.perf_counter() - t0:.0f} s — report: {report}")
+    return report
+
+
+# ---------------------------------------------------------------------------- the report
+
+
+def row_figures(run: Path, model: str, lineage: tuple[str, ...], price: float | None) -> dict | None:
+    """The table's figures of one model: held-out scores from its eval, FLOPs and cost of its lineage,
+    cost per held-out problem it solves (expected solved = pass@1 × problems). None when not evaluated."""
+    result = read_json(run / "eval" / f"{model}.json")
+    if result is None:
+        return None
+    flops = cost = 0.0
+    missing = []
+    for stage in lineage:
+        ledger = read_json(run / stage / "ledger.json")
+        if ledger is None:
+            missing.append(stage)
+            continue
+        flops += float(ledger.get("flops", 0.0))
+        cost += (ledger["device_hours"] * price) if price is not None else float(ledger.get("cost", 0.0))
+    overall = result["overall"]
+    solved = overall["pass@1"] * result["n_problems"]
+    return {"pass@1": overall["pass@1"], "cons@k": overall["cons@k"], "k": result["k"],
+            "trace_acc": overall.get("trace_acc"), "reflection": overall.get("reflection"),
+            "mean_len": overall.get("mean_len"), "lang": overall.get("lang_consistency"),
+            "flops": flops, "cost": cost, "cost_per_solved": cost / solved if solved else None,
+            "missing": missing}
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def main_table(run: Path, price: float | None) -> tuple[list[str], dict]:
+    figures = {label: row_figures(run, model, lineage, price) for label, model, lineage in ROWS}
+    k = next((f["k"] for f in figures.values() if f), 8)
+    lines = [f"| model | pass@1 | cons@{k} | trace accuracy | reflection | mean length | language consistency "
+             "| training FLOPs | cost | cost per solved |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for label, f in figures.items():
+        if f is None:
+            lines.append(f"| {label} | not evaluated |  |  |  |  |  |  |  |  |")
+            continue
+        flops = f"{f['flops']:.2e}" + (" (partial)" if f["missing"] else "")
+        per = "—" if f["cost_per_solved"] is None else f"${f['cost_per_solved']:.5f}"
+        mean_len = "—" if f["mean_len"] is None else f"{f['mean_len']:.1f}"
+        lines.append(f"| {label} | {_pct(f['pass@1'])} | {_pct(f['cons@k'])} | {_pct(f['trace_acc'])} | "
+                     f"{_pct(f['reflection'])} | {mean_len} | {_pct(f['lang'])} | {flops} | ${f['cost']:.4f} | {per} |")
+    return lines, figures
+
+
+def findings(fig: dict) -> list[str]:
+    """The paper's findings, each checked against this run's numbers: reproduced, not reproduced, or
+    not measurable (a row missing)."""
+    def get(label, key="pass@1"):
+        f = fig.get(label)
+        return None if f is None else f.get(key)
+
+    out = []
+
+    def claim(text, a, b, margin=0.0, what="pass@1"):
+        if a is None or b is None:
+            out.append(f"- {text}: not measured (a row is missing).")
+            return
+        ok = a > b + margin
+        out.append(f"- {text}: **{'reproduced' if ok else 'not reproduced'}** "
+                   f"({what} {100 * a:.1f} vs {100 * b:.1f}).")
+
+    claim("RL on verifiable rewards raises accuracy over the base (R1-Zero)", get("R1-Zero (RL from base)"), get("base"))
+    claim("the gain is RL's, not the extra compute's (R1-Zero vs the equal-compute control)",
+          get("R1-Zero (RL from base)"), get("equal-compute control"))
+    claim("the reasoning itself gets more accurate (trace accuracy, R1-Zero vs base)",
+          get("R1-Zero (RL from base)", "trace_acc"), get("base", "trace_acc"), what="trace accuracy")
+    claim("a cold start before RL does better than RL alone (R1 vs R1-Zero)",
+          get("R1 (cold start + RL)"), get("R1-Zero (RL from base)"))
+    claim("distilling the RL model beats RL on the small model itself (distilled vs RL-only student)",
+          get("distilled student"), get("student, RL only"))
+    z_len, b_len = get("R1-Zero (RL from base)", "mean_len"), get("base", "mean_len")
+    if z_len is not None and b_len is not None:
+        out.append(f"- responses lengthen under RL: **{'reproduced' if z_len > b_len else 'not reproduced'}** "
+                   f"(mean length {b_len:.1f} → {z_len:.1f} tokens).")
+    return out
+
+
+def write_paper_report(run: Path, price: float | None = None) -> Path:
+    """`<run>/report.md`: the paper's table and findings first, then the run report every pipeline gets
+    (per-task tables, cost per stage, the curves of every RL stage, the configs)."""
+    from .report import write_report
+
+    run = Path(run)
+    path = write_report(run, price)
+    table, fig = main_table(run, price)
+    student_rl = read_json(run / "student_rl" / "ledger.json")
+    distill = [read_json(run / s / "ledger.json") for s in ("sampled", "student")]
+    compute = []
+    if student_rl and all(distill):
+        d = sum(x["flops"] for x in distill)
+        compute = [f"The RL-only student spent {student_rl['flops']:.2e} FLOPs against {d:.2e} for the "
+                   f"distilled student's sampling and fine-tuning ({student_rl['flops'] / d:.1f}×).", ""]
+    head = ["# The R1 recipe in miniature", "",
+            "Held-out problems only (never in any training stage); pass@1 averaged over k samples at T = 0.6, "
+            "top-p 0.95; percentages. Training FLOPs and cost are each model's whole lineage (the distilled "
+            "student carries its teacher's). Cost per solved = cost / (pass@1 × held-out problems).", "",
+            *table, "", *compute, "## Which of the paper's findings reproduce at this scale", "", *findings(fig), ""]
+    path.write_text("\n".join(head) + "\n" + path.read_text())
+    return path
