@@ -23,6 +23,7 @@ from .checkpoint import load_checkpoint
 from .engine import Engine, SamplingParams
 from .ledger import StageLedger, forward_flops, hardware
 from .log import console
+from .language import check_langs, consistency, pose, question_lang
 from .rewards import parse_completion
 from .tasks import get_task
 
@@ -47,6 +48,9 @@ class EvalConfig:
     """Top-p (R1: 0.95)."""
     max_new_tokens: int = 128
     """Completion length cap."""
+    langs: list = field(default_factory=list)
+    """Languages to pose every held-out question in (en, zh); empty: prompts as the tasks write them.
+    Adds language consistency (share of the CoT in the question's language) and per-language scores."""
     seed: int = 1234
     """Seed of the held-out questions and of sampling."""
     device: str = "cpu"
@@ -57,6 +61,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         for name in self.tasks:
             get_task(name)
+        check_langs({lang: 1 for lang in self.langs}, "langs")
         if self.k < 1 or self.n_per_difficulty < 1:
             raise ValueError("k and n_per_difficulty must be ≥ 1")
 
@@ -88,8 +93,10 @@ def distinct_heldout(task, difficulty: int, n: int, seed: int) -> list:
 
 
 def heldout_problems(cfg: EvalConfig) -> list:
-    return [p for name, diffs in cfg.tasks.items() for d in diffs
-            for p in distinct_heldout(get_task(name), d, cfg.n_per_difficulty, cfg.seed)]
+    """The held-out questions; with `langs`, each question once per language."""
+    problems = [p for name, diffs in cfg.tasks.items() for d in diffs
+                for p in distinct_heldout(get_task(name), d, cfg.n_per_difficulty, cfg.seed)]
+    return [pose(p, lang) for p in problems for lang in cfg.langs] if cfg.langs else problems
 
 
 def majority_correct(task, problem, answers: list[str]) -> float:
@@ -105,7 +112,7 @@ def majority_correct(task, problem, answers: list[str]) -> float:
 def score_samples(problem, texts: list[str]) -> dict:
     """pass@1 (mean correctness over the k samples) and cons@k (the majority answer's correctness)."""
     task = get_task(problem.task)
-    answers, correct = [], []
+    answers, correct, lang = [], [], []
     for text in texts:
         parsed = parse_completion(text)
         if parsed is None:
@@ -113,13 +120,22 @@ def score_samples(problem, texts: list[str]) -> dict:
             continue
         answers.append(parsed[1])
         correct.append(task.score(problem, parsed[1])[0])
-    return {"pass@1": sum(correct) / len(texts), "cons@k": majority_correct(task, problem, answers)}
+        if question_lang(problem):
+            lang.append(consistency(parsed[0], question_lang(problem)))
+    row = {"pass@1": sum(correct) / len(texts), "cons@k": majority_correct(task, problem, answers)}
+    if lang:   # language consistency among the samples that have a chain of thought to measure
+        row["lang_consistency"] = sum(lang) / len(lang)
+    return row
 
 
 def summarise(rows: list[dict]) -> dict:
     n = len(rows)
-    return {"pass@1": sum(r["pass@1"] for r in rows) / n, "cons@k": sum(r["cons@k"] for r in rows) / n,
-            "n": n, "mean_len": sum(r["mean_len"] for r in rows) / n}
+    out = {"pass@1": sum(r["pass@1"] for r in rows) / n, "cons@k": sum(r["cons@k"] for r in rows) / n,
+           "n": n, "mean_len": sum(r["mean_len"] for r in rows) / n}
+    lang = [r["lang_consistency"] for r in rows if "lang_consistency" in r]
+    if lang:
+        out["lang_consistency"] = sum(lang) / len(lang)
+    return out
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -135,7 +151,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     for i, p in enumerate(problems):
         group = completions[i * cfg.k:(i + 1) * cfg.k]
         row = score_samples(p, [c.text for c in group])
-        row.update(task=p.task, difficulty=p.difficulty, mean_len=sum(len(c.token_ids) for c in group) / cfg.k)
+        row.update(task=p.task, difficulty=p.difficulty, lang=question_lang(p),
+                   mean_len=sum(len(c.token_ids) for c in group) / cfg.k)
         rows.append(row)
     tasks: dict = {}
     for name in cfg.tasks:
@@ -146,6 +163,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     mc = model.config
     result = {"checkpoint": str(cfg.checkpoint), "k": cfg.k, "temperature": cfg.temperature, "top_p": cfg.top_p,
               "n_problems": len(problems), "overall": summarise(rows), "tasks": tasks,
+              "langs": {lang: summarise([r for r in rows if r["lang"] == lang]) for lang in cfg.langs},
               "wall_s": round(time.perf_counter() - t0, 3), "generated_tokens": gen_tokens, "config": asdict(cfg)}
     path = cfg.result_path()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,3 +190,6 @@ def print_table(result: dict) -> None:
     s = result["overall"]
     table.add_row("all", "", str(s["n"]), f"{100 * s['pass@1']:.1f}", f"{100 * s['cons@k']:.1f}", f"{s['mean_len']:.1f}")
     console.print(table)
+    for lang, s in result.get("langs", {}).items():
+        console.print(f"questions in {lang}: pass@1 {100 * s['pass@1']:.1f}, cons@k {100 * s['cons@k']:.1f}, "
+                      f"language consistency {100 * s.get('lang_consistency', 1.0):.1f}")
