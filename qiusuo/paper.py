@@ -7,7 +7,9 @@ The stages (DESIGN §8), each a folder of `runs/paper/`:
   beat simply spending the same compute on more pretraining?
 - `zero` — R1-Zero: GRPO straight from the base;
 - `coldstart`, `cold`, `r1` — R1: SFT of the base on a small set of clean, readable traces (the paper's
-  "thousands of long CoT" cold-start examples), then the same GRPO from that checkpoint;
+  "thousands of long CoT" cold-start examples), then the same GRPO from that checkpoint, plus the
+  language-consistency reward when the config sets one (`r1` section); `r1_nolang` is the same RL
+  without that reward, to show what it buys and costs;
 - `sampled` — rejection sampling of R1's correct answers on training problems (`qiusuo sample`);
 - `student_base`, `student`, `student_rl` — distillation: a smaller model (fewer layers, narrower),
   pretrained on the same corpus, then either fine-tuned on R1's samples (`student`) or trained with
@@ -40,6 +42,7 @@ ROWS = (
     ("equal-compute control", "control", ("corpus", "base", "control")),
     ("R1-Zero (RL from base)", "zero", ("corpus", "base", "zero")),
     ("R1 (cold start + RL)", "r1", ("corpus", "base", "coldstart", "cold", "r1")),
+    ("R1 without the language reward", "r1_nolang", ("corpus", "base", "coldstart", "cold", "r1_nolang")),
     ("distilled student", "student", ("corpus", "base", "coldstart", "cold", "r1", "sampled", "student_base",
                                       "student")),
     ("student, RL only", "student_rl", ("corpus", "student_base", "student_rl")),
@@ -77,8 +80,12 @@ class Plan:
         self.run, self.sections = Path(run), sections
         self.price_kw = {} if price is None else {"price_per_device_hour": price}
 
-    def cfg(self, cls, section: str, **wiring):
-        return build(cls, {**(self.sections.get(section) or {}), **wiring, **self.price_kw})
+    def cfg(self, cls, *sections: str, **wiring):
+        """A stage's config: the named sections merged in order (later ones win), then the wiring."""
+        merged = {}
+        for section in sections:
+            merged.update(self.sections.get(section) or {})
+        return build(cls, {**merged, **wiring, **self.price_kw})
 
     def eval_step(self, model: str) -> Step:
         return Step(f"eval {model}", "eval", self.cfg(EvalConfig, "eval", checkpoint=str(self.run / model)),
@@ -100,9 +107,11 @@ class Plan:
                  r / "coldstart" / "ledger.json"),
             Step("cold", "pretrain", self.cfg(SFTConfig, "cold", init=str(r / "base"), data=str(r / "coldstart"),
                                               out=str(r / "cold")), r / "cold" / "ledger.json"),
-            Step("r1", "grpo", self.cfg(GRPOConfig, "grpo", init=str(r / "cold"), out=str(r / "r1")),
+            Step("r1", "grpo", self.cfg(GRPOConfig, "grpo", "r1", init=str(r / "cold"), out=str(r / "r1")),
                  r / "r1" / "ledger.json"),
             self.eval_step("r1"),
+            "r1_nolang",
+            "eval r1_nolang",
             Step("sampled", "sample", self.cfg(SampleConfig, "sample", checkpoint=str(r / "r1"), out=str(r / "sampled")),
                  r / "sampled" / "ledger.json"),
             Step("student_base", "pretrain", self.cfg(SFTConfig, "student_base", data=str(r / "corpus"),
@@ -123,6 +132,16 @@ class Plan:
         FLOPs of stages that already ran; the student and its eval are skipped (None) when rejection
         sampling kept nothing."""
         r = self.run
+        if name in ("r1_nolang", "eval r1_nolang"):
+            # The ablation of R1's language reward: the same RL from the cold start without it.
+            r1 = self.cfg(GRPOConfig, "grpo", "r1")
+            if not r1.reward_language:
+                return None
+            if name == "eval r1_nolang":
+                return self.eval_step("r1_nolang")
+            return Step("r1_nolang", "grpo", self.cfg(GRPOConfig, "grpo", "r1", init=str(r / "cold"),
+                                                      out=str(r / "r1_nolang"), reward_language=0.0),
+                        r / "r1_nolang" / "ledger.json")
         if name in ("student", "eval student"):
             if not self.distilling():
                 return None
@@ -168,7 +187,8 @@ def run_paper(run: Path, config: Path | None, resume: bool, price: float | None)
     for item in plan.static():
         step = plan.sized(item) if isinstance(item, str) else item
         if step is None:
-            print(f"[{item}] skipped: rejection sampling kept no completion, so there is nothing to distil")
+            print(f"[{item}] skipped: " + ("R1 has no language reward to ablate" if "nolang" in item else
+                                         "rejection sampling kept no completion, so there is nothing to distil"))
             continue
         if resume and step.done.exists():
             print(f"[{step.name}] already done ({step.done}), skipping")
@@ -257,6 +277,17 @@ def findings(fig: dict) -> list[str]:
           get("R1 (cold start + RL)"), get("R1-Zero (RL from base)"))
     claim("distilling the RL model beats RL on the small model itself (distilled vs RL-only student)",
           get("distilled student"), get("student, RL only"))
+    r1, nolang = fig.get("R1 (cold start + RL)"), fig.get("R1 without the language reward")
+    base_lang, zero_lang = get("base", "lang"), get("R1-Zero (RL from base)", "lang")
+    if base_lang is not None and zero_lang is not None:
+        out.append(f"- without a language reward, RL drifts into language mixing: "
+                   f"**{'reproduced' if zero_lang < base_lang else 'not reproduced'}** (language consistency "
+                   f"{100 * base_lang:.1f} base → {100 * zero_lang:.1f} R1-Zero).")
+    if r1 and nolang and r1.get("lang") is not None and nolang.get("lang") is not None:
+        out.append(f"- the language reward keeps the chain of thought in the question's language: "
+                   f"**{'reproduced' if r1['lang'] > nolang['lang'] else 'not reproduced'}** (consistency "
+                   f"{100 * nolang['lang']:.1f} without → {100 * r1['lang']:.1f} with), at a cost in pass@1 of "
+                   f"{100 * (nolang['pass@1'] - r1['pass@1']):+.1f} points (the paper: a slight degradation).")
     z_len, b_len = get("R1-Zero (RL from base)", "mean_len"), get("base", "mean_len")
     if z_len is not None and b_len is not None:
         out.append(f"- responses lengthen under RL: **{'reproduced' if z_len > b_len else 'not reproduced'}** "

@@ -4,8 +4,9 @@ The paper samples several responses per prompt from the reasoning-RL checkpoint,
 ones (rule-based verification), and filters out mixed-language chains of thought, long paragraphs and
 code blocks; about 600k reasoning samples result. `qiusuo sample` does the same on the tasks' *train*
 split (never the held-out one, so a student trained on the set is still evaluated on unseen problems):
-k completions per problem from the shared engine, kept when the completion parses in the exact format
-and the task's verifier scores it correct, optionally only the shortest correct one per problem
+k completions per problem from the shared engine, kept when the completion parses in the exact format,
+the task's verifier scores it correct and (for questions posed in a language) its chain of thought is in
+the question's language, optionally only the shortest correct one per problem
 (`keep: shortest`, the readable-trace choice), deduplicated by text. The result is a corpus file
 (`<out>/train.jsonl`, {prompt, completion} lines) that `qiusuo pretrain --init … --data <out>` trains
 on — the cold-start and distillation SFT stages. Departure: the paper also uses DeepSeek-V3 as a judge
@@ -22,6 +23,7 @@ from .checkpoint import load_checkpoint
 from .engine import Engine, SamplingParams
 from .ledger import StageLedger, forward_flops, hardware
 from .log import console
+from .language import check_langs, consistency, pose, question_lang
 from .rewards import parse_completion
 from .tasks import get_task
 
@@ -48,6 +50,11 @@ class SampleConfig:
     """Top-p of the sampling."""
     max_new_tokens: int = 128
     """Completion length cap; a completion cut at the cap never parses, so it is never kept."""
+    langs: list = field(default_factory=list)
+    """Languages to pose each problem in (en, zh); empty: prompts as the tasks write them."""
+    min_consistency: float = 1.0
+    """Language filter (R1 drops mixed-language CoT): a completion is kept only when at least this share
+    of its chain of thought is in the question's language."""
     keep: str = "all"
     """`all` correct completions (deduplicated), or only the `shortest` correct one per problem."""
     seed: int = 4321
@@ -64,6 +71,7 @@ class SampleConfig:
             raise ValueError(f"keep must be one of {KEEP}, got {self.keep!r}")
         if self.k < 1 or self.n_per_difficulty < 1 or self.max_new_tokens < 1:
             raise ValueError("k, n_per_difficulty and max_new_tokens must be ≥ 1")
+        check_langs({lang: 1 for lang in self.langs}, "langs")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0: k greedy samples would all be the same completion")
 
@@ -85,18 +93,22 @@ def training_problems(cfg: SampleConfig) -> list:
             else:
                 raise ValueError(f"{name} difficulty {d}: only {len(seen)} distinct training problems found, "
                                  f"{cfg.n_per_difficulty} asked (n_per_difficulty)")
-    return out
+    return [pose(p, lang) for p in out for lang in cfg.langs] if cfg.langs else out
 
 
-def judge(problem, text: str, finish_reason: str) -> str:
-    """Why a completion is rejected, or "ok": cut at the length cap, not in the exact format, or wrong."""
+def judge(problem, text: str, finish_reason: str, min_consistency: float = 1.0) -> str:
+    """Why a completion is rejected, or "ok": cut at the length cap, not in the exact format, wrong, or
+    its chain of thought mixes languages (less than `min_consistency` in the question's language)."""
     if finish_reason != "stop":
         return "truncated"
     parsed = parse_completion(text)
     if parsed is None:
         return "format"
     value, _ = get_task(problem.task).score(problem, parsed[1])
-    return "ok" if value == 1.0 else "wrong"
+    if value != 1.0:
+        return "wrong"
+    lang = question_lang(problem)
+    return "mixed" if lang and consistency(parsed[0], lang) < min_consistency else "ok"
 
 
 def select(problem, texts: list[str], verdicts: list[str], keep: str) -> list[str]:
@@ -108,18 +120,19 @@ def select(problem, texts: list[str], verdicts: list[str], keep: str) -> list[st
     return good
 
 
-def accept(problems: list, completions: list, k: int, keep: str, source: str) -> tuple[list[dict], dict]:
+def accept(problems: list, completions: list, k: int, keep: str, source: str,
+           min_consistency: float = 1.0) -> tuple[list[dict], dict]:
     """The SFT rows kept from `k` completions per problem (prompt-major, as `Engine.generate` returns
     them) and the tallies per task and difficulty: samples by verdict, problems solved, rows kept."""
     rows, per = [], {}
     for i, p in enumerate(problems):
         group = completions[i * k:(i + 1) * k]
         texts = [c.text for c in group]
-        verdicts = [judge(p, c.text, c.finish_reason) for c in group]
+        verdicts = [judge(p, c.text, c.finish_reason, min_consistency) for c in group]
         kept = select(p, texts, verdicts, keep)
         s = per.setdefault(f"{p.task}/{p.difficulty}", {"task": p.task, "difficulty": p.difficulty, "problems": 0,
                                                         "samples": 0, "ok": 0, "wrong": 0, "format": 0,
-                                                        "truncated": 0, "solved": 0, "kept": 0})
+                                                        "mixed": 0, "truncated": 0, "solved": 0, "kept": 0})
         s["problems"] += 1
         s["samples"] += len(group)
         for v in verdicts:
@@ -150,7 +163,8 @@ def sample(cfg: SampleConfig) -> dict:
                             seed=cfg.seed)
     completions = engine.generate(prompts, params, n=cfg.k)
 
-    rows, per = accept(problems, completions, cfg.k, cfg.keep, source=f"sample:{Path(cfg.checkpoint).name}")
+    rows, per = accept(problems, completions, cfg.k, cfg.keep, source=f"sample:{Path(cfg.checkpoint).name}",
+                       min_consistency=cfg.min_consistency)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -176,11 +190,13 @@ def print_stats(stats: dict, out: Path) -> None:
     from rich.table import Table
 
     table = Table(title=f"rejection sampling from {stats['checkpoint']} — k={stats['k']}, keep {stats['keep']}")
-    for col in ("task", "difficulty", "problems", "accepted %", "solved %", "wrong", "format", "truncated", "kept"):
+    for col in ("task", "difficulty", "problems", "accepted %", "solved %", "wrong", "format", "mixed", "truncated",
+                "kept"):
         table.add_column(col, justify="right")
     for s in stats["by_task"].values():
         table.add_row(s["task"], str(s["difficulty"]), str(s["problems"]), f"{100 * s['acceptance']:.1f}",
-                      f"{100 * s['solved_share']:.1f}", str(s["wrong"]), str(s["format"]), str(s["truncated"]),
+                      f"{100 * s['solved_share']:.1f}", str(s["wrong"]), str(s["format"]), str(s["mixed"]),
+                      str(s["truncated"]),
                       str(s["kept"]))
     console.print(table)
     console.print(f"kept {stats['kept']} of {stats['samples']} samples → {out / 'train.jsonl'}")

@@ -8,12 +8,14 @@ from qiusuo.cli import main
 from qiusuo.paper import ROWS, findings, row_figures
 
 TINY = {
-    "corpus": {"tasks": {"arith": [1, 2]}, "task_weights": {"arith": 1.0}, "n_examples": 300},
+    "corpus": {"tasks": {"arith": [1, 2]}, "task_weights": {"arith": 1.0}, "n_examples": 300,
+               "langs": {"en": 0.5, "zh": 0.5}, "weak_lang": "zh", "weak_slip_share": 0.3},
     "pretrain": {"steps": 3, "batch_size": 4, "max_len": 96, "save_every": 3, "warmup_steps": 1,
                  "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                            "num_attention_heads": 2, "num_key_value_heads": 1}},
-    "eval": {"tasks": {"arith": [2]}, "n_per_difficulty": 3, "k": 2, "max_new_tokens": 16},
-    "grpo": {"tasks": {"arith": [2]}, "steps": 2, "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 16,
+    "eval": {"tasks": {"arith": [2]}, "n_per_difficulty": 3, "k": 2, "max_new_tokens": 16, "langs": ["en", "zh"]},
+    "r1": {"reward_language": 1.0},
+    "grpo": {"tasks": {"arith": [2]}, "langs": {"en": 0.5, "zh": 0.5}, "steps": 2, "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 16,
              "save_every": 2},
     "coldstart": {"tasks": {"arith": [2]}, "task_weights": {"arith": 1.0}, "styles": {"steps": 1.0},
                   "n_examples": 40},
@@ -32,7 +34,7 @@ def test_every_stage_runs_and_the_report_has_the_table(tmp_path):
     cfg.write_text(yaml.safe_dump(TINY))
     run = tmp_path / "paper"
     assert main(["paper", "--run", str(run), "--config", str(cfg)]) == 0
-    for stage in ("corpus", "base", "control", "zero", "coldstart", "cold", "r1", "sampled", "student_base",
+    for stage in ("corpus", "base", "control", "zero", "coldstart", "cold", "r1", "r1_nolang", "sampled", "student_base",
                   "student_rl"):
         assert (run / stage / "ledger.json").exists(), stage
     # The control spent about the FLOPs of the R1-Zero stage (whole pretraining steps, so within one step).
@@ -49,6 +51,10 @@ def test_every_stage_runs_and_the_report_has_the_table(tmp_path):
     for label, _, _ in ROWS:
         assert f"| {label} |" in report
     assert "Which of the paper's findings reproduce" in report
+    r1 = yaml.safe_load((run / "r1" / "config.yaml").read_text())
+    nolang = yaml.safe_load((run / "r1_nolang" / "config.yaml").read_text())
+    assert r1["reward_language"] == 1.0 and nolang["reward_language"] == 0.0
+    assert json.loads((run / "eval" / "r1.json").read_text())["langs"]["zh"]["n"] == 3
     # A second run with --resume finds every stage done and only rewrites the report.
     assert main(["paper", "--run", str(run), "--config", str(cfg), "--resume"]) == 0
 

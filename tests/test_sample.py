@@ -9,6 +9,7 @@ from qiusuo.corpus import read_corpus
 from qiusuo.engine import Completion
 from qiusuo.model import save_model
 from qiusuo.sample import SampleConfig, accept, judge, select, training_problems
+from qiusuo.language import pose
 from qiusuo.tasks import format_completion, get_task, heldout
 
 
@@ -27,6 +28,10 @@ def test_judge_names_each_rejection():
     assert judge(p, "<think>12+30</think>42", "stop") == "format"
     # A completion cut at the length cap is never kept, even when its prefix parses.
     assert judge(p, format_completion("12+30", "42"), "length") == "truncated"
+    zh = pose(p, "zh")
+    assert judge(zh, format_completion("我来算：12+30", "42"), "stop") == "ok"
+    assert judge(zh, format_completion("let me 算", "42"), "stop") == "mixed"
+    assert judge(zh, format_completion("let me 算", "42"), "stop", min_consistency=0.3) == "ok"
 
 
 def test_select_deduplicates_and_keeps_the_shortest_on_request():
@@ -50,10 +55,10 @@ def test_accept_tallies_per_task_and_difficulty():
                                               format_completion("e", "42")]
     assert all(r["prompt"] in (p1.prompt, p2.prompt) and r["source"] == "sample:zero" for r in rows)
     s1 = per[f"arith/{p1.difficulty}"]
-    total = {key: sum(s[key] for s in per.values()) for key in ("samples", "ok", "wrong", "format", "truncated",
-                                                                 "problems", "solved", "kept")}
-    assert total == {"samples": 6, "ok": 3, "wrong": 1, "format": 1, "truncated": 1, "problems": 2, "solved": 2,
-                     "kept": 3}
+    total = {key: sum(s[key] for s in per.values()) for key in ("samples", "ok", "wrong", "format", "mixed",
+                                                                 "truncated", "problems", "solved", "kept")}
+    assert total == {"samples": 6, "ok": 3, "wrong": 1, "format": 1, "mixed": 0, "truncated": 1, "problems": 2,
+                     "solved": 2, "kept": 3}
     assert 0 < s1["acceptance"] <= 1
 
 
@@ -86,7 +91,7 @@ def test_the_stage_writes_a_corpus_and_its_acceptance_rates(tmp_path, tok):
     assert stats["problems"] == 8 and stats["samples"] == 24
     assert set(stats["by_task"]) == {"arith/1", "arith/2"}
     for s in stats["by_task"].values():
-        assert s["ok"] + s["wrong"] + s["format"] + s["truncated"] == s["samples"] == 12
+        assert s["ok"] + s["wrong"] + s["format"] + s["mixed"] + s["truncated"] == s["samples"] == 12
     lines = (out / "train.jsonl").read_text().splitlines()
     assert len(lines) == stats["kept"]
     if lines:   # a random model rarely answers right; what it keeps must read back as a corpus
