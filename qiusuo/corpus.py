@@ -34,8 +34,9 @@ class CorpusConfig:
     langs: dict = field(default_factory=dict)
     """Language → share of the questions posed in it (en, zh); empty: prompts as the tasks write them,
     traces without words. With languages, each trace opens and closes with a phrase in its language."""
-    mixed_share: float = 0.0
-    """Share of traces written in the other language than the question's (language mixing)."""
+    mixed_share: dict = field(default_factory=dict)
+    """Question language → share of its traces written in the other language (language mixing), e.g.
+    {zh: 0.3}: Chinese questions sometimes reasoned in English, as real models do."""
     weak_lang: str | None = None
     """A language whose traces are less accurate (pretraining data is uneven in real models)."""
     weak_slip_share: float = 0.0
@@ -58,8 +59,9 @@ class CorpusConfig:
         check_langs(self.langs, "langs")
         if self.weak_lang is not None and self.weak_lang not in self.langs:
             raise ValueError(f"weak_lang {self.weak_lang!r} is not one of langs {sorted(self.langs)}")
-        if not (0 <= self.mixed_share <= 1 and 0 <= self.weak_slip_share <= 1):
-            raise ValueError("mixed_share and weak_slip_share must lie in [0, 1]")
+        check_langs(self.mixed_share, "mixed_share")
+        if not (all(0 <= v <= 1 for v in self.mixed_share.values()) and 0 <= self.weak_slip_share <= 1):
+            raise ValueError("mixed_share values and weak_slip_share must lie in [0, 1]")
         if self.n_examples < 1:
             raise ValueError("n_examples must be ≥ 1")
 
@@ -81,7 +83,7 @@ def examples(cfg: CorpusConfig):
                    "completion": task.completion(problem, style, rng)}
             continue
         lang = rng.choices(list(cfg.langs), list(cfg.langs.values()))[0]
-        trace_lang = other(lang) if rng.random() < cfg.mixed_share else lang
+        trace_lang = other(lang) if rng.random() < cfg.mixed_share.get(lang, 0.0) else lang
         if style == "steps" and trace_lang == cfg.weak_lang and rng.random() < cfg.weak_slip_share:
             style = "flawed"
         think, answer = parse_completion(task.completion(problem, style, rng))

@@ -60,13 +60,14 @@ def test_language_reward_is_the_share_in_the_question_language():
 
 def test_corpus_poses_mixes_and_makes_one_language_weaker():
     cfg = CorpusConfig(tasks={"arith": [3, 4]}, task_weights={"arith": 1.0}, styles={"steps": 1.0},
-                       langs={"en": 0.5, "zh": 0.5}, mixed_share=0.2, weak_lang="zh", weak_slip_share=0.4,
+                       langs={"en": 0.5, "zh": 0.5}, mixed_share={"zh": 0.4}, weak_lang="zh", weak_slip_share=0.4,
                        n_examples=1500)
     rows = list(examples(cfg))
     langs = Counter(r["lang"] for r in rows)
     assert abs(langs["en"] - langs["zh"]) < 200
-    mixed = sum(r["lang"] != r["trace_lang"] for r in rows) / len(rows)
-    assert 0.15 < mixed < 0.25
+    zh_rows = [r for r in rows if r["lang"] == "zh"]
+    assert all(r["trace_lang"] == "en" for r in rows if r["lang"] == "en")
+    assert 0.33 < sum(r["trace_lang"] == "en" for r in zh_rows) / len(zh_rows) < 0.47
     task = get_task("arith")
 
     def accuracy(trace_lang):

@@ -9,7 +9,8 @@ from qiusuo.paper import ROWS, findings, row_figures
 
 TINY = {
     "corpus": {"tasks": {"arith": [1, 2]}, "task_weights": {"arith": 1.0}, "n_examples": 300,
-               "langs": {"en": 0.5, "zh": 0.5}, "weak_lang": "zh", "weak_slip_share": 0.3},
+               "langs": {"en": 0.5, "zh": 0.5}, "mixed_share": {"zh": 0.3}, "weak_lang": "zh",
+               "weak_slip_share": 0.3},
     "pretrain": {"steps": 3, "batch_size": 4, "max_len": 96, "save_every": 3, "warmup_steps": 1,
                  "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                            "num_attention_heads": 2, "num_key_value_heads": 1}},
@@ -45,7 +46,7 @@ def test_every_stage_runs_and_the_report_has_the_table(tmp_path):
     distill = json.loads((run / "sampled" / "ledger.json").read_text())["flops"]
     if (run / "student" / "ledger.json").exists():
         distill += json.loads((run / "student" / "ledger.json").read_text())["flops"]
-    assert rl >= distill * 0.5
+    assert rl >= distill
     report = (run / "report.md").read_text()
     assert report.startswith("# The R1 recipe in miniature")
     for label, _, _ in ROWS:
