@@ -322,6 +322,49 @@ def findings(fig: dict) -> list[str]:
     return out
 
 
+# (metrics key, panel title) of the summary figure; a key no stage logged leaves its panel out.
+CURVES = (("rollout/accuracy", "accuracy (training rollouts)"), ("rollout/trace_acc", "trace accuracy"),
+          ("rollout/reflection", "reflection rate"), ("rollout/len_mean", "mean response length (tokens)"),
+          ("rollout/language", "language reward (0 if the format fails)"))
+RL_STAGES = ("zero", "r1", "r1_nolang", "student_rl")
+
+
+def curves_figure(run: Path, path: Path) -> Path | None:
+    """One PNG with a panel per RL metric and a line per RL stage (moving average over 5 steps) — the
+    paper's Figure 2/3 curves for every RL stage of the run side by side. None when nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .report import read_metrics
+
+    series = {s: read_metrics(run / s / "metrics.jsonl") for s in RL_STAGES if (run / s / "metrics.jsonl").exists()}
+    panels = [(k, t) for k, t in CURVES if any(k in row for rows in series.values() for row in rows)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.6), dpi=90)
+    for ax, (key, title) in zip(np.atleast_1d(axes), panels):
+        for stage, rows in series.items():
+            pts = [(r["step"], r[key]) for r in rows if key in r and "step" in r]
+            if not pts:
+                continue
+            x, y = map(np.array, zip(*pts))
+            w = min(5, len(y))
+            ax.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid"), label=stage, linewidth=1.5)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("GRPO step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def write_paper_report(run: Path, price: float | None = None) -> Path:
     """`<run>/report.md`: the paper's table and findings first, then the run report every pipeline gets
     (per-task tables, cost per stage, the curves of every RL stage, the configs)."""
@@ -342,5 +385,8 @@ def write_paper_report(run: Path, price: float | None = None) -> Path:
             "top-p 0.95; percentages. Training FLOPs and cost are each model's whole lineage (the distilled "
             "student carries its teacher's). Cost per solved = cost / (pass@1 × held-out problems).", "",
             *table, "", *compute, "## Which of the paper's findings reproduce at this scale", "", *findings(fig), ""]
+    figure = curves_figure(run, run / "plots" / "paper_curves.png")
+    if figure:
+        head += ["## RL curves of every stage", "", f"![RL curves](plots/{figure.name})", ""]
     path.write_text("\n".join(head) + "\n" + path.read_text())
     return path
