@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--rpm", type=int, default=60, help="requests per minute (default 60)")
     k.add_argument("--tpm", type=int, default=100_000, help="prompt + completion tokens per minute (default 100000)")
     k.add_argument("--balance", type=float, default=5.0, help="USD the key may spend (default 5.00)")
+    k.add_argument("--max-concurrent", type=int, default=None,
+                   help="requests in flight at once (default: the server's --key-max-concurrent)")
     keys_sub.add_parser("list", help="every key with its limits, balance and spend")
     keys_sub.add_parser("revoke", help="revoke a key by id").add_argument("key_id")
     for k in keys_sub.choices.values():
