@@ -120,8 +120,8 @@ def test_an_engine_crash_ends_the_request_as_error_with_its_usage(tok, looping, 
                  what="a new engine process")
         killer = threading.Thread(target=_kill_engine, args=(svc,))
         killer.start()
-        with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {secret}"},
-                          json={"messages": Q, "max_tokens": 8000, "stream": True}) as resp:
+        with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=60,
+                          headers={"Authorization": f"Bearer {secret}"}, json={"messages": Q, "max_tokens": 8000, "stream": True}) as resp:
             events = sse(resp.read().decode())
         killer.join()
         assert [e["choices"][0]["finish_reason"] for e in events if e.get("choices")][-1] == "error"
