@@ -11,7 +11,7 @@ import pytest
 from qiusuo.cli import main
 from qiusuo.serve.keys import KeyStore
 from qiusuo.tokenizer import Tokenizer
-from test_serve_helpers import LOOP, SCRIPT, idle, scripted_model, serve, wait_for
+from test_serve_helpers import LOOP, idle, scripted_model, serve, wait_for
 from test_serve_load import QUESTION as ENDLESS
 from test_serve_load import Stream
 

@@ -148,11 +148,12 @@ class ApiError(Exception):
              500: "server_error", 503: "overloaded_error"}
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 retry_after: float | None = None, usage: Usage | None = None):
-        """`usage`: what the request consumed before it failed (billed, so the client is told)."""
+                 retry_after: float | None = None, usage: Usage | None = None, request_id: str | None = None):
+        """`usage`: what the request consumed before it failed (billed, so the client is told, with
+        the `request_id` of its ledger row)."""
         super().__init__(message)
         self.status, self.message, self.code, self.param, self.retry_after = status, message, code, param, retry_after
-        self.usage = usage
+        self.usage, self.request_id = usage, request_id
 
     @classmethod
     def refused(cls, r: Refused) -> "ApiError":
@@ -162,7 +163,7 @@ class ApiError(Exception):
         body = {"error": {"message": self.message, "type": self.TYPES.get(self.status, "api_error"),
                           "param": self.param, "code": self.code}}
         if self.usage is not None:
-            body["usage"] = self.usage.as_openai()
+            body["id"], body["usage"] = self.request_id, self.usage.as_openai()
         return body
 
     def response(self) -> JSONResponse:
@@ -631,7 +632,8 @@ class Service:
             job.usage = self._record(job, n, splitter.reasoning_tokens)
             if failed:
                 raise ApiError(503, "the engine failed during generation; what it generated is billed",
-                               "engine_error", retry_after=self.cfg.overload_retry_after, usage=job.usage)
+                               "engine_error", retry_after=self.cfg.overload_retry_after, usage=job.usage,
+                               request_id=job.id)
             job.events.put_nowait(("done", None))
         except ApiError as e:
             self._fail(job, e)
