@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .tasks import get_task
+from .tasks import STYLES, get_task
 
 
 @dataclass
@@ -27,8 +27,10 @@ class CorpusConfig:
     """Task name → difficulties to draw from (uniformly)."""
     task_weights: dict = field(default_factory=lambda: {"arith": 0.6, "countdown": 0.4})
     """Task name → share of the examples."""
-    styles: dict = field(default_factory=lambda: {"direct": 0.5, "steps": 0.35, "flawed": 0.15})
-    """Completion style → share. Direct answers are guesses, steps are right, flawed traces hold one slip."""
+    styles: dict = field(default_factory=lambda: {"direct": 0.45, "steps": 0.3, "flawed": 0.17, "reflect": 0.08})
+    """Completion style → share. Direct answers are guesses, steps are right, flawed traces hold one
+    slip carried through to a wrong answer, reflect traces slip, notice it (`wait `), redo the step
+    and end right."""
     n_examples: int = 40000
     """Examples to write."""
     seed: int = 0
@@ -42,8 +44,8 @@ class CorpusConfig:
         missing = set(self.tasks) - set(self.task_weights)
         if missing:
             raise ValueError(f"task_weights lacks {sorted(missing)}")
-        if set(self.styles) - {"direct", "steps", "flawed"}:
-            raise ValueError(f"unknown styles {sorted(set(self.styles) - {'direct', 'steps', 'flawed'})}")
+        if set(self.styles) - set(STYLES):
+            raise ValueError(f"unknown styles {sorted(set(self.styles) - set(STYLES))}; known: {', '.join(STYLES)}")
         if self.n_examples < 1:
             raise ValueError("n_examples must be ≥ 1")
 
