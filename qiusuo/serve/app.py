@@ -528,7 +528,12 @@ class Service:
                   max_cost=self._cost(len(prompt_ids), max_new))
         if key is not None:
             try:
-                self.limits.reserve(hold, key.rpm, key.tpm, job.reserved_tokens, job.max_cost, key.remaining)
+                # the balance as of now: requests that ended while this one was tokenised are billed in it
+                fresh = self.store.get(key.id) or key
+            except sqlite3.Error as e:
+                raise self._db_unavailable(e) from None
+            try:
+                self.limits.reserve(hold, key.rpm, key.tpm, job.reserved_tokens, job.max_cost, fresh.remaining)
             except Refused as r:
                 raise ApiError.refused(r) from None
         return job
