@@ -506,6 +506,9 @@ class Service:
         if text_bytes > self.max_prompt * self.max_token_bytes:  # too long for any tokenisation: skip it
             raise ApiError(400, f"the messages hold {text_bytes} bytes of text; a prompt of at most {self.max_prompt}"
                                 " tokens is allowed", "context_length_exceeded", "messages")
+        if self.preparing >= cfg.max_concurrent + cfg.max_queue:   # the pool's queue is bounded too
+            raise ApiError(503, "server overloaded: too many prompts being prepared", "overloaded",
+                           retry_after=cfg.overload_retry_after)
         self.preparing += 1
         try:
             prompt_ids = await asyncio.get_running_loop().run_in_executor(self.pool, self._tokenise, messages)
