@@ -1,15 +1,19 @@
 """The OpenAI / DeepSeek-compatible HTTP server (DESIGN §5): `create_app(cfg)` returns a FastAPI app.
 
-A chat request goes: authenticate (401) → read the body within its size limit (413) → parse and
-validate (400 / 422) → balance (402) → tokenise, prompt limit (400) → per-key token buckets (429) →
-a place in the gate's queue (503) → [response headers go out when streaming] → wait for a running
-slot (queue timeout: 503) → the scheduler generates → the splitter turns tokens into
-`reasoning_content` / `content` → one usage row in the ledger.
+A chat request goes: authenticate (401) → the key's concurrent requests, requests per minute and
+balance (429 / 402) → read the body within its size limit (413) → parse it strictly (400 / 422) →
+a length pre-check, then render and tokenise in a thread pool, prompt limit (400) → tokens per
+minute for prompt + max_tokens and a hold on the balance of the highest cost (429 / 402) → a place
+in the gate's queue (503) → [response headers go out when streaming] → wait for a running slot
+(queue timeout: 503) → the scheduler generates → the splitter turns tokens into
+`reasoning_content` / `content` → one usage row in the ledger, and the key's hold settled.
 
-Generation runs in a task of its own (`Service.run`) that owns the gate slot, the scheduler request
-and the ledger row; the HTTP side only reads its events. Whatever ends the request — the answer is
-complete, the client disconnects, the queue times out, an error — the task's `finally` releases the
-slot, cancels the generation and records what was generated, exactly once.
+Generation runs in a task of its own (`Service.run`) that owns the gate slot, the key's hold, the
+scheduler request and the ledger row; the HTTP side only reads its events. Whatever ends the
+request — the answer is complete, the client disconnects, the queue times out, the engine or the
+ledger fails — the task's `finally` releases the slot, cancels the generation, records what the
+model consumed exactly once (when the client left before the engine said whether it had prefilled
+the prompt, once it has) and settles the hold. Before the task exists, `ChatRoute` releases the hold.
 """
 from __future__ import annotations
 
