@@ -489,8 +489,9 @@ class Service:
         if len(req.messages) > cfg.max_messages:
             raise ApiError(400, f"at most {cfg.max_messages} messages per request", "too_many_messages", "messages")
         unsupported = req.unsupported()
-        if unsupported is not None:
-            raise ApiError(400, unsupported[1], "unsupported_parameter", unsupported[0])
+        if unsupported is not None:   # n > 1 is a value out of range (422, as before); the rest 400
+            status = 422 if unsupported[0] == "n" else 400
+            raise ApiError(status, unsupported[1], "unsupported_parameter", unsupported[0])
         for i, m in enumerate(req.messages):
             if m.reasoning_content is not None:
                 raise ApiError(400, "reasoning_content must not be sent back in input messages; keep only content",
