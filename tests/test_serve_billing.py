@@ -203,3 +203,21 @@ def test_metrics_show_what_requests_hold_and_return_to_idle(tok, looping, tmp_pa
         stream.close()
         wait_for(lambda: idle(s.service), what="idle")
         assert set(gauges().values()) == {0.0} and len(gauges()) == 6
+
+
+def test_a_request_cancelled_in_the_engine_queue_is_not_billed(tok, looping, tmp_path):
+    """The engine process says whether it prefilled a prompt: a request that its scheduler still held
+    in its queue (here: no room in the KV-cache budget) when the client left has no ledger row."""
+    with serve(tok, looping, tmp_path, no_auth=True, max_tokens_limit=8000, max_cache_tokens=9000) as s:
+        svc = s.service
+        first = Stream(s.url)
+        first.read_content()
+        second = Stream(s.url)                                 # let in by the gate, waits in the engine
+        wait_for(lambda: svc.scheduler.queue_depth == 1, what="the second to wait in the engine")
+        second.close()
+        wait_for(lambda: svc.scheduler.queue_depth == 0 and not svc.unsettled, timeout=30,
+                 what="the engine to end the second")
+        first.close()
+        wait_for(lambda: idle(svc), what="idle")
+        rows = svc.store.usage_rows()
+        assert len(rows) == 1 and rows[0]["completion_tokens"] > 0
