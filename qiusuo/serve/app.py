@@ -605,7 +605,7 @@ class Service:
         job.running = True
         splitter = ReasoningSplitter(job.params.stop_strings, in_think=job.in_think)
         decoder = IncrementalDecoder(lambda ids: self.tok.decode(ids, skip_special_tokens=True))
-        n, last, booked = 0, None, False
+        n, last, booked, consumed = 0, None, False, 0
         try:
             if request is None:
                 if not await self.gate.wait(ticket, self.cfg.queue_timeout):
@@ -638,10 +638,14 @@ class Service:
                 if splitter.stopped:
                     break
             failed = request.finish_reason == "error" and not splitter.stopped  # the engine failed (logged there)
+            if failed and n == 0 and not request.started:  # it died before it saw the prompt: nothing to bill
+                booked = True
+                raise ApiError(503, "the engine failed before it started this request; nothing was billed",
+                               "engine_error", retry_after=self.cfg.overload_retry_after)
             self._push(job, splitter.finish())
             job.thought = splitter.saw_think
             job.finish_reason = "stop" if splitter.stopped else (request.finish_reason or "stop")
-            booked = True
+            booked, consumed = True, len(job.prompt_ids) + n
             job.usage = self._record(job, n, splitter.reasoning_tokens)
             if failed:
                 raise ApiError(503, "the engine failed during generation; what it generated is billed",
@@ -661,7 +665,7 @@ class Service:
             if request is not None:
                 request.cancel()  # no-op once finished; frees the row when the client went away
             if booked or request is None:
-                self._settle_hold(job, len(job.prompt_ids) + n if booked else 0)
+                self._settle_hold(job, consumed)
             elif request.finish_reason is not None:  # ended: the engine said whether it saw the prompt
                 self._book_cancelled(job, request, n, splitter.reasoning_tokens)
             else:  # the engine has not said yet whether it prefilled the prompt: wait for its end
