@@ -4,7 +4,7 @@ non-zero exit with the previous checkpoint intact."""
 import json
 import os
 import random
-import resource
+import select
 import shutil
 import signal
 import subprocess
@@ -62,9 +62,70 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert metrics(a) == metrics(b)
 
 
-def cli(*args, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "qiusuo.cli", *map(str, args)], env=ENV, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
+# A fork server: one process pays for importing torch (and torch._dynamo, which the optimizer pulls in)
+# once; each run is a child forked from it that runs the real `qiusuo` command line and can be SIGKILLed.
+# The server itself never runs a torch operation, so its children start with no thread pools to inherit.
+ZYGOTE = r"""
+import json, os, resource, signal, sys
+import torch._dynamo  # noqa: F401
+from qiusuo.cli import main
+for line in sys.stdin:
+    cmd = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(cmd["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 2)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        if cmd["fsize"]:  # writes past the limit fail with EFBIG instead of killing the process
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (cmd["fsize"], cmd["fsize"]))
+        try:
+            rc = main(cmd["argv"])
+        finally:
+            sys.stderr.flush()
+        os._exit(rc)
+    print(pid, flush=True)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+class Runs:
+    """Start `qiusuo …` runs as children of the fork server; `wait` gives (exit code, stderr)."""
+
+    def __init__(self, tmp: Path):
+        self.tmp, self.n = tmp, 0
+        self.server = subprocess.Popen([sys.executable, "-c", ZYGOTE], env=ENV, cwd=ROOT, text=True,
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def start(self, *args, fsize: int | None = None) -> int:
+        self.n += 1
+        self.err = self.tmp / f"stderr-{self.n}.txt"
+        cmd = {"argv": [str(a) for a in args], "stderr": str(self.err), "fsize": fsize}
+        self.server.stdin.write(json.dumps(cmd) + "\n")
+        self.server.stdin.flush()
+        return int(self.server.stdout.readline())
+
+    def ended(self) -> bool:
+        """Has the current run ended (its exit code is waiting to be read)?"""
+        return bool(select.select([self.server.stdout], [], [], 0)[0])
+
+    def wait(self) -> tuple[int, str]:
+        return int(self.server.stdout.readline()), self.err.read_text()
+
+    def run(self, *args, fsize: int | None = None) -> tuple[int, str]:
+        self.start(*args, fsize=fsize)
+        return self.wait()
+
+    def close(self) -> None:
+        self.server.stdin.close()
+        self.server.wait()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    r = Runs(tmp_path_factory.mktemp("runs"))
+    yield r
+    r.close()
 
 
 def last_step(out: Path) -> int:
@@ -75,40 +136,43 @@ def last_step(out: Path) -> int:
         return 0
 
 
-def kill_at(proc: subprocess.Popen, out: Path, step: int, rng: random.Random) -> None:
-    """SIGKILL `proc` once it has logged `step`, after a random further delay (often mid-save)."""
+def kill_at(runs: Runs, pid: int, out: Path, step: int, rng: random.Random) -> None:
+    """SIGKILL run `pid` once it has logged `step`, after a random further delay (often mid-save)."""
     deadline = time.monotonic() + 120
-    while last_step(out) < step and proc.poll() is None and time.monotonic() < deadline:
+    while last_step(out) < step and time.monotonic() < deadline:
+        if runs.ended():
+            pytest.fail(f"the run ended before step {step}: {runs.wait()}")
         time.sleep(0.005)
     time.sleep(rng.uniform(0, 0.03))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
+    os.kill(pid, signal.SIGKILL)
+    rc, err = runs.wait()
+    assert rc == -signal.SIGKILL, err
 
 
-def killed_and_resumed(args: list, out: Path, steps: int, kills: int, seed: int) -> None:
+def killed_and_resumed(runs: Runs, args: list, out: Path, steps: int, kills: int, seed: int) -> None:
     rng = random.Random(seed)
     targets = sorted(rng.sample(range(1, steps - 1), kills))
     for i, target in enumerate(targets):
-        kill_at(cli(*args, *(["--resume"] if i else [])), out, target, rng)
-    proc = cli(*args, "--resume")
-    assert proc.wait() == 0, proc.stderr.read()
+        kill_at(runs, runs.start(*args, *(["--resume"] if i else [])), out, target, rng)
+    rc, err = runs.run(*args, "--resume")
+    assert rc == 0, err
 
 
 # --- kills ------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_pretrain_killed_three_times_resumes_bit_identically(corpus, tmp_path):
+def test_pretrain_killed_three_times_resumes_bit_identically(runs, corpus, tmp_path):
     steps = 12
-    ref = cli(*pretrain_args(corpus, tmp_path / "ref", steps, "--save-every", 1))
-    assert ref.wait() == 0, ref.stderr.read()
-    killed_and_resumed(pretrain_args(corpus, tmp_path / "k", steps, "--save-every", 1), tmp_path / "k", steps, 3, seed=1)
+    rc, err = runs.run(*pretrain_args(corpus, tmp_path / "ref", steps, "--save-every", 1))
+    assert rc == 0, err
+    args = pretrain_args(corpus, tmp_path / "k", steps, "--save-every", 1)
+    killed_and_resumed(runs, args, tmp_path / "k", steps, 3, seed=1)
     assert_same_run(tmp_path / "ref", tmp_path / "k")
     assert [p.name for _, p in checkpoint_steps(tmp_path / "k")] == ["step-000011", "step-000012"]
 
 
 @pytest.mark.slow
-def test_dapo_killed_twice_resumes_bit_identically(base, tmp_path):
+def test_dapo_killed_twice_resumes_bit_identically(runs, base, tmp_path):
     steps = 6
 
     def args(out):
@@ -116,9 +180,9 @@ def test_dapo_killed_twice_resumes_bit_identically(base, tmp_path):
                 "--group-size", 2, "--max-new-tokens", 8, "--max-refills", 1, "--save-every", 1,
                 "--tasks", "{arith: [2]}"]
 
-    ref = cli(*args(tmp_path / "ref"))
-    assert ref.wait() == 0, ref.stderr.read()
-    killed_and_resumed(args(tmp_path / "k"), tmp_path / "k", steps, 2, seed=2)
+    rc, err = runs.run(*args(tmp_path / "ref"))
+    assert rc == 0, err
+    killed_and_resumed(runs, args(tmp_path / "k"), tmp_path / "k", steps, 2, seed=2)
     assert_same_run(tmp_path / "ref", tmp_path / "k")
 
 
@@ -191,18 +255,12 @@ def test_fresh_run_into_checkpoints_refused_and_lock_excludes(corpus, tmp_path, 
     StageFolder(out, resume=True).close()
 
 
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path):
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(runs, corpus, tmp_path):
     out = tmp_path / "b"
     run(*pretrain_args(corpus, out, 2, "--save-every", 2))
     limit = (out / "model.safetensors").stat().st_size // 2
-
-    def small_disk():  # writes past `limit` bytes fail with EFBIG instead of killing the process
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    proc = cli(*pretrain_args(corpus, out, 4, "--save-every", 2, "--resume"), preexec_fn=small_disk)
-    err = proc.communicate()[1]
-    assert proc.returncode == 2
+    rc, err = runs.run(*pretrain_args(corpus, out, 4, "--save-every", 2, "--resume"), fsize=limit)
+    assert rc == 2, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("qiusuo pretrain: error: cannot save checkpoints/step-000004 (")
     assert last.endswith("step-000002 is intact") and "Traceback" not in err
@@ -258,3 +316,15 @@ def test_malformed_data_is_one_line_and_debug_shows_the_traceback(tmp_path, caps
     assert capsys.readouterr().err.strip().startswith(f"qiusuo pretrain: error: {bad}:2: malformed corpus line")
     with pytest.raises(ValueError, match="bad.jsonl:2: malformed"):
         main(args + ["--debug"])
+
+
+def test_unexpected_errors_are_one_line_too(monkeypatch, capsys):
+    def boom(*a, **kw):
+        raise RuntimeError("the kernel said no\nsecond line")
+
+    monkeypatch.setattr("qiusuo.cli.run_stage", boom)
+    assert main(["pretrain"]) == 1
+    assert capsys.readouterr().err == ("qiusuo pretrain: error: RuntimeError: the kernel said no second line "
+                                       "(rerun with --debug for the traceback)\n")
+    with pytest.raises(RuntimeError, match="the kernel said no"):
+        main(["pretrain", "--debug"])
