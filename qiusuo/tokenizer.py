@@ -279,6 +279,19 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    @cached_property
+    def _hidden_ids(self) -> frozenset[int]:
+        """The special tokens a reply does not show: all but the think tags, which mark its reasoning."""
+        fmt = ReasoningFormat()
+        return frozenset(i for i, t in self.backend.get_added_tokens_decoder().items()
+                         if t.special and t.content not in (fmt.open, fmt.close))
+
+    def decode_reply(self, ids) -> str:
+        """The text of generated ids as a reply shows it: special tokens skipped, except think tags that
+        are special tokens (so the reasoning can still be split from the answer)."""
+        hidden = self._hidden_ids
+        return self.backend.decode([i for i in ids if i not in hidden], skip_special_tokens=False)
+
     # --- chat ----------------------------------------------------------------------------------
     @property
     def chat_template(self) -> str | None:
