@@ -274,7 +274,7 @@ def rollout(engine: Engine, tok, problems: list, cfg: GRPOConfig, seed: int) -> 
     for i, c in enumerate(completions):
         p, g = divmod(i, G)
         problem = problems[p]
-        total, detail = score_completion(get_task(problem.task), problem, c.text, weights)
+        total, detail = score_completion(get_task(problem.task), problem, c.text, weights, tok.reasoning)
         if cfg.overlong_buffer:
             pen = overlong_penalty(len(c.token_ids), cfg.max_new_tokens, cfg.overlong_buffer)
             parts["overlong"][p, g] = pen
