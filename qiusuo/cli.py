@@ -14,6 +14,7 @@ from .corpus import CorpusConfig
 from .evaluate import EvalConfig
 from .grpo import GRPOConfig
 from .model import CheckpointError
+from .sample import SampleConfig
 from .sft import SFTConfig
 
 STAGES = {
@@ -21,6 +22,7 @@ STAGES = {
     "pretrain": (SFTConfig, "train the base model on a corpus (or fine-tune a checkpoint with --init)"),
     "grpo": (GRPOConfig, "reinforcement learning with GRPO / Dr. GRPO / DAPO on verifiable rewards"),
     "eval": (EvalConfig, "pass@1 over k samples and cons@k on held-out problems"),
+    "sample": (SampleConfig, "rejection sampling: a checkpoint's correct answers on training problems → an SFT set"),
 }
 
 
@@ -43,12 +45,27 @@ def run_stage(name: str, cfg, resume: bool = False, overwrite: bool = False):
         from .evaluate import evaluate
 
         evaluate(cfg)
+    elif name == "sample":
+        from .sample import sample
+
+        sample(cfg)
+
+
+def grpo_flops(run: Path) -> float:
+    """The FLOPs the GRPO stage spent (its ledger): the control's training budget."""
+    from .ledger import read_json
+
+    zero = read_json(run / "zero" / "ledger.json")
+    if not zero or not zero.get("flops"):
+        raise FileNotFoundError(f"{run}: the control needs zero/ledger.json with its FLOPs")
+    return float(zero["flops"])
 
 
 def demo(run: Path, config: Path | None, resume: bool, price: float | None, overwrite: bool = False) -> None:
-    """The whole tiny R1-Zero pipeline: corpus → pretrain (base) → grpo (zero) → eval both → report.
-    Stages chain through explicit folder names; with --resume finished stages are skipped and a
-    stopped one continues from its last checkpoint."""
+    """The whole tiny R1-Zero pipeline: corpus → pretrain (base) → grpo (zero) → control (the base
+    pretrained further for GRPO's FLOPs) → eval of all three → report. Stages chain through explicit
+    folder names; with --resume finished stages are skipped and a stopped one continues from its last
+    checkpoint."""
     from .checkpoint import has_checkpoints
     from .report import write_report
 
@@ -58,20 +75,40 @@ def demo(run: Path, config: Path | None, resume: bool, price: float | None, over
     def cfg(cls, section, **wiring):
         return build(cls, {**(sections.get(section) or {}), **wiring, **price_kw})
 
+    def control():
+        # The base's pretraining continued at its final learning rate (constant), on a fresh shuffle of
+        # the same corpus, until it has spent GRPO's FLOPs; the `control` section can change any of it.
+        pre = cfg(SFTConfig, "pretrain")
+        defaults = {"lr": pre.lr * pre.min_lr_ratio, "min_lr_ratio": 1.0, "warmup_steps": 0,
+                    "batch_size": pre.batch_size, "max_len": pre.max_len, "seed": pre.seed + 1,
+                    "log_every": pre.log_every, "save_every": pre.save_every, "steps": 1_000_000}
+        return build(SFTConfig, {**defaults, **(sections.get("control") or {}), "init": str(run / "base"),
+                                 "data": str(run / "corpus"), "out": str(run / "control"),
+                                 "flops_budget": grpo_flops(run), **price_kw})
+
     plan = [
-        ("corpus", cfg(CorpusConfig, "corpus", out=str(run / "corpus")), run / "corpus" / "ledger.json"),
-        ("pretrain", cfg(SFTConfig, "pretrain", data=str(run / "corpus"), out=str(run / "base")), run / "base" / "ledger.json"),
-        ("eval", cfg(EvalConfig, "eval", checkpoint=str(run / "base")), run / "eval" / "base.json"),
-        ("grpo", cfg(GRPOConfig, "grpo", init=str(run / "base"), out=str(run / "zero")), run / "zero" / "ledger.json"),
-        ("eval", cfg(EvalConfig, "eval", checkpoint=str(run / "zero")), run / "eval" / "zero.json"),
+        ("corpus", lambda: cfg(CorpusConfig, "corpus", out=str(run / "corpus")), run / "corpus" / "ledger.json"),
+        ("pretrain", lambda: cfg(SFTConfig, "pretrain", data=str(run / "corpus"), out=str(run / "base")),
+         run / "base" / "ledger.json"),
+        ("eval", lambda: cfg(EvalConfig, "eval", checkpoint=str(run / "base")), run / "eval" / "base.json"),
+        ("grpo", lambda: cfg(GRPOConfig, "grpo", init=str(run / "base"), out=str(run / "zero")),
+         run / "zero" / "ledger.json"),
+        ("eval", lambda: cfg(EvalConfig, "eval", checkpoint=str(run / "zero")), run / "eval" / "zero.json"),
+        ("pretrain", control, run / "control" / "ledger.json"),
+        ("eval", lambda: cfg(EvalConfig, "eval", checkpoint=str(run / "control")), run / "eval" / "control.json"),
     ]
+    for _, make, _ in plan:
+        if make is not control:
+            make()  # a bad config fails here, before any stage runs
     t0 = time.perf_counter()
-    for name, stage_cfg, done_marker in plan:
+    for name, make, done_marker in plan:
         if resume and done_marker.exists():
             print(f"[{name}] already done ({done_marker}), skipping")
             continue
+        stage_cfg = make()
         partial = resume and has_checkpoints(Path(getattr(stage_cfg, "out", "") or ""))
-        print(f"[{name}] {'resuming' if partial else 'starting'}")
+        label = "control" if make is control else name
+        print(f"[{label}] {'resuming' if partial else 'starting'}")
         run_stage(name, stage_cfg, resume=partial, overwrite=overwrite)
     report = write_report(run, price)
     print(f"pipeline done in {time.perf_counter() - t0:.0f} s — report: {report}")
@@ -92,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="write <run>/report.md and plots from a run folder")
     p.add_argument("run", type=Path, help="run folder, e.g. runs/tiny")
     p.add_argument("--price-per-device-hour", type=float, default=None, help="override each stage's price")
+    p = sub.add_parser("paper", help="the whole R1 recipe in miniature: every stage, then the paper's table")
+    p.add_argument("--run", type=Path, default=Path("runs/paper"), help="run folder (default runs/paper)")
+    p.add_argument("--config", type=Path, default=None, help="multi-stage YAML, e.g. configs/paper.yaml")
+    p.add_argument("--resume", action="store_true", help="skip finished stages, continue a stopped one")
+    p.add_argument("--price-per-device-hour", type=float, default=None, help="dollars per device-hour")
     p = sub.add_parser("demo", help="the tiny R1-Zero pipeline end to end: corpus, pretrain, grpo, eval, report")
     p.add_argument("--run", type=Path, default=Path("runs/tiny"), help="run folder (default runs/tiny)")
     p.add_argument("--config", type=Path, default=None, help="multi-stage YAML (default: each stage's defaults)")
@@ -121,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--rpm", type=int, default=60, help="requests per minute (default 60)")
     k.add_argument("--tpm", type=int, default=100_000, help="prompt + completion tokens per minute (default 100000)")
     k.add_argument("--balance", type=float, default=5.0, help="USD the key may spend (default 5.00)")
+    k.add_argument("--max-concurrent", type=int, default=None,
+                   help="requests in flight at once (default: the server's --key-max-concurrent)")
     keys_sub.add_parser("list", help="every key with its limits, balance and spend")
     keys_sub.add_parser("revoke", help="revoke a key by id").add_argument("key_id")
     for k in keys_sub.choices.values():
@@ -130,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key", default=None, help="API key (default: $QIUSUO_API_KEY; none with --no-auth)")
     p.add_argument("--model", default=None, help="model id (default: the server's)")
     p.add_argument("--system", default=None, help="system prompt")
-    for name in (*STAGES, "report", "demo"):
+    for name in (*STAGES, "report", "paper", "demo"):
         sub.choices[name].add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -172,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             from .report import write_report
 
             print(write_report(args.run, args.price_per_device_hour))
+        elif args.command == "paper":
+            from .paper import run_paper
+
+            run_paper(args.run, args.config, args.resume, args.price_per_device_hour)
         elif args.command == "demo":
             demo(args.run, args.config, args.resume, args.price_per_device_hour, args.overwrite)
         else:

@@ -31,11 +31,12 @@ import torch.nn.functional as F
 
 from .checkpoint import StageFolder, load_checkpoint, training_state
 from .engine import Engine, SamplingParams
+from .language import check_langs, pose
 from .ledger import StageLedger, forward_flops, hardware, train_flops
 from .log import StepLog, console, warn
-from .rewards import RewardWeights, overlong_penalty, score_completion
+from .rewards import RewardWeights, overlong_penalty, parse_completion, score_completion
 from .sft import make_optimizer
-from .tasks import get_task
+from .tasks import get_task, reflects
 
 
 # --- the math, as small pure functions -------------------------------------------------------------
@@ -179,6 +180,10 @@ class GRPOConfig:
     """Weight of the accuracy reward."""
     reward_format: float = 0.2
     """Weight of the format reward (<think>…</think><answer>…</answer>)."""
+    reward_language: float = 0.0
+    """Weight of R1's language-consistency reward (share of the CoT in the question's language)."""
+    langs: dict = field(default_factory=dict)
+    """Language → share of the training questions posed in it (en, zh); empty: prompts as the tasks write them."""
     dynamic_sampling: bool | None = None
     """Drop groups whose rewards are all equal and refill the batch; empty: the variant's (dapo: on)."""
     max_refills: int = 3
@@ -214,6 +219,7 @@ class GRPOConfig:
             self.overlong_buffer = self.max_new_tokens // 4 if v.overlong else 0
         for name in self.tasks:
             get_task(name)
+        check_langs(self.langs, "langs")
         if self.group_size < 2:
             raise ValueError("group_size must be ≥ 2: the advantage compares completions within a group")
         if self.beta < 0 or self.mu < 1 or self.minibatches < 1:
@@ -244,7 +250,8 @@ def draw_problems(cfg: GRPOConfig, rng: random.Random, n: int) -> list:
     out = []
     for _ in range(n):
         name = rng.choice(names)
-        out.append(get_task(name).sample("train", seed=rng.randrange(2**31), difficulty=rng.choice(cfg.tasks[name])))
+        p = get_task(name).sample("train", seed=rng.randrange(2**31), difficulty=rng.choice(cfg.tasks[name]))
+        out.append(pose(p, rng.choices(list(cfg.langs), list(cfg.langs.values()))[0]) if cfg.langs else p)
     return out
 
 
@@ -260,10 +267,10 @@ def rollout(engine: Engine, tok, problems: list, cfg: GRPOConfig, seed: int) -> 
     prompt_ids = [tok.prompt_ids(p.prompt) for p in problems]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
     completions = engine.generate(prompt_ids, params, n=cfg.group_size)
-    weights = RewardWeights(accuracy=cfg.reward_accuracy, format=cfg.reward_format)
+    weights = RewardWeights(accuracy=cfg.reward_accuracy, format=cfg.reward_format, language=cfg.reward_language)
     P, G = len(problems), cfg.group_size
     rewards = torch.zeros(P, G)
-    parts = {"accuracy": torch.zeros(P, G), "format": torch.zeros(P, G), "overlong": torch.zeros(P, G)}
+    parts = {name: torch.zeros(P, G) for name in ("accuracy", "format", "language", "overlong")}
     for i, c in enumerate(completions):
         p, g = divmod(i, G)
         problem = problems[p]
@@ -504,7 +511,13 @@ def step_metrics(r: Rollout, zero_std_frac: float, stats: dict, generated: int, 
         "rollout/len_mean": lengths.mean().item(),
         "rollout/len_max": int(lengths.max().item()),
         "rollout/truncated_frac": sum(c.finish_reason == "length" for c in r.completions) / len(r.completions),
+        "rollout/reflection_rate": sum(reflects(c.text) for c in r.completions) / len(r.completions),
     }
+    # Trace accuracy: correct answers among the completions that reason (non-empty <think>).
+    reasons = [bool((p := parse_completion(c.text)) and p[0]) for c in r.completions]
+    if any(reasons):
+        right = r.parts["accuracy"].flatten() > 0
+        m["rollout/trace_accuracy"] = sum(bool(ok) for ok, t in zip(right, reasons) if t) / sum(reasons)
     for name, values in r.parts.items():
         m[f"rollout/{name}"] = values.mean().item()
         m[f"rollout/{name}_std"] = values.std().item()

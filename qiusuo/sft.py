@@ -38,6 +38,9 @@ class SFTConfig:
     """ModelConfig fields of a fresh model (vocab size comes from the tokenizer)."""
     steps: int = 1200
     """Optimizer steps."""
+    flops_budget: float = 0.0
+    """Stop once the stage's ledger has counted this many FLOPs (0: no budget; `steps` still caps it).
+    The demo's equal-compute control trains for the FLOPs its GRPO stage spent."""
     batch_size: int = 16
     """Rows per step; each row packs whole examples into `max_len` tokens."""
     lr: float = 3e-3
@@ -163,20 +166,28 @@ def batches(seqs: list, batch_size: int, max_len: int, seed: int, position: int)
         position += 1
 
 
+def over_budget(ledger: StageLedger, cfg: SFTConfig) -> bool:
+    """Whether the FLOP budget (if any) is spent."""
+    return cfg.flops_budget > 0 and ledger.flops >= cfg.flops_budget
+
+
 def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
     out = Path(cfg.out)
     folder = StageFolder(out, cfg.keep_last, resume=resume, overwrite=overwrite)
     torch.manual_seed(cfg.seed)
     # --- model and tokenizer
+    rows = read_corpus(Path(cfg.data))
     if cfg.init:
         model, tok = load_checkpoint(cfg.init, cfg.device)
     else:
-        tok = Tokenizer.char_level()
+        # A fresh character-level vocabulary also covers the corpus' characters beyond ASCII (Chinese).
+        tok = Tokenizer.char_level(extra_chars="".join({c for r in rows for c in r["prompt"] + r["completion"]
+                                                        if not c.isascii()}))
         mcfg = ModelConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
                            max_position_embeddings=max(512, cfg.max_len), **cfg.model)
         model = Transformer(mcfg).to(cfg.device)
     # --- data
-    seqs, dropped = encode_examples(read_corpus(Path(cfg.data)), tok, cfg.max_len, cfg.loss_on_prompt)
+    seqs, dropped = encode_examples(rows, tok, cfg.max_len, cfg.loss_on_prompt)
     console.print(f"pretrain: {model.num_params() / 1e6:.2f} M parameters, {len(seqs)} examples"
                   + (f" ({dropped} longer than {cfg.max_len} dropped)" if dropped else ""))
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -193,7 +204,7 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path
     data = batches(seqs, cfg.batch_size, cfg.max_len, cfg.seed, data_pos)
     with StepLog(out, cfg.steps, step, {"train/loss": "loss", "train/lr": "lr", "perf/tokens_per_s": "tok/s"},
                  every=cfg.log_every, resume=state is not None) as log:
-        while step < cfg.steps:
+        while step < cfg.steps and not over_budget(ledger, cfg):
             t0 = time.perf_counter()
             x, y, mask, pos, doc = (t.to(cfg.device) for t in collate(seqs, next(data), tok.pad_id, cfg.max_len))
             for g in opt.param_groups:
@@ -212,7 +223,7 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path
             log.log(step, {"train/loss": round(loss.item(), 5), "train/lr": lr_at(step - 1, cfg),
                            "train/grad_norm": round(grad_norm.item(), 4), "perf/tokens_per_s": round(tokens / dt),
                            "perf/step_s": round(dt, 4)})
-            if step % cfg.save_every == 0 or step == cfg.steps:
+            if step % cfg.save_every == 0 or step == cfg.steps or over_budget(ledger, cfg):
                 folder.save(model, tok, cfg, training_state(opt, ledger, cfg, step=step, data_pos=data_pos))
     ledger.finish(out / "ledger.json")
     folder.close()
