@@ -13,6 +13,7 @@ from .corpus import CorpusConfig
 from .evaluate import EvalConfig
 from .grpo import GRPOConfig
 from .model import CheckpointError
+from .sample import SampleConfig
 from .sft import SFTConfig
 
 STAGES = {
@@ -20,6 +21,7 @@ STAGES = {
     "pretrain": (SFTConfig, "train the base model on a corpus (or fine-tune a checkpoint with --init)"),
     "grpo": (GRPOConfig, "reinforcement learning with GRPO / Dr. GRPO / DAPO on verifiable rewards"),
     "eval": (EvalConfig, "pass@1 over k samples and cons@k on held-out problems"),
+    "sample": (SampleConfig, "rejection sampling: a checkpoint's correct answers on training problems → an SFT set"),
 }
 
 
@@ -42,6 +44,10 @@ def run_stage(name: str, cfg, resume: bool = False):
         from .evaluate import evaluate
 
         evaluate(cfg)
+    elif name == "sample":
+        from .sample import sample
+
+        sample(cfg)
 
 
 def grpo_flops(run: Path) -> float:
@@ -118,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="write <run>/report.md and plots from a run folder")
     p.add_argument("run", type=Path, help="run folder, e.g. runs/tiny")
     p.add_argument("--price-per-device-hour", type=float, default=None, help="override each stage's price")
+    p = sub.add_parser("paper", help="the whole R1 recipe in miniature: every stage, then the paper's table")
+    p.add_argument("--run", type=Path, default=Path("runs/paper"), help="run folder (default runs/paper)")
+    p.add_argument("--config", type=Path, default=None, help="multi-stage YAML, e.g. configs/paper.yaml")
+    p.add_argument("--resume", action="store_true", help="skip finished stages, continue a stopped one")
+    p.add_argument("--price-per-device-hour", type=float, default=None, help="dollars per device-hour")
     p = sub.add_parser("demo", help="the tiny R1-Zero pipeline end to end: corpus, pretrain, grpo, eval, report")
     p.add_argument("--run", type=Path, default=Path("runs/tiny"), help="run folder (default runs/tiny)")
     p.add_argument("--config", type=Path, default=None, help="multi-stage YAML (default: each stage's defaults)")
@@ -146,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--rpm", type=int, default=60, help="requests per minute (default 60)")
     k.add_argument("--tpm", type=int, default=100_000, help="prompt + completion tokens per minute (default 100000)")
     k.add_argument("--balance", type=float, default=5.0, help="USD the key may spend (default 5.00)")
+    k.add_argument("--max-concurrent", type=int, default=None,
+                   help="requests in flight at once (default: the server's --key-max-concurrent)")
     keys_sub.add_parser("list", help="every key with its limits, balance and spend")
     keys_sub.add_parser("revoke", help="revoke a key by id").add_argument("key_id")
     for k in keys_sub.choices.values():
@@ -192,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             from .report import write_report
 
             print(write_report(args.run, args.price_per_device_hour))
+        elif args.command == "paper":
+            from .paper import run_paper
+
+            run_paper(args.run, args.config, args.resume, args.price_per_device_hour)
         elif args.command == "demo":
             demo(args.run, args.config, args.resume, args.price_per_device_hour)
         else:

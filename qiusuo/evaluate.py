@@ -28,6 +28,7 @@ from pathlib import Path
 from .checkpoint import load_checkpoint
 from .engine import Engine, SamplingParams
 from .ledger import StageLedger, forward_flops, hardware
+from .language import check_langs, consistency, pose, question_lang
 from .log import console
 from .rewards import parse_completion
 from .tasks import get_task, reflects
@@ -53,6 +54,9 @@ class EvalConfig:
     """Top-p (R1: 0.95)."""
     max_new_tokens: int = 128
     """Completion length cap."""
+    langs: list = field(default_factory=list)
+    """Languages to pose every held-out question in (en, zh); empty: prompts as the tasks write them.
+    Adds language consistency (share of the CoT in the question's language) and per-language scores."""
     seed: int = 1234
     """Seed of the held-out questions and of sampling."""
     device: str = "cpu"
@@ -63,6 +67,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         for name in self.tasks:
             get_task(name)
+        check_langs({lang: 1 for lang in self.langs}, "langs")
         if self.k < 1 or self.n_per_difficulty < 1:
             raise ValueError("k and n_per_difficulty must be ≥ 1")
 
@@ -94,8 +99,10 @@ def distinct_heldout(task, difficulty: int, n: int, seed: int) -> list:
 
 
 def heldout_problems(cfg: EvalConfig) -> list:
-    return [p for name, diffs in cfg.tasks.items() for d in diffs
-            for p in distinct_heldout(get_task(name), d, cfg.n_per_difficulty, cfg.seed)]
+    """The held-out questions; with `langs`, each question once per language."""
+    problems = [p for name, diffs in cfg.tasks.items() for d in diffs
+                for p in distinct_heldout(get_task(name), d, cfg.n_per_difficulty, cfg.seed)]
+    return [pose(p, lang) for p in problems for lang in cfg.langs] if cfg.langs else problems
 
 
 def majority_correct(task, problem, answers: list[str]) -> float:
@@ -114,7 +121,7 @@ def score_samples(problem, texts: list[str]) -> dict:
     with a non-empty `<think>`), `traces_correct` (those of them that are right) and `reflections`
     (completions that re-check a step, well-formed or not)."""
     task = get_task(problem.task)
-    answers, correct = [], []
+    answers, correct, lang = [], [], []
     traces = traces_correct = reflections = 0
     for text in texts:
         reflections += reflects(text)
@@ -127,8 +134,13 @@ def score_samples(problem, texts: list[str]) -> dict:
         if parsed[0]:
             traces += 1
             traces_correct += int(correct[-1] == 1.0)
-    return {"pass@1": sum(correct) / len(texts), "cons@k": majority_correct(task, problem, answers),
-            "samples": len(texts), "traces": traces, "traces_correct": traces_correct, "reflections": reflections}
+        if question_lang(problem):
+            lang.append(consistency(parsed[0], question_lang(problem)))
+    row = {"pass@1": sum(correct) / len(texts), "cons@k": majority_correct(task, problem, answers),
+           "samples": len(texts), "traces": traces, "traces_correct": traces_correct, "reflections": reflections}
+    if lang:   # language consistency among the samples that have a chain of thought to measure
+        row["lang_consistency"] = sum(lang) / len(lang)
+    return row
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -137,10 +149,14 @@ def summarise(rows: list[dict]) -> dict:
     n = len(rows)
     samples = sum(r["samples"] for r in rows)
     traces = sum(r["traces"] for r in rows)
-    return {"pass@1": sum(r["pass@1"] for r in rows) / n, "cons@k": sum(r["cons@k"] for r in rows) / n,
-            "n": n, "mean_len": sum(r["mean_len"] for r in rows) / n,
-            "trace_accuracy": sum(r["traces_correct"] for r in rows) / traces if traces else None,
-            "trace_rate": traces / samples, "reflection_rate": sum(r["reflections"] for r in rows) / samples}
+    out = {"pass@1": sum(r["pass@1"] for r in rows) / n, "cons@k": sum(r["cons@k"] for r in rows) / n,
+           "n": n, "mean_len": sum(r["mean_len"] for r in rows) / n,
+           "trace_accuracy": sum(r["traces_correct"] for r in rows) / traces if traces else None,
+           "trace_rate": traces / samples, "reflection_rate": sum(r["reflections"] for r in rows) / samples}
+    lang = [r["lang_consistency"] for r in rows if "lang_consistency" in r]
+    if lang:
+        out["lang_consistency"] = sum(lang) / len(lang)
+    return out
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -156,7 +172,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     for i, p in enumerate(problems):
         group = completions[i * cfg.k:(i + 1) * cfg.k]
         row = score_samples(p, [c.text for c in group])
-        row.update(task=p.task, difficulty=p.difficulty, mean_len=sum(len(c.token_ids) for c in group) / cfg.k)
+        row.update(task=p.task, difficulty=p.difficulty, lang=question_lang(p),
+                   mean_len=sum(len(c.token_ids) for c in group) / cfg.k)
         rows.append(row)
     tasks: dict = {}
     for name in cfg.tasks:
@@ -167,6 +184,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     mc = model.config
     result = {"checkpoint": str(cfg.checkpoint), "k": cfg.k, "temperature": cfg.temperature, "top_p": cfg.top_p,
               "n_problems": len(problems), "overall": summarise(rows), "tasks": tasks,
+              "langs": {lang: summarise([r for r in rows if r["lang"] == lang]) for lang in cfg.langs},
               "wall_s": round(time.perf_counter() - t0, 3), "generated_tokens": gen_tokens, "config": asdict(cfg)}
     path = cfg.result_path()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,3 +219,6 @@ def print_table(result: dict) -> None:
             table.add_row(name, d, *cells(s))
     table.add_row("all", "", *cells(result["overall"]))
     console.print(table)
+    for lang, s in result.get("langs", {}).items():
+        console.print(f"questions in {lang}: pass@1 {100 * s['pass@1']:.1f}, cons@k {100 * s['cons@k']:.1f}, "
+                      f"language consistency {100 * s.get('lang_consistency', 1.0):.1f}")

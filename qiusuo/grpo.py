@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, resume_training, save_stage, training_state
 from .engine import Engine, SamplingParams
+from .language import check_langs, pose
 from .ledger import StageLedger, forward_flops, hardware, train_flops
 from .log import StepLog, console, warn
 from .rewards import RewardWeights, overlong_penalty, parse_completion, score_completion
@@ -179,6 +180,10 @@ class GRPOConfig:
     """Weight of the accuracy reward."""
     reward_format: float = 0.2
     """Weight of the format reward (<think>…</think><answer>…</answer>)."""
+    reward_language: float = 0.0
+    """Weight of R1's language-consistency reward (share of the CoT in the question's language)."""
+    langs: dict = field(default_factory=dict)
+    """Language → share of the training questions posed in it (en, zh); empty: prompts as the tasks write them."""
     dynamic_sampling: bool | None = None
     """Drop groups whose rewards are all equal and refill the batch; empty: the variant's (dapo: on)."""
     max_refills: int = 3
@@ -212,6 +217,7 @@ class GRPOConfig:
             self.overlong_buffer = self.max_new_tokens // 4 if v.overlong else 0
         for name in self.tasks:
             get_task(name)
+        check_langs(self.langs, "langs")
         if self.group_size < 2:
             raise ValueError("group_size must be ≥ 2: the advantage compares completions within a group")
         if self.beta < 0 or self.mu < 1 or self.minibatches < 1:
@@ -242,7 +248,8 @@ def draw_problems(cfg: GRPOConfig, rng: random.Random, n: int) -> list:
     out = []
     for _ in range(n):
         name = rng.choice(names)
-        out.append(get_task(name).sample("train", seed=rng.randrange(2**31), difficulty=rng.choice(cfg.tasks[name])))
+        p = get_task(name).sample("train", seed=rng.randrange(2**31), difficulty=rng.choice(cfg.tasks[name]))
+        out.append(pose(p, rng.choices(list(cfg.langs), list(cfg.langs.values()))[0]) if cfg.langs else p)
     return out
 
 
@@ -258,10 +265,10 @@ def rollout(engine: Engine, tok, problems: list, cfg: GRPOConfig, seed: int) -> 
     prompt_ids = [tok.prompt_ids(p.prompt) for p in problems]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
     completions = engine.generate(prompt_ids, params, n=cfg.group_size)
-    weights = RewardWeights(accuracy=cfg.reward_accuracy, format=cfg.reward_format)
+    weights = RewardWeights(accuracy=cfg.reward_accuracy, format=cfg.reward_format, language=cfg.reward_language)
     P, G = len(problems), cfg.group_size
     rewards = torch.zeros(P, G)
-    parts = {"accuracy": torch.zeros(P, G), "format": torch.zeros(P, G), "overlong": torch.zeros(P, G)}
+    parts = {name: torch.zeros(P, G) for name in ("accuracy", "format", "language", "overlong")}
     for i, c in enumerate(completions):
         p, g = divmod(i, G)
         problem = problems[p]

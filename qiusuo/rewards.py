@@ -34,6 +34,7 @@ class RewardWeights:
 
     accuracy: float = 1.0
     format: float = 0.2
+    language: float = 0.0
 
 
 def parse_completion(text: str) -> tuple[str, str] | None:
@@ -82,6 +83,22 @@ def accuracy_reward(task: Task, problem: Problem, text: str) -> Reward:
     return Reward(value, reason)
 
 
+def language_reward(problem: Problem, text: str) -> Reward:
+    """R1's language-consistency reward: the share of the chain of thought's words in the question's
+    language (qiusuo/language.py). 1.0 for a problem posed in no particular language; 0.0 when the
+    completion does not parse, as for accuracy."""
+    from .language import consistency, question_lang
+
+    lang = question_lang(problem)
+    if lang is None:
+        return Reward(1.0, "question in no particular language")
+    parsed = parse_completion(text)
+    if parsed is None:
+        return Reward(0.0, "no chain of thought")
+    share = consistency(parsed[0], lang)
+    return Reward(share, f"{share:.0%} of the chain of thought in {lang}")
+
+
 def overlong_penalty(length: int, max_len: int, buffer: int) -> float:
     """DAPO soft overlong punishment.
 
@@ -102,10 +119,12 @@ def overlong_penalty(length: int, max_len: int, buffer: int) -> float:
 def score_completion(
     task: Task, problem: Problem, text: str, weights: RewardWeights = RewardWeights()
 ) -> tuple[float, dict[str, Reward]]:
-    """Weighted total reward and its parts {"accuracy": ..., "format": ...}."""
+    """Weighted total reward and its parts {"accuracy": ..., "format": ..., "language": ...}."""
     parts = {
         "accuracy": accuracy_reward(task, problem, text),
         "format": format_reward(text),
+        "language": language_reward(problem, text),
     }
-    total = weights.accuracy * parts["accuracy"].value + weights.format * parts["format"].value
+    total = (weights.accuracy * parts["accuracy"].value + weights.format * parts["format"].value
+             + weights.language * parts["language"].value)
     return total, parts

@@ -174,15 +174,18 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     # --- model and tokenizer
+    rows = read_corpus(Path(cfg.data))
     if cfg.init:
         model, tok = load_checkpoint(cfg.init, cfg.device)
     else:
-        tok = Tokenizer.char_level()
+        # A fresh character-level vocabulary also covers the corpus' characters beyond ASCII (Chinese).
+        tok = Tokenizer.char_level(extra_chars="".join({c for r in rows for c in r["prompt"] + r["completion"]
+                                                        if not c.isascii()}))
         mcfg = ModelConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
                            max_position_embeddings=max(512, cfg.max_len), **cfg.model)
         model = Transformer(mcfg).to(cfg.device)
     # --- data
-    seqs, dropped = encode_examples(read_corpus(Path(cfg.data)), tok, cfg.max_len, cfg.loss_on_prompt)
+    seqs, dropped = encode_examples(rows, tok, cfg.max_len, cfg.loss_on_prompt)
     console.print(f"pretrain: {model.num_params() / 1e6:.2f} M parameters, {len(seqs)} examples"
                   + (f" ({dropped} longer than {cfg.max_len} dropped)" if dropped else ""))
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)

@@ -30,6 +30,7 @@ SPLITS = ("train", "heldout")
 # What a trace writes when it re-checks a step it got wrong, before redoing the step correctly: the
 # reflection ("aha moment") that evaluation counts and that R1-Zero's RL makes more frequent.
 REFLECTION = "wait "
+REFLECTION_ZH = "等等 "
 
 # One bucket in eight is held out; hashing the canonical problem (not the seed, not the prompt
 # text) makes the split disjoint by construction, whichever seeds callers use, and keeps every
@@ -51,8 +52,9 @@ def heldout(problem_key: str) -> bool:
 
 
 def reflects(think: str) -> bool:
-    """Whether a reasoning trace re-checks one of its steps (holds the reflection marker)."""
-    return REFLECTION in think
+    """Whether a reasoning trace re-checks one of its steps (holds the reflection marker, in English or
+    as a Chinese trace writes it: qiusuo/language.py translates `wait` to 等等)."""
+    return REFLECTION in think or REFLECTION_ZH in think
 
 
 def format_completion(think: str, answer: str) -> str:

@@ -32,9 +32,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_char_tokenizer() -> HFTokenizer:
-    """A character-level tokenizer: specials, the four reasoning tags, then printable ASCII."""
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + TAGS + CHARS)}
+def build_char_tokenizer(extra_chars: str = "") -> HFTokenizer:
+    """A character-level tokenizer: specials, the four reasoning tags, printable ASCII, then any other
+    characters a corpus needs (`extra_chars`, e.g. Chinese), in sorted order after ASCII so the ids of
+    an ASCII-only vocabulary do not change."""
+    extra = sorted(set(extra_chars) - set(CHARS))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + TAGS + CHARS + extra)}
     tok = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
     # Split every character into its own piece; `[\s\S]` includes newlines.
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
@@ -55,7 +58,7 @@ class Tokenizer:
 
     # --- construction / files ------------------------------------------------------------------
     @classmethod
-    def char_level(cls, model_max_length: int = 512) -> "Tokenizer":
+    def char_level(cls, model_max_length: int = 512, extra_chars: str = "") -> "Tokenizer":
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": None,
@@ -67,7 +70,7 @@ class Tokenizer:
             "model_max_length": model_max_length,
             "padding_side": "left",
         }
-        return cls(build_char_tokenizer(), config)
+        return cls(build_char_tokenizer(extra_chars), config)
 
     @classmethod
     def load(cls, folder: Path) -> "Tokenizer":

@@ -119,7 +119,8 @@ def test_overlong_penalty_buffer_equal_to_max_len_and_invalid_buffers():
 def test_score_completion_default_weights():
     total, parts = score_completion(ARITH, PROBLEM, GOOD, RewardWeights())
     assert total == pytest.approx(1.2)
-    assert parts == {"accuracy": Reward(1.0, "correct"), "format": Reward(1.0, "ok")}
+    assert parts == {"accuracy": Reward(1.0, "correct"), "format": Reward(1.0, "ok"),
+                     "language": Reward(1.0, "question in no particular language")}
     # Formatted but wrong: only the format part.
     total, parts = score_completion(ARITH, PROBLEM, "<think></think><answer>1</answer>")
     assert total == pytest.approx(0.2)
