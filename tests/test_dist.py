@@ -72,6 +72,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base(corpus):
+    """A barely trained checkpoint (2 steps) to start GRPO and eval from."""
     out = corpus.parent / "base"
     alone("pretrain", "--data", corpus, "--out", out, "--model", TINY_MODEL, "--steps", 2, "--batch-size", 4,
           "--max-len", 128)
@@ -79,68 +80,72 @@ def base(corpus):
 
 
 SFT = ["--model", TINY_MODEL, "--batch-size", 5, "--max-len", 128, "--lr", 1e-3, "--warmup-steps", 1]
-
-
-def test_pretrain_two_processes_equal_one(corpus, tmp_path):
-    """5 rows a step, split 2 + 3: the global-token normalisation makes the uneven shares exact."""
-    alone("pretrain", "--data", corpus, "--out", tmp_path / "one", "--steps", 3, *SFT)
-    torchrun(["pretrain", "--data", corpus, "--out", tmp_path / "ddp", "--steps", 3, *SFT],
-             ["pretrain", "--data", corpus, "--out", tmp_path / "fsdp", "--steps", 3, "--parallel", "fsdp", *SFT])
-    one = weights(tmp_path / "one")
-    assert rel_diff(weights(tmp_path / "ddp"), one) <= 1e-5
-    assert rel_diff(weights(tmp_path / "fsdp"), one) <= 1e-5
-    for run in ("ddp", "fsdp"):
-        assert metric(tmp_path / run, "train/loss") == pytest.approx(metric(tmp_path / "one", "train/loss"), rel=1e-5)
-        assert metric(tmp_path / run, "perf/tokens_per_s") != []
-    # rank 0 alone wrote the stage: one consolidated checkpoint that transformers loads
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp", dtype=torch.float32)
-    assert torch.equal(hf.model.embed_tokens.weight, weights(tmp_path / "fsdp")["model.embed_tokens.weight"])
-
-
-def test_pretrain_resume_under_two_processes(corpus, tmp_path):
-    alone("pretrain", "--data", corpus, "--out", tmp_path / "one", "--steps", 4, *SFT)
-    torchrun(["pretrain", "--data", corpus, "--out", tmp_path / "two", "--steps", 2, "--save-every", 2, *SFT],
-             ["pretrain", "--data", corpus, "--out", tmp_path / "two", "--steps", 4, "--save-every", 2, "--resume", *SFT])
-    assert rel_diff(weights(tmp_path / "two"), weights(tmp_path / "one")) <= 1e-5
-    assert [json.loads(x)["step"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
-
-
 # Rollouts of a random model: rewards differ within groups through the soft overlong penalty (some
 # completions stop early, most run to the cap), so the advantages — and the update — are not zero.
 GRPO = ["--tasks", "{arith: [2]}", "--prompts-per-step", 3, "--group-size", 4, "--max-new-tokens", 12,
         "--overlong-buffer", 10, "--lr", 1e-3, "--warmup-steps", 1, "--temperature", 1.5]
+EVAL = ["--tasks", "{arith: [2]}", "--n-per-difficulty", 5, "--k", 2, "--max-new-tokens", 8]
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, base):
+    """Every stage once in one process and once in 2 processes (one spawn for all, to keep this fast).
+    Pretrain: 5 rows a step, split 2 + 3; GRPO: 3 groups a step, split 1 + 2 — uneven shares, which
+    the global normalisation makes exact."""
+    root = corpus.parent
+    pre = ["pretrain", "--data", corpus, *SFT]
+    grpo = ["grpo", "--init", base, *GRPO]
+    ev = ["eval", "--checkpoint", base, *EVAL]
+    alone(*pre, "--out", root / "pre1", "--steps", 4)
+    for loss in ("grpo", "dapo"):
+        alone(*grpo, "--out", root / f"{loss}1", "--steps", 2, "--loss", loss)
+    alone(*ev, "--out", root / "eval1.json")
+    torchrun([*pre, "--out", root / "pre_ddp", "--steps", 4],
+             [*pre, "--out", root / "pre_fsdp", "--steps", 4, "--parallel", "fsdp"],
+             [*pre, "--out", root / "pre_resume", "--steps", 2, "--save-every", 2],
+             [*pre, "--out", root / "pre_resume", "--steps", 4, "--save-every", 2, "--resume"],
+             [*grpo, "--out", root / "grpo2", "--steps", 2, "--loss", "grpo"],
+             [*grpo, "--out", root / "dapo2", "--steps", 2, "--loss", "dapo"],
+             [*grpo, "--out", root / "grpo_fsdp", "--steps", 1, "--loss", "grpo", "--parallel", "fsdp", "--save-every", 1],
+             [*grpo, "--out", root / "grpo_fsdp", "--steps", 2, "--loss", "grpo", "--parallel", "fsdp", "--save-every", 1,
+              "--resume"],
+             [*ev, "--out", root / "eval2.json"])
+    return root
+
+
+@pytest.mark.parametrize("run", ["pre_ddp", "pre_fsdp", "pre_resume"])
+def test_pretrain_two_processes_equal_one(runs, run):
+    assert rel_diff(weights(runs / run), weights(runs / "pre1")) <= 1e-5
+    assert metric(runs / run, "train/loss") == pytest.approx(metric(runs / "pre1", "train/loss"), rel=1e-5)
+    assert metric(runs / run, "step") == [1, 2, 3, 4]      # rank 0 alone wrote metrics.jsonl
+
+
+def test_rank0_checkpoint_loads_in_transformers(runs):
+    """One consolidated HF folder, gathered from the FSDP shards."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(runs / "pre_fsdp", dtype=torch.float32)
+    assert torch.equal(hf.model.embed_tokens.weight, weights(runs / "pre_fsdp")["model.embed_tokens.weight"])
+    assert hf.model.embed_tokens.weight.shape[0] == weights(runs / "pre1")["model.embed_tokens.weight"].shape[0]
 
 
 @pytest.mark.parametrize("loss", ["grpo", "dapo"])
-def test_grpo_two_processes_equal_one(base, tmp_path, loss):
-    """3 groups a step over 2 ranks (2 + 1); DAPO's refills and kept groups are global."""
-    args = ["--init", base, "--steps", 2, "--loss", loss, *GRPO]
-    alone("grpo", "--out", tmp_path / "one", *args)
-    torchrun(["grpo", "--out", tmp_path / "two", *args])
-    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
-    assert rel_diff(two, one) <= 1e-5
-    assert rel_diff(one, weights(base)) > 1e-4            # the steps did move the weights
-    for key in ("rollout/reward_mean", "rollout/len_mean", "train/loss", "train/entropy"):
-        assert metric(tmp_path / "two", key) == pytest.approx(metric(tmp_path / "one", key), rel=1e-5, abs=1e-6), key
-    samples = (tmp_path / "two" / "samples.jsonl").read_text().splitlines()
-    assert samples == (tmp_path / "one" / "samples.jsonl").read_text().splitlines()
+def test_grpo_two_processes_equal_one(runs, base, loss):
+    """Same completions (row streams by global row), same kept groups (DAPO), same update."""
+    one, two = runs / f"{loss}1", runs / f"{loss}2"
+    assert rel_diff(weights(two), weights(one)) <= 1e-5
+    assert rel_diff(weights(one), weights(base)) > 1e-4            # the steps did move the weights
+    for key in ("rollout/reward_mean", "rollout/len_mean", "train/loss", "train/kl", "train/entropy", "train/grad_norm"):
+        assert metric(two, key) == pytest.approx(metric(one, key), rel=1e-4, abs=1e-6), key
+    assert (two / "samples.jsonl").read_text() == (one / "samples.jsonl").read_text()
 
 
-def test_grpo_fsdp_and_resume_equal_one(base, tmp_path):
-    args = ["--init", base, "--loss", "grpo", "--save-every", 1, *GRPO]
-    alone("grpo", "--out", tmp_path / "one", "--steps", 2, *args)
-    torchrun(["grpo", "--out", tmp_path / "two", "--steps", 1, "--parallel", "fsdp", *args],
-             ["grpo", "--out", tmp_path / "two", "--steps", 2, "--parallel", "fsdp", "--resume", *args])
-    assert rel_diff(weights(tmp_path / "two"), weights(tmp_path / "one")) <= 1e-5
+def test_grpo_fsdp_and_resume_equal_one(runs):
+    assert rel_diff(weights(runs / "grpo_fsdp"), weights(runs / "grpo1")) <= 1e-5
 
 
-def test_eval_shards_problems(base, tmp_path):
-    args = ["--checkpoint", base, "--tasks", "{arith: [2]}", "--n-per-difficulty", 5, "--k", 2, "--max-new-tokens", 8]
-    alone("eval", "--out", tmp_path / "one.json", *args)
-    torchrun(["eval", "--out", tmp_path / "two.json", *args])
-    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+def test_eval_shards_problems(runs):
+    one, two = (json.loads((runs / f).read_text()) for f in ("eval1.json", "eval2.json"))
     assert two["tasks"] == one["tasks"] and two["generated_tokens"] == one["generated_tokens"]
 
 
