@@ -2,6 +2,7 @@
 process with the same global batch — same losses and final weights for pretrain/SFT and GRPO, DDP and
 FSDP2, resume under 2 processes, a rank-0 checkpoint transformers loads, sharded eval."""
 import json
+import math
 import os
 import socket
 
@@ -156,3 +157,83 @@ def test_shard_range_covers_in_order():
             assert parts[0][0] == 0 and parts[-1][1] == n
             assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
             assert max(b - a for a, b in parts) - min(b - a for a, b in parts) <= 1
+
+
+# --- training options (single process) ------------------------------------------------------------
+
+def _batch(tok):
+    from qiusuo.sft import collate, encode_examples
+
+    rows = [{"prompt": f"{a}+{a}=?", "completion": f"<answer>{2 * a}</answer>"} for a in range(11, 17)]
+    seqs, _ = encode_examples(rows, tok, 64, False)
+    return collate(seqs, [[0, 1, 2], [3, 4, 5]], tok.pad_id, 64)
+
+
+def _loss(model, x, y, mask, pos, doc):
+    logits = model(x, positions=pos, doc_ids=doc)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
+    return (loss * mask.flatten()).sum() / mask.sum()
+
+
+def test_packed_attention_equals_each_document_alone(tok):
+    """Packed rows attend through scaled_dot_product_attention with a per-document causal mask: every
+    document's outputs equal those of the document run alone from position 0."""
+    from conftest import tiny_model
+
+    model = tiny_model(tok)
+    x, y, mask, pos, doc = _batch(tok)
+    with torch.no_grad():
+        packed = model(x, positions=pos, doc_ids=doc)
+        for r in range(x.shape[0]):
+            for d in range(int(doc[r].max()) + 1):
+                at = (doc[r] == d).nonzero().squeeze(-1)
+                alone_ = model(x[r, at][None])[0]
+                assert torch.allclose(packed[r, at], alone_, atol=1e-5)
+
+
+def test_grad_checkpointing_gives_the_same_gradients(tok):
+    from conftest import tiny_model
+
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_model(tok).train()
+        if ckpt:
+            dist.checkpoint_layers(model)
+        _loss(model, *_batch(tok)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7), n
+
+
+def test_bf16_autocast_trains_close_to_fp32(tok):
+    """bf16 compute, fp32 master weights and AdamW state: a few steps stay finite and close to fp32."""
+    from conftest import tiny_model
+    from qiusuo.sft import make_optimizer
+
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        model = tiny_model(tok).train()
+        opt = make_optimizer(model, 3e-3, 0.0)
+        batch = _batch(tok)
+        losses[dtype] = []
+        for _ in range(5):
+            with dist.autocast(dtype, "cpu"):
+                loss = _loss(model, *batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[dtype].append(loss.item())
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+    assert all(math.isfinite(v) for v in losses["bfloat16"])
+    assert losses["bfloat16"][-1] < losses["bfloat16"][0]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
+
+
+def test_wrap_refuses_unknown_settings(tok):
+    from conftest import tiny_model
+
+    with pytest.raises(ValueError, match="parallel must be one of ddp, fsdp"):
+        dist.wrap(tiny_model(tok), parallel="zero3")
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16"):
+        dist.wrap(tiny_model(tok), dtype="float16")
