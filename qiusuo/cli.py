@@ -19,6 +19,7 @@ from .sft import SFTConfig
 STAGES = {
     "corpus": (CorpusConfig, "write the synthetic pretraining corpus (direct answers, traces, flawed traces)"),
     "pretrain": (SFTConfig, "train the base model on a corpus (or fine-tune a checkpoint with --init)"),
+    "sft": (SFTConfig, "supervised fine-tuning of --init on a dataset file (prompt → response or chats; loss on the response)"),
     "grpo": (GRPOConfig, "reinforcement learning with GRPO / Dr. GRPO / DAPO on verifiable rewards"),
     "eval": (EvalConfig, "pass@1 over k samples and cons@k on held-out problems"),
     "sample": (SampleConfig, "rejection sampling: a checkpoint's correct answers on training problems → an SFT set"),
@@ -36,6 +37,12 @@ def run_stage(name: str, cfg, resume: bool = False):
         from .sft import train
 
         train(cfg, resume=resume)
+    elif name == "sft":
+        from dataclasses import replace
+
+        from .sft import train
+
+        train(cfg if cfg.data_options is not None else replace(cfg, data_options={}), resume=resume)
     elif name == "grpo":
         from .grpo import train
 
@@ -87,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (cls, help_text) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text))
         p.add_argument("--config", help="YAML file: the stage's mapping, or a multi-stage file with a section per stage")
-        if name in ("pretrain", "grpo"):
+        if name in ("pretrain", "sft", "grpo"):
             p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
         add_arguments(p, cls)
     p = sub.add_parser("report", help="write <run>/report.md and plots from a run folder")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, resume_training, save_stage, training_state
 from .corpus import read_corpus
+from .data import DataOptions, load_sft_rows, sft_prompt_ids
 from .ledger import StageLedger, hardware, train_flops
 from .log import StepLog, console
 from .model import ModelConfig, Transformer
@@ -28,7 +29,11 @@ class SFTConfig:
     """Settings of `qiusuo pretrain` (and SFT from an existing checkpoint with `init`)."""
 
     data: str = "runs/tiny/corpus"
-    """Corpus folder or .jsonl file of {prompt, completion} lines."""
+    """Corpus folder or .jsonl file of {prompt, completion} lines; with `data_options` (`qiusuo sft`), a
+    dataset file: JSONL, Parquet or a save_to_disk folder of prompt → response rows or chats."""
+    data_options: dict | None = None
+    """How to read `data` as a dataset: template, field names, on_bad_row, limit (qiusuo/data.py,
+    DataOptions); empty: a qiusuo corpus. `qiusuo sft` reads a dataset ({} at least)."""
     out: str = "runs/tiny/base"
     """Stage folder for the checkpoint, metrics and training state."""
     init: str | None = None
@@ -40,8 +45,9 @@ class SFTConfig:
     """Optimizer steps."""
     batch_size: int = 16
     """Rows per step; each row packs whole examples into `max_len` tokens."""
-    lr: float = 3e-3
-    """Peak learning rate (AdamW)."""
+    lr: float | None = None
+    """Peak learning rate (AdamW); empty: 3e-3 for a fresh tiny model, 2e-5 when fine-tuning `init`
+    (the usual full-fine-tuning rate of 0.5–7 B checkpoints)."""
     warmup_steps: int = 50
     """Linear warm-up steps."""
     min_lr_ratio: float = 0.1
@@ -65,12 +71,18 @@ class SFTConfig:
     price_per_device_hour: float = 0.10
     """Dollars per device-hour for the cost ledger (a 2-core cloud VM ≈ $0.10/h)."""
 
+    def __post_init__(self) -> None:
+        if self.lr is None:   # derived: a fresh tiny model wants a large step, a trained checkpoint a small one
+            self.lr = 3e-3 if self.init is None else 2e-5
+        if self.data_options is not None:
+            DataOptions.of(self.data_options)
+
 
 def encode_examples(rows: list[dict], tok: Tokenizer, max_len: int, loss_on_prompt: bool):
     """Token ids and loss masks of each example: chat prompt + completion + end-of-turn."""
     seqs, dropped = [], 0
     for row in rows:
-        prompt = tok.prompt_ids(row["prompt"])
+        prompt = sft_prompt_ids(tok, row)
         completion = tok.encode(row["completion"]) + [tok.eos_id]
         ids = prompt + completion
         if len(ids) > max_len:
@@ -166,7 +178,8 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     # --- model and tokenizer
-    rows = read_corpus(Path(cfg.data))
+    rows = (read_corpus(Path(cfg.data)) if cfg.data_options is None
+            else load_sft_rows(cfg.data, DataOptions.of(cfg.data_options)))
     if cfg.init:
         model, tok = load_checkpoint(cfg.init, cfg.device)
     else:
