@@ -42,6 +42,8 @@ def run_stage(name: str, cfg, resume: bool = False):
 
         from .sft import train
 
+        if not cfg.init:
+            raise ConfigError("qiusuo sft fine-tunes a checkpoint: give --init (a fresh model trains with qiusuo pretrain)")
         train(cfg if cfg.data_options is not None else replace(cfg, data_options={}), resume=resume)
     elif name == "grpo":
         from .grpo import train

@@ -1,5 +1,6 @@
 """Next-token training on prompt/completion corpora: pretraining of the tiny base model, and (with
-`--init`) supervised fine-tuning of any checkpoint — cold start and distillation use the same loop.
+`--init`) supervised fine-tuning of any checkpoint — cold start and distillation use the same loop;
+`qiusuo sft` reads the examples from a dataset file (qiusuo/data.py) instead of a qiusuo corpus.
 
 Loss is on completion tokens (and the end-of-turn token) only by default: the prompt is given at
 inference, so learning to predict it would spend the tiny model's capacity on nothing we use.
@@ -26,7 +27,7 @@ from .tokenizer import Tokenizer
 
 @dataclass
 class SFTConfig:
-    """Settings of `qiusuo pretrain` (and SFT from an existing checkpoint with `init`)."""
+    """Settings of `qiusuo pretrain` and `qiusuo sft` (fine-tuning an `init` checkpoint on a dataset file)."""
 
     data: str = "runs/tiny/corpus"
     """Corpus folder or .jsonl file of {prompt, completion} lines; with `data_options` (`qiusuo sft`), a

@@ -234,6 +234,21 @@ def test_sft_learning_rate_is_derived():
     assert SFTConfig().lr == 3e-3 and SFTConfig(init="ckpt").lr == 2e-5 and SFTConfig(init="c", lr=1e-4).lr == 1e-4
 
 
+def test_stage_errors_are_one_line(tmp_path, capsys):
+    from qiusuo.cli import main
+
+    data = write_jsonl(tmp_path / "g.jsonl", GSM8K)
+    assert main(["sft", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    assert main(["eval", "--data", str(data), "--data-options", "{colour: red}"]) == 2
+    assert main(["grpo", "--data", str(data), "--data-options", "{on_bad_row: maybe}"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["qiusuo sft: error: qiusuo sft fine-tunes a checkpoint: give --init (a fresh model trains with "
+                   "qiusuo pretrain)",
+                   "qiusuo eval: error: EvalConfig: unknown data_options colour; known: answer, level, limit, messages, "
+                   "on_bad_row, question, response, source, split, system, template",
+                   "qiusuo grpo: error: GRPOConfig: on_bad_row must be stop or skip, not 'maybe'"]
+
+
 # --- whole stages on a data file ---------------------------------------------------------------------
 
 def _save_tiny(folder, tok):
