@@ -59,10 +59,21 @@ def run_stage(name: str, cfg, resume: bool = False):
         sample(cfg)
 
 
+def grpo_flops(run: Path) -> float:
+    """The FLOPs the GRPO stage spent (its ledger): the control's training budget."""
+    from .ledger import read_json
+
+    zero = read_json(run / "zero" / "ledger.json")
+    if not zero or not zero.get("flops"):
+        raise FileNotFoundError(f"{run}: the control needs zero/ledger.json with its FLOPs")
+    return float(zero["flops"])
+
+
 def demo(run: Path, config: Path | None, resume: bool, price: float | None) -> None:
-    """The whole tiny R1-Zero pipeline: corpus → pretrain (base) → grpo (zero) → eval both → report.
-    Stages chain through explicit folder names; with --resume finished stages are skipped and a
-    stopped one continues from its last checkpoint."""
+    """The whole tiny R1-Zero pipeline: corpus → pretrain (base) → grpo (zero) → control (the base
+    pretrained further for GRPO's FLOPs) → eval of all three → report. Stages chain through explicit
+    folder names; with --resume finished stages are skipped and a stopped one continues from its last
+    checkpoint."""
     from .report import write_report
 
     sections = read_yaml(config) if config else {}
@@ -71,20 +82,40 @@ def demo(run: Path, config: Path | None, resume: bool, price: float | None) -> N
     def cfg(cls, section, **wiring):
         return build(cls, {**(sections.get(section) or {}), **wiring, **price_kw})
 
+    def control():
+        # The base's pretraining continued at its final learning rate (constant), on a fresh shuffle of
+        # the same corpus, until it has spent GRPO's FLOPs; the `control` section can change any of it.
+        pre = cfg(SFTConfig, "pretrain")
+        defaults = {"lr": pre.lr * pre.min_lr_ratio, "min_lr_ratio": 1.0, "warmup_steps": 0,
+                    "batch_size": pre.batch_size, "max_len": pre.max_len, "seed": pre.seed + 1,
+                    "log_every": pre.log_every, "save_every": pre.save_every, "steps": 1_000_000}
+        return build(SFTConfig, {**defaults, **(sections.get("control") or {}), "init": str(run / "base"),
+                                 "data": str(run / "corpus"), "out": str(run / "control"),
+                                 "flops_budget": grpo_flops(run), **price_kw})
+
     plan = [
-        ("corpus", cfg(CorpusConfig, "corpus", out=str(run / "corpus")), run / "corpus" / "ledger.json"),
-        ("pretrain", cfg(SFTConfig, "pretrain", data=str(run / "corpus"), out=str(run / "base")), run / "base" / "ledger.json"),
-        ("eval", cfg(EvalConfig, "eval", checkpoint=str(run / "base")), run / "eval" / "base.json"),
-        ("grpo", cfg(GRPOConfig, "grpo", init=str(run / "base"), out=str(run / "zero")), run / "zero" / "ledger.json"),
-        ("eval", cfg(EvalConfig, "eval", checkpoint=str(run / "zero")), run / "eval" / "zero.json"),
+        ("corpus", lambda: cfg(CorpusConfig, "corpus", out=str(run / "corpus")), run / "corpus" / "ledger.json"),
+        ("pretrain", lambda: cfg(SFTConfig, "pretrain", data=str(run / "corpus"), out=str(run / "base")),
+         run / "base" / "ledger.json"),
+        ("eval", lambda: cfg(EvalConfig, "eval", checkpoint=str(run / "base")), run / "eval" / "base.json"),
+        ("grpo", lambda: cfg(GRPOConfig, "grpo", init=str(run / "base"), out=str(run / "zero")),
+         run / "zero" / "ledger.json"),
+        ("eval", lambda: cfg(EvalConfig, "eval", checkpoint=str(run / "zero")), run / "eval" / "zero.json"),
+        ("pretrain", control, run / "control" / "ledger.json"),
+        ("eval", lambda: cfg(EvalConfig, "eval", checkpoint=str(run / "control")), run / "eval" / "control.json"),
     ]
+    for _, make, _ in plan:
+        if make is not control:
+            make()  # a bad config fails here, before any stage runs
     t0 = time.perf_counter()
-    for name, stage_cfg, done_marker in plan:
+    for name, make, done_marker in plan:
         if resume and done_marker.exists():
             print(f"[{name}] already done ({done_marker}), skipping")
             continue
+        stage_cfg = make()
         partial = resume and (Path(getattr(stage_cfg, "out", "") or "") / "train_state.pt").exists()
-        print(f"[{name}] {'resuming' if partial else 'starting'}")
+        label = "control" if make is control else name
+        print(f"[{label}] {'resuming' if partial else 'starting'}")
         run_stage(name, stage_cfg, resume=partial)
     report = write_report(run, price)
     print(f"pipeline done in {time.perf_counter() - t0:.0f} s — report: {report}")

@@ -36,9 +36,9 @@ from .engine import Engine, SamplingParams
 from .language import check_langs, pose
 from .ledger import StageLedger, forward_flops, hardware, train_flops
 from .log import StepLog, console, warn
-from .rewards import RewardWeights, overlong_penalty, score_completion
+from .rewards import RewardWeights, overlong_penalty, parse_completion, score_completion
 from .sft import make_optimizer
-from .tasks import get_task
+from .tasks import get_task, reflects
 
 
 # --- the math, as small pure functions -------------------------------------------------------------
@@ -520,7 +520,13 @@ def step_metrics(r: Rollout, zero_std_frac: float, stats: dict, generated: int, 
         "rollout/len_mean": lengths.mean().item(),
         "rollout/len_max": int(lengths.max().item()),
         "rollout/truncated_frac": sum(c.finish_reason == "length" for c in r.completions) / len(r.completions),
+        "rollout/reflection_rate": sum(reflects(c.text) for c in r.completions) / len(r.completions),
     }
+    # Trace accuracy: correct answers among the completions that reason (non-empty <think>).
+    reasons = [bool((p := parse_completion(c.text)) and p[0]) for c in r.completions]
+    if any(reasons):
+        right = r.parts["accuracy"].flatten() > 0
+        m["rollout/trace_accuracy"] = sum(bool(ok) for ok, t in zip(right, reasons) if t) / sum(reasons)
     for name, values in r.parts.items():
         m[f"rollout/{name}"] = values.mean().item()
         m[f"rollout/{name}_std"] = values.std().item()

@@ -244,7 +244,7 @@ def row_figures(run: Path, model: str, lineage: tuple[str, ...], price: float | 
     overall = result["overall"]
     solved = overall["pass@1"] * result["n_problems"]
     return {"pass@1": overall["pass@1"], "cons@k": overall["cons@k"], "k": result["k"],
-            "trace_acc": overall.get("trace_acc"), "reflection": overall.get("reflection"),
+            "trace_acc": overall.get("trace_accuracy"), "reflection": overall.get("reflection_rate"),
             "mean_len": overall.get("mean_len"), "lang": overall.get("lang_consistency"),
             "flops": flops, "cost": cost, "cost_per_solved": cost / solved if solved else None,
             "missing": missing}
@@ -323,8 +323,8 @@ def findings(fig: dict) -> list[str]:
 
 
 # (metrics key, panel title) of the summary figure; a key no stage logged leaves its panel out.
-CURVES = (("rollout/accuracy", "accuracy (training rollouts)"), ("rollout/trace_acc", "trace accuracy"),
-          ("rollout/reflection", "reflection rate"), ("rollout/len_mean", "mean response length (tokens)"),
+CURVES = (("rollout/accuracy", "accuracy (training rollouts)"), ("rollout/trace_accuracy", "trace accuracy"),
+          ("rollout/reflection_rate", "reflection rate"), ("rollout/len_mean", "mean response length (tokens)"),
           ("rollout/language", "language reward (0 if the format fails)"))
 RL_STAGES = ("zero", "r1", "r1_nolang", "student_rl")
 

@@ -44,6 +44,9 @@ class SFTConfig:
     """ModelConfig fields of a fresh model (vocab size comes from the tokenizer)."""
     steps: int = 1200
     """Optimizer steps."""
+    flops_budget: float = 0.0
+    """Stop once the stage's ledger has counted this many FLOPs (0: no budget; `steps` still caps it).
+    The demo's equal-compute control trains for the FLOPs its GRPO stage spent."""
     batch_size: int = 16
     """Rows per step; each row packs whole examples into `max_len` tokens."""
     lr: float | None = None
@@ -174,6 +177,11 @@ def batches(seqs: list, batch_size: int, max_len: int, seed: int, position: int)
         position += 1
 
 
+def over_budget(ledger: StageLedger, cfg: SFTConfig) -> bool:
+    """Whether the FLOP budget (if any) is spent."""
+    return cfg.flops_budget > 0 and ledger.flops >= cfg.flops_budget
+
+
 def train(cfg: SFTConfig, resume: bool = False) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -208,7 +216,7 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
     data = batches(seqs, cfg.batch_size, cfg.max_len, cfg.seed, data_pos)
     with StepLog(out, cfg.steps, step, {"train/loss": "loss", "train/lr": "lr", "perf/tokens_per_s": "tok/s"},
                  every=cfg.log_every, resume=resume) as log:
-        while step < cfg.steps:
+        while step < cfg.steps and not over_budget(ledger, cfg):
             t0 = time.perf_counter()
             x, y, mask, pos, doc = (t.to(cfg.device) for t in collate(seqs, next(data), tok.pad_id, cfg.max_len))
             for g in opt.param_groups:
@@ -227,7 +235,7 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
             log.log(step, {"train/loss": round(loss.item(), 5), "train/lr": lr_at(step - 1, cfg),
                            "train/grad_norm": round(grad_norm.item(), 4), "perf/tokens_per_s": round(tokens / dt),
                            "perf/step_s": round(dt, 4)})
-            if step % cfg.save_every == 0 or step == cfg.steps:
+            if step % cfg.save_every == 0 or step == cfg.steps or over_budget(ledger, cfg):
                 save_stage(out, model, tok, cfg, training_state(model, opt, ledger, cfg, step=step, data_pos=data_pos))
     ledger.finish(out / "ledger.json")
     return out

@@ -206,7 +206,8 @@ def test_math_task_reward_and_votes(tmp_path):
     assert accuracy_reward(task, p, "<think>hm</think><answer>1/3</answer>").reason == "wrong value"
     assert accuracy_reward(task, p, "no idea").reason == "no answer"
     texts = ["\\boxed{0.5}", "\\boxed{1/2}", "\\boxed{3}", "I give up"]
-    assert score_samples(p, texts) == {"pass@1": 0.5, "cons@k": 1.0}   # 0.5 and 1/2 are one vote
+    row = score_samples(p, texts)
+    assert (row["pass@1"], row["cons@k"], row["samples"]) == (0.5, 1.0, 4)   # 0.5 and 1/2 are one vote
     r1 = load_problems(tmp_path / "m.jsonl", DataOptions(template="r1_zero"))[0]
     assert task.answer_of(r1, "\\boxed{0.5}") is None                  # r1_zero counts only <answer>
     assert task.answer_of(r1, "<think>x</think> <answer>0.5</answer>") == "0.5"
