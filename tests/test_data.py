@@ -284,20 +284,37 @@ def test_eval_on_a_data_file_reports_per_source_and_level(tmp_path, tok):
     assert 0.0 <= result["overall"]["pass@1"] <= 1.0 and result["config"]["data"] == str(data)
 
 
-@pytest.mark.slow
-def test_sft_on_a_data_file_from_a_qwen_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def qwen_sft(tmp_path_factory):
+    """A Qwen2.5-style checkpoint built by transformers, fine-tuned for 2 steps with `qiusuo sft`."""
     from hf_fixtures import qwen25_checkpoint
 
-    init = qwen25_checkpoint(tmp_path / "qwen", template_location="config")
-    data = write_disk(tmp_path / "sft", [{"prompt": r["question"], "response": r["answer"]} for r in GSM8K])
-    out = tmp_path / "sft_out"
-    _run("sft", "--init", init, "--data", data, "--out", out, "--steps", 2, "--batch-size", 1, "--max-len", 256,
-         "--warmup-steps", 1, "--log-every", 1)
-    cfg = (out / "config.yaml").read_text()
+    root = tmp_path_factory.mktemp("qwen")
+    init = qwen25_checkpoint(root / "qwen", template_location="config")
+    data = write_disk(root / "sft", [{"prompt": r["question"], "response": r["answer"]} for r in GSM8K])
+    _run("sft", "--init", init, "--data", data, "--out", root / "sft_out", "--steps", 2, "--batch-size", 1,
+         "--max-len", 256, "--warmup-steps", 1, "--log-every", 1)
+    return root / "sft_out"
+
+
+@pytest.mark.slow
+def test_sft_on_a_data_file_from_a_qwen_checkpoint(qwen_sft):
+    cfg = (qwen_sft / "config.yaml").read_text()
     assert "lr: 2.0e-05" in cfg and "data_options: {}" in cfg
-    losses = [json.loads(x)["train/loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(x)["train/loss"] for x in (qwen_sft / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(0 < x < 20 for x in losses)
-    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert (qwen_sft / "model.safetensors").exists() and (qwen_sft / "tokenizer.json").exists()
+
+
+@pytest.mark.slow
+def test_eval_of_the_sft_checkpoint_with_the_r1_zero_template(qwen_sft, tmp_path):
+    data = write_jsonl(tmp_path / "gsm8k_test.jsonl", GSM8K)
+    out = tmp_path / "eval.json"
+    _run("eval", "--checkpoint", qwen_sft, "--data", data, "--data-options", "{template: r1_zero}", "--k", 2,
+         "--max-new-tokens", 8, "--out", out)
+    result = json.loads(out.read_text())
+    assert result["n_problems"] == 2 and set(result["tasks"]) == {"gsm8k_test"}
+    assert result["tasks"]["gsm8k_test"]["all"]["n"] == 2 and set(result["tasks"]["gsm8k_test"]) == {"all"}
 
 
 @pytest.mark.slow
