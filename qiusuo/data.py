@@ -1,4 +1,5 @@
-"""Dataset files for `--data`: JSONL, Parquet or a `datasets.save_to_disk` folder → math problems (for
+"""Dataset files for `--data`: JSONL (or a JSON array), Parquet, a `datasets.save_to_disk` folder or a
+folder of `<split>-*.parquet` shards (a Hub dataset repository as downloaded) → math problems (for
 `grpo` and `eval`) or prompt → response pairs (for `sft`). DESIGN §6.
 
 Rows are dicts; which fields hold what is configurable (`DataOptions`), with defaults that read GSM8K
@@ -102,19 +103,23 @@ class DataOptions:
 # --- reading rows ----------------------------------------------------------------------------------
 
 def read_rows(path: str | Path, split: str = "train") -> Iterator[tuple[str, dict | BadRow]]:
-    """(where, row) for every row of a JSONL file, a Parquet file or a save_to_disk folder, in order;
-    a line that is not a JSON object comes as a BadRow instead of a dict."""
+    """(where, row) for every row of a JSONL file, a JSON array, a Parquet file, a save_to_disk folder or
+    a folder of `<split>-*.parquet` shards (a Hub dataset repository as downloaded), in order; a row that
+    is not a JSON object comes as a BadRow instead of a dict."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file {path} does not exist")
     if path.is_dir():
-        yield from _disk_rows(path, split)
+        yield from _folder_rows(path, split)
     elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        for i, row in enumerate(table.to_pylist()):
-            yield f"{path} row {i}", row
+        yield from _parquet_rows(path)
+    elif path.suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise BadRow(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
+        for i, row in enumerate(rows):
+            yield f"{path} row {i}", row if isinstance(row, dict) else BadRow(f"{path} row {i}: not a JSON object")
     elif path.suffix in (".jsonl", ".json"):
         with path.open(encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -131,8 +136,23 @@ def read_rows(path: str | Path, split: str = "train") -> Iterator[tuple[str, dic
         raise ValueError(f"{path}: unknown data format; expected .jsonl, .parquet or a save_to_disk folder")
 
 
-def _disk_rows(path: Path, split: str) -> Iterator[tuple[str, dict]]:
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    import pyarrow.parquet as pq
+
+    for i, row in enumerate(pq.read_table(path).to_pylist()):
+        yield f"{path} row {i}", row
+
+
+def _folder_rows(path: Path, split: str) -> Iterator[tuple[str, dict]]:
     import datasets
+
+    if not any((path / name).exists() for name in ("state.json", "dataset_dict.json")):
+        shards = sorted(p for p in path.rglob("*.parquet") if p.name.startswith(f"{split}-") or p.parent.name == split)
+        if not shards:
+            raise ValueError(f"{path}: neither a datasets.save_to_disk folder nor a folder of {split}-*.parquet shards")
+        for shard in shards:
+            yield from _parquet_rows(shard)
+        return
 
     try:
         ds = datasets.load_from_disk(str(path))

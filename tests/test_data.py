@@ -73,6 +73,20 @@ def test_save_to_disk_dataset_dict_split(tmp_path):
         load_problems(folder, DataOptions())
 
 
+def test_json_array_and_a_folder_of_parquet_shards(tmp_path):
+    (tmp_path / "g.json").write_text(json.dumps(GSM8K))
+    assert [p.answer for p in load_problems(tmp_path / "g.json", DataOptions())] == ["72", "1000"]
+    repo = tmp_path / "gsm8k" / "main"          # as a Hub dataset repository is laid out
+    repo.mkdir(parents=True)
+    write_parquet(repo / "train-00000-of-00002.parquet", GSM8K[:1])
+    write_parquet(repo / "train-00001-of-00002.parquet", GSM8K[1:])
+    write_parquet(repo / "test-00000-of-00001.parquet", GSM8K[1:])
+    assert [p.answer for p in load_problems(tmp_path / "gsm8k", DataOptions())] == ["72", "1000"]
+    assert [p.answer for p in load_problems(tmp_path / "gsm8k", DataOptions(split="test"))] == ["1000"]
+    with pytest.raises(ValueError, match="nor a folder of validation-\\*.parquet shards"):
+        load_problems(tmp_path / "gsm8k", DataOptions(split="validation"))
+
+
 def test_field_mapping_source_level_and_limit(tmp_path):
     rows = [{"q": "1+1?", "a": 2, "src": "mine", "lvl": 3}, {"q": "2+2?", "a": "4", "src": "mine", "lvl": "4"},
             {"q": "3+3?", "a": "6", "src": "other", "lvl": 1}]
