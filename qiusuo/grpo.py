@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint, resume_training, save_stage, training_state
+from .checkpoint import StageFolder, load_checkpoint, training_state
 from .data import DataOptions, problem_pool
 from .engine import Engine, SamplingParams
 from .language import check_langs, pose
@@ -204,7 +204,9 @@ class GRPOConfig:
     sample_every: int = 5
     """Write the step's rollouts to samples.jsonl every this many steps."""
     save_every: int = 20
-    """Write checkpoint + train_state every this many steps."""
+    """Write a checkpoint (checkpoints/step-NNNNNN/) every this many steps."""
+    keep_last: int = 2
+    """Checkpoints kept in checkpoints/ (older ones are deleted)."""
     seed: int = 0
     """Seed of prompts and sampling."""
     device: str = "cpu"
@@ -404,9 +406,9 @@ def training_batch(r: Rollout, pad_id: int, device) -> TrainBatch:
 
 # --- the loop ---------------------------------------------------------------------------------------
 
-def train(cfg: GRPOConfig, resume: bool = False) -> Path:
+def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = StageFolder(out, cfg.keep_last, resume=resume, overwrite=overwrite)
     torch.manual_seed(cfg.seed)
     variant = VARIANTS[cfg.loss]
     model, tok = load_checkpoint(cfg.init, cfg.device)
@@ -419,8 +421,9 @@ def train(cfg: GRPOConfig, resume: bool = False) -> Path:
     rng = random.Random(cfg.seed)
     ledger = StageLedger(out.name, cfg.price_per_device_hour, hardware()["device"])
     step = 0
+    state = folder.resume(model, opt, ledger)
+    resume = state is not None
     if resume:
-        state = resume_training(out, model, opt, ledger)
         rng.setstate(state["prompt_rng"])
         step = state["step"]
         console.print(f"resumed {out} at step {step}")
@@ -465,9 +468,9 @@ def train(cfg: GRPOConfig, resume: bool = False) -> Path:
             if step % cfg.sample_every == 0 or step == 1:
                 write_samples(samples_path, step, r, adv)
             if step % cfg.save_every == 0 or step == cfg.steps:
-                save_stage(out, model, tok, cfg, training_state(model, opt, ledger, cfg, step=step,
-                                                                prompt_rng=rng.getstate()))
+                folder.save(model, tok, cfg, training_state(opt, ledger, cfg, step=step, prompt_rng=rng.getstate()))
     ledger.finish(out / "ledger.json")
+    folder.close()
     return out
 
 

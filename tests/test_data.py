@@ -343,4 +343,4 @@ def test_grpo_step_on_a_data_file(tmp_path, tok):
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and {s["task"] for s in samples} == {"math"}
     assert {s["prompt"] for s in samples} <= {r["question"] for r in GSM8K}
-    assert torch.load(out / "train_state.pt", weights_only=False)["step"] == 1
+    assert torch.load(out / "checkpoints" / "step-000001" / "train_state.pt", weights_only=False)["step"] == 1
