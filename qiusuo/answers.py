@@ -27,6 +27,7 @@ STARTUP_TIMEOUT_S = 120.0
 
 _NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
 _ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_INTEGER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)")
 
 
 # --- extraction ------------------------------------------------------------------------------------
@@ -217,10 +218,20 @@ class Verifier:
 _VERIFIER = Verifier()
 
 
+def _integer(text: str) -> int | None:
+    """The value of a plain integer (`1,000`, `-7`), else None."""
+    text = text.strip()
+    return int(text.replace(",", "")) if _INTEGER_RE.fullmatch(text) else None
+
+
 @functools.lru_cache(maxsize=65536)
 def check(gold: str, answer: str) -> tuple[bool, str]:
     """(equal, reason): whether `answer` is the same value as `gold` by math-verify, with a reason
-    ("correct", "wrong value", "unparseable: …" or "verifier timed out")."""
+    ("correct", "wrong value", "unparseable: …" or "verifier timed out"). Two plain integers (every
+    GSM8K answer) are compared here, exactly, without the child's round trip."""
+    gold_int, answer_int = _integer(gold), _integer(answer)
+    if gold_int is not None and answer_int is not None:
+        return gold_int == answer_int, "correct" if gold_int == answer_int else "wrong value"
     try:
         ok = _VERIFIER.call("equal", gold, answer)
     except VerifyTimeout:
@@ -240,6 +251,8 @@ def canonical(answer: str) -> str:
     """A vote key for cons@k: the SymPy form of the answer (numbers as exact rationals, so `0.5`, `1/2`
     and `\\frac{1}{2}` are one key); an answer math-verify cannot read (or times out on) votes as its
     own text, marked `invalid:`."""
+    if _integer(answer) is not None:
+        return f"={_integer(answer)}"
     try:
         key = _VERIFIER.call("canonical", answer)
     except (VerifyTimeout, ValueError):

@@ -195,6 +195,13 @@ def test_math_verify_tells_different_values_apart():
     assert canonical("1,000") == "=1000"
 
 
+@pytest.mark.parametrize("gold,answer", [("1000", "1,000"), ("72", "73"), ("-5", "-5"), ("007", "7"), ("12", "-12")])
+def test_integers_compared_in_process_agree_with_math_verify(gold, answer):
+    from qiusuo.answers import _VERIFIER
+
+    assert check(gold, answer)[0] is _VERIFIER.call("equal", gold, answer)
+
+
 def test_pathological_expression_times_out_and_the_verifier_recovers():
     v = Verifier(timeout=1.0)
     try:
