@@ -271,6 +271,22 @@ def test_stage_errors_are_one_line(tmp_path, capsys):
                    "qiusuo grpo: error: GRPOConfig: on_bad_row must be stop or skip, not 'maybe'"]
 
 
+@pytest.mark.parametrize("name,prompts", [("qwen25_05b_gsm8k_r1zero", 32), ("qwen25_05b_gsm8k_r1zero_8gpu", 128)])
+def test_recipe_configs_are_valid(name, prompts):
+    from pathlib import Path
+
+    from qiusuo.config import build, read_yaml
+    from qiusuo.evaluate import EvalConfig
+    from qiusuo.grpo import GRPOConfig
+
+    path = Path(__file__).parent.parent / "configs" / f"{name}.yaml"
+    assert "ESTIMATED, not measured" in path.read_text()
+    grpo, ev = build(GRPOConfig, read_yaml(path, "grpo")), build(EvalConfig, read_yaml(path, "eval"))
+    assert (grpo.prompts_per_step, grpo.group_size, grpo.max_new_tokens) == (prompts, 8, 512)
+    assert grpo.data_options["template"] == ev.data_options["template"] == "r1_zero"
+    assert ev.checkpoint == grpo.out and (ev.temperature, ev.top_p) == (0.6, 0.95)
+
+
 # --- whole stages on a data file ---------------------------------------------------------------------
 
 def _save_tiny(folder, tok):
