@@ -113,7 +113,7 @@ def read_rows(path: str | Path, split: str = "train") -> Iterator[tuple[str, dic
         yield from _folder_rows(path, split)
     elif path.suffix == ".parquet":
         yield from _parquet_rows(path)
-    elif path.suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
+    elif path.suffix == ".json" and _starts_with(path, "["):
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
@@ -134,6 +134,15 @@ def read_rows(path: str | Path, split: str = "train") -> Iterator[tuple[str, dic
                 yield where, row if isinstance(row, dict) else BadRow(f"{where}: not a JSON object")
     else:
         raise ValueError(f"{path}: unknown data format; expected .jsonl, .parquet or a save_to_disk folder")
+
+
+def _starts_with(path: Path, char: str) -> bool:
+    """Whether the file's first non-blank character is `char` (a JSON array rather than JSON lines)."""
+    with path.open(encoding="utf-8") as f:
+        while chunk := f.read(4096):
+            if chunk.strip():
+                return chunk.lstrip()[0] == char
+    return False
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
