@@ -75,7 +75,7 @@ class DataOptions:
     system: str | None = None
     """System prompt of the chat templates; empty: none (the template's own default, if it has one)."""
     split: str = "train"
-    """Split of a save_to_disk DatasetDict folder."""
+    """Split of a save_to_disk DatasetDict folder, or of a folder of `<split>-*.parquet` shards."""
     on_bad_row: str = "stop"
     """stop: a malformed row ends the run, naming it; skip: it is left out and counted."""
     limit: int | None = None
