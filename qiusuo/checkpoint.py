@@ -136,8 +136,11 @@ class StageFolder:
         self.dir = self.out / CHECKPOINTS
         self.out.mkdir(parents=True, exist_ok=True)
         self._lock_fd = self._lock()
+        # what a save killed part-way leaves: a temporary checkpoint folder, temporary top-level files
         for stale in self.dir.glob(".tmp-*") if self.dir.is_dir() else ():
-            shutil.rmtree(stale, ignore_errors=True)  # a save that was killed part-way
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in self.out.glob(".*.tmp[0-9]*"):
+            stale.unlink(missing_ok=True)
         held = checkpoint_steps(self.out)
         if held and not resume:
             if not overwrite:
@@ -173,6 +176,7 @@ class StageFolder:
         training state (for the stage's own fields); None when not resuming or nothing is saved."""
         if not self.wants_resume:
             return None
+        fell_back = False
         for step, path in reversed(checkpoint_steps(self.out)):
             try:
                 verify_manifest(path)
@@ -189,6 +193,7 @@ class StageFolder:
                 warn(f"{path.relative_to(self.out)} is corrupt ({reason.splitlines()[0][:200]}); "
                      f"renamed to {path.name}.corrupt, using the previous checkpoint")
                 path.rename(path.with_name(path.name + ".corrupt"))
+                fell_back = True
                 continue
             missing, unexpected = model.load_state_dict(weights, strict=False)
             tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
@@ -198,6 +203,8 @@ class StageFolder:
             opt.load_state_dict(state["optimizer"])
             set_rng_state(state["rng"])
             ledger.restore(state.get("ledger"))
+            if fell_back:  # the top-level files may be the damaged checkpoint's
+                self._export(path)
             return state
         warn(f"{self.out}: no checkpoint to resume from; starting at step 0")
         return None

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key", default=None, help="API key (default: $QIUSUO_API_KEY; none with --no-auth)")
     p.add_argument("--model", default=None, help="model id (default: the server's)")
     p.add_argument("--system", default=None, help="system prompt")
-    for name in (*STAGES, "report", "demo"):
+    for name in (*STAGES, "report", "paper", "demo"):
         sub.choices[name].add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args, unknown = parser.parse_known_args(argv)
     if unknown:

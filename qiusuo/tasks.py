@@ -107,12 +107,13 @@ class Task(ABC):
         """The prompt's token ids: the problem as the user turn of the checkpoint's chat template."""
         return tok.prompt_ids(problem.prompt)
 
-    def answer_of(self, problem: Problem, text: str) -> str | None:
-        """The final answer of a completion, or None: here the answer field of the exact
-        `<think>…</think><answer>…</answer>` format (qiusuo/rewards.py), the strict parser of DESIGN §4."""
-        from .rewards import parse_completion
+    def answer_of(self, problem: Problem, text: str, fmt=None) -> str | None:
+        """The final answer of a completion, or None: here the answer field of the checkpoint's reasoning
+        format `fmt` (qiusuo/rewards.py; default the exact `<think>…</think><answer>…</answer>`, the
+        strict parser of DESIGN §4)."""
+        from .rewards import STRICT, parse_completion
 
-        parsed = parse_completion(text)
+        parsed = parse_completion(text, fmt or STRICT)
         return None if parsed is None else parsed[1]
 
     def sample(self, split: str, seed: int, difficulty: int) -> Problem:
@@ -739,12 +740,15 @@ class MathTask(Task):
 
         return prompt_ids(tok, problem.prompt, problem.data["chat"], problem.data.get("system"))
 
-    def answer_of(self, problem: Problem, text: str) -> str | None:
+    def answer_of(self, problem: Problem, text: str, fmt=None) -> str | None:
         """The `<answer>…</answer>` field, else the last `\\boxed{}`, else the last number
-        (`answers.model_answer`); under the r1_zero template only the tagged answer counts."""
+        (`answers.model_answer`), read after the reasoning's closing tag when there is one (the tag of
+        `fmt`, default `</think>`); under the r1_zero template only the tagged answer counts."""
         from .answers import model_answer
 
-        found = model_answer(text, require_tags=problem.data.get("template") == "r1_zero")
+        close = fmt.close if fmt is not None else "</think>"
+        after = text.rsplit(close, 1)[1] if close in text else text
+        found = model_answer(after, require_tags=problem.data.get("template") == "r1_zero")
         return None if found is None else found[0]
 
     def score(self, problem: Problem, answer: str) -> tuple[float, str]:

@@ -229,6 +229,8 @@ def test_math_task_reward_and_votes(tmp_path):
     texts = ["\\boxed{0.5}", "\\boxed{1/2}", "\\boxed{3}", "I give up"]
     row = score_samples(p, texts)
     assert (row["pass@1"], row["cons@k"], row["samples"]) == (0.5, 1.0, 4)   # 0.5 and 1/2 are one vote
+    assert task.answer_of(p, "<think>maybe \\boxed{3}</think> so \\boxed{0.5}") == "0.5"   # read after </think>
+    assert task.answer_of(p, "<think>it is 3</think>") is None
     r1 = load_problems(tmp_path / "m.jsonl", DataOptions(template="r1_zero"))[0]
     assert task.answer_of(r1, "\\boxed{0.5}") is None                  # r1_zero counts only <answer>
     assert task.answer_of(r1, "<think>x</think> <answer>0.5</answer>") == "0.5"
