@@ -20,6 +20,7 @@ the trace skill RL is meant to sharpen.
 """
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 from . import dist
 from .checkpoint import load_checkpoint
+from .data import DataOptions, problem_pool
 from .engine import Engine, SamplingParams
 from .language import check_langs, pose
 from .ledger import StageLedger, forward_flops, hardware, train_flops
@@ -184,6 +186,11 @@ class GRPOConfig:
     """Weight of R1's language-consistency reward (share of the CoT in the question's language)."""
     langs: dict = field(default_factory=dict)
     """Language → share of the training questions posed in it (en, zh); empty: prompts as the tasks write them."""
+    data: str | None = None
+    """Dataset file of math problems (JSONL, Parquet or a save_to_disk folder) to train on instead of
+    `tasks`; questions are drawn uniformly, with replacement."""
+    data_options: dict = field(default_factory=dict)
+    """How to read `data`: template, field names, on_bad_row, limit (qiusuo/data.py, DataOptions)."""
     dynamic_sampling: bool | None = None
     """Drop groups whose rewards are all equal and refill the batch; empty: the variant's (dapo: on)."""
     max_refills: int = 3
@@ -226,6 +233,8 @@ class GRPOConfig:
         for name in self.tasks:
             get_task(name)
         check_langs(self.langs, "langs")
+        if self.data:
+            DataOptions.of(self.data_options)
         if self.group_size < 2:
             raise ValueError("group_size must be ≥ 2: the advantage compares completions within a group")
         if self.beta < 0 or self.mu < 1 or self.minibatches < 1:
@@ -252,6 +261,9 @@ class Rollout:
 
 
 def draw_problems(cfg: GRPOConfig, rng: random.Random, n: int) -> list:
+    if cfg.data:
+        pool = problem_pool(cfg.data, json.dumps(cfg.data_options, sort_keys=True))
+        return [pool[rng.randrange(len(pool))] for _ in range(n)]
     names = list(cfg.tasks)
     out = []
     for _ in range(n):
@@ -270,7 +282,7 @@ def rollout_seed(cfg: GRPOConfig, step: int, round_: int) -> int:
 
 
 def rollout(engine: Engine, tok, problems: list, cfg: GRPOConfig, seed: int) -> Rollout:
-    prompt_ids = [tok.prompt_ids(p.prompt) for p in problems]
+    prompt_ids = [get_task(p.task).prompt_ids(p, tok) for p in problems]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
     completions = engine.generate(prompt_ids, params, n=cfg.group_size)
     weights = RewardWeights(accuracy=cfg.reward_accuracy, format=cfg.reward_format, language=cfg.reward_language)
