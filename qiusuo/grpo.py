@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint, resume_training, save_stage, training_state
+from .checkpoint import StageFolder, load_checkpoint, training_state
 from .engine import Engine, SamplingParams
 from .language import check_langs, pose
 from .ledger import StageLedger, forward_flops, hardware, train_flops
@@ -197,7 +197,9 @@ class GRPOConfig:
     sample_every: int = 5
     """Write the step's rollouts to samples.jsonl every this many steps."""
     save_every: int = 20
-    """Write checkpoint + train_state every this many steps."""
+    """Write a checkpoint (checkpoints/step-NNNNNN/) every this many steps."""
+    keep_last: int = 2
+    """Checkpoints kept in checkpoints/ (older ones are deleted)."""
     seed: int = 0
     """Seed of prompts and sampling."""
     device: str = "cpu"
@@ -392,9 +394,9 @@ def training_batch(r: Rollout, pad_id: int, device) -> TrainBatch:
 
 # --- the loop ---------------------------------------------------------------------------------------
 
-def train(cfg: GRPOConfig, resume: bool = False) -> Path:
+def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = StageFolder(out, cfg.keep_last, resume=resume, overwrite=overwrite)
     torch.manual_seed(cfg.seed)
     variant = VARIANTS[cfg.loss]
     model, tok = load_checkpoint(cfg.init, cfg.device)
@@ -407,8 +409,9 @@ def train(cfg: GRPOConfig, resume: bool = False) -> Path:
     rng = random.Random(cfg.seed)
     ledger = StageLedger(out.name, cfg.price_per_device_hour, hardware()["device"])
     step = 0
+    state = folder.resume(model, opt, ledger)
+    resume = state is not None
     if resume:
-        state = resume_training(out, model, opt, ledger)
         rng.setstate(state["prompt_rng"])
         step = state["step"]
         console.print(f"resumed {out} at step {step}")
@@ -442,10 +445,13 @@ def train(cfg: GRPOConfig, resume: bool = False) -> Path:
             stats = update(model, opt, batch, adv, logp_old, logp_ref, variant, cfg)
             step += 1
             width = batch.ids.shape[1]
-            train_tokens = int(batch.ids.numel()) * cfg.mu * (2 if ref is not None else 1)
-            ledger.add(forward_flops(n_params, gen_tokens, mc.num_hidden_layers, mc.hidden_size, width)
+            # μ training passes (forward + backward), plus forwards only for π_old (when it is not the
+            # training pass itself) and for the reference model (when β > 0)
+            train_tokens = int(batch.ids.numel()) * cfg.mu
+            ref_tokens = int(batch.ids.numel()) * ((ref is not None) + (logp_old is not None))
+            ledger.add(forward_flops(n_params, gen_tokens + ref_tokens, mc.num_hidden_layers, mc.hidden_size, width)
                        + train_flops(n_params, train_tokens, mc.num_hidden_layers, mc.hidden_size, width),
-                       gen_tokens + train_tokens)
+                       gen_tokens + train_tokens + ref_tokens)
             dt = time.perf_counter() - t0
             metrics = step_metrics(r, zero_std_frac, stats, generated, gen_tokens, dt, t_gen)
             warn_if_degenerate(step, metrics)
@@ -453,9 +459,9 @@ def train(cfg: GRPOConfig, resume: bool = False) -> Path:
             if step % cfg.sample_every == 0 or step == 1:
                 write_samples(samples_path, step, r, adv)
             if step % cfg.save_every == 0 or step == cfg.steps:
-                save_stage(out, model, tok, cfg, training_state(model, opt, ledger, cfg, step=step,
-                                                                prompt_rng=rng.getstate()))
+                folder.save(model, tok, cfg, training_state(opt, ledger, cfg, step=step, prompt_rng=rng.getstate()))
     ledger.finish(out / "ledger.json")
+    folder.close()
     return out
 
 

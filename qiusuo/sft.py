@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint, resume_training, save_stage, training_state
+from .checkpoint import StageFolder, load_checkpoint, training_state
 from .corpus import read_corpus
 from .ledger import StageLedger, hardware, train_flops
 from .log import StepLog, console
@@ -60,7 +60,9 @@ class SFTConfig:
     log_every: int = 50
     """Print one line every this many steps (metrics.jsonl gets every step)."""
     save_every: int = 200
-    """Write checkpoint + train_state every this many steps."""
+    """Write a checkpoint (checkpoints/step-NNNNNN/) every this many steps."""
+    keep_last: int = 2
+    """Checkpoints kept in checkpoints/ (older ones are deleted)."""
     seed: int = 0
     """Seed of initialisation and data order."""
     device: str = "cpu"
@@ -169,9 +171,9 @@ def over_budget(ledger: StageLedger, cfg: SFTConfig) -> bool:
     return cfg.flops_budget > 0 and ledger.flops >= cfg.flops_budget
 
 
-def train(cfg: SFTConfig, resume: bool = False) -> Path:
+def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = StageFolder(out, cfg.keep_last, resume=resume, overwrite=overwrite)
     torch.manual_seed(cfg.seed)
     # --- model and tokenizer
     rows = read_corpus(Path(cfg.data))
@@ -192,8 +194,8 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
     # --- resume
     step, data_pos = 0, 0
     ledger = StageLedger(out.name, cfg.price_per_device_hour, hardware()["device"])
-    if resume:
-        state = resume_training(out, model, opt, ledger)
+    state = folder.resume(model, opt, ledger)
+    if state is not None:
         step, data_pos = state["step"], state["data_pos"]
         console.print(f"resumed {out} at step {step}")
     mc = model.config
@@ -201,7 +203,7 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
     model.train()
     data = batches(seqs, cfg.batch_size, cfg.max_len, cfg.seed, data_pos)
     with StepLog(out, cfg.steps, step, {"train/loss": "loss", "train/lr": "lr", "perf/tokens_per_s": "tok/s"},
-                 every=cfg.log_every, resume=resume) as log:
+                 every=cfg.log_every, resume=state is not None) as log:
         while step < cfg.steps and not over_budget(ledger, cfg):
             t0 = time.perf_counter()
             x, y, mask, pos, doc = (t.to(cfg.device) for t in collate(seqs, next(data), tok.pad_id, cfg.max_len))
@@ -222,6 +224,7 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
                            "train/grad_norm": round(grad_norm.item(), 4), "perf/tokens_per_s": round(tokens / dt),
                            "perf/step_s": round(dt, 4)})
             if step % cfg.save_every == 0 or step == cfg.steps or over_budget(ledger, cfg):
-                save_stage(out, model, tok, cfg, training_state(model, opt, ledger, cfg, step=step, data_pos=data_pos))
+                folder.save(model, tok, cfg, training_state(opt, ledger, cfg, step=step, data_pos=data_pos))
     ledger.finish(out / "ledger.json")
+    folder.close()
     return out

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from qiusuo.cli import main
 
@@ -34,8 +35,10 @@ def test_corpus_mixes_styles_and_tasks(tiny_run):
 def test_pretrain_writes_a_complete_stage(tiny_run):
     base = tiny_run / "base"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "generation_config.json", "train_state.pt", "metrics.jsonl", "config.yaml", "ledger.json"):
+                 "generation_config.json", "metrics.jsonl", "config.yaml", "ledger.json"):
         assert (base / name).exists(), name
+    assert sorted(p.name for p in (base / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
+    assert (base / "checkpoints" / "step-000006" / "train_state.pt").exists()
     lines = [json.loads(x) for x in (base / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 7))
     ledger = json.loads((base / "ledger.json").read_text())
@@ -48,8 +51,8 @@ def test_pretrain_resume_continues_exactly(tiny_run, tmp_path):
     run("pretrain", "--out", tmp_path / "a", "--steps", 6, *args)
     run("pretrain", "--out", tmp_path / "b", "--steps", 3, *args)
     run("pretrain", "--out", tmp_path / "b", "--steps", 6, "--resume", *args)
-    a = torch.load(tmp_path / "a" / "train_state.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)["model"]
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))

@@ -105,6 +105,7 @@ def _kill_engine(svc):
     os.kill(svc.scheduler._proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow  # kills the engine process and waits for a new one
 def test_an_engine_crash_ends_the_request_as_error_with_its_usage(tok, looping, tmp_path):
     with serve(tok, looping, tmp_path, max_tokens_limit=8000, **PRICES) as s:
         svc = s.service
@@ -203,3 +204,35 @@ def test_metrics_show_what_requests_hold_and_return_to_idle(tok, looping, tmp_pa
         stream.close()
         wait_for(lambda: idle(s.service), what="idle")
         assert set(gauges().values()) == {0.0} and len(gauges()) == 6
+
+
+@pytest.mark.slow  # kills the engine process and waits for a new one
+def test_requests_in_the_engine_queue_are_not_billed(tok, looping, tmp_path):
+    """The engine process says whether it prefilled a prompt: a request that its scheduler still held
+    in its queue (here: no room in the KV-cache budget) when the client left, or when the engine
+    died, has no ledger row."""
+    with serve(tok, looping, tmp_path, no_auth=True, max_tokens_limit=8000, max_cache_tokens=9000) as s:
+        svc = s.service
+        first = Stream(s.url)
+        first.read_content()
+        second = Stream(s.url)                                 # let in by the gate, waits in the engine
+        wait_for(lambda: svc.scheduler.queue_depth == 1, what="the second to wait in the engine")
+        second.close()
+        wait_for(lambda: svc.scheduler.queue_depth == 0 and not svc.unsettled, timeout=30,
+                 what="the engine to end the second")
+        # a third waits in the engine's queue when the engine dies: 503, and no bill
+        third = {}
+        waiter = threading.Thread(target=lambda: third.update(r=chat(s.url, max_tokens=8000)))
+        waiter.start()
+        wait_for(lambda: svc.scheduler.queue_depth == 1, what="the third to wait in the engine")
+        os.kill(svc.scheduler._proc.pid, signal.SIGKILL)
+        waiter.join(60)
+        r = third["r"]
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_error" and "usage" not in r.json()
+        first.read_until(lambda line: '"finish_reason": "error"' in line)   # the running one: error, billed
+        first.close()
+        wait_for(lambda: svc.scheduler.error is None and svc.scheduler.restarts == 1, timeout=120,
+                 what="a new engine process")
+        wait_for(lambda: idle(svc), what="idle")
+        rows = svc.store.usage_rows()
+        assert [r["finish_reason"] for r in rows] == ["error"] and rows[0]["completion_tokens"] > 0

@@ -82,14 +82,14 @@ def check(server, content: bytes, content_type="application/json") -> None:
         assert set(err) >= {"message", "type", "param", "code"} and err["message"], r.text[:300]
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 @given(body)
 def test_fuzzed_bodies_get_no_5xx(server, b):
     server.tried["json"] += 1
     check(server, json.dumps(b, ensure_ascii=bool(len(b) % 2)).encode("utf-8", "surrogatepass"))
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 @given(st.binary(max_size=300) | st.builds(lambda d, s: b"[" * d + s + b"]" * d, st.integers(0, 5000),
                                             st.binary(max_size=10)))
 def test_fuzzed_bytes_get_no_5xx(server, raw):

@@ -1,15 +1,19 @@
 """The OpenAI / DeepSeek-compatible HTTP server (DESIGN §5): `create_app(cfg)` returns a FastAPI app.
 
-A chat request goes: authenticate (401) → read the body within its size limit (413) → parse and
-validate (400 / 422) → balance (402) → tokenise, prompt limit (400) → per-key token buckets (429) →
-a place in the gate's queue (503) → [response headers go out when streaming] → wait for a running
-slot (queue timeout: 503) → the scheduler generates → the splitter turns tokens into
-`reasoning_content` / `content` → one usage row in the ledger.
+A chat request goes: authenticate (401) → the key's concurrent requests, requests per minute and
+balance (429 / 402) → read the body within its size limit (413) → parse it strictly (400 / 422) →
+a length pre-check, then render and tokenise in a thread pool, prompt limit (400) → tokens per
+minute for prompt + max_tokens and a hold on the balance of the highest cost (429 / 402) → a place
+in the gate's queue (503) → [response headers go out when streaming] → wait for a running slot
+(queue timeout: 503) → the scheduler generates → the splitter turns tokens into
+`reasoning_content` / `content` → one usage row in the ledger, and the key's hold settled.
 
-Generation runs in a task of its own (`Service.run`) that owns the gate slot, the scheduler request
-and the ledger row; the HTTP side only reads its events. Whatever ends the request — the answer is
-complete, the client disconnects, the queue times out, an error — the task's `finally` releases the
-slot, cancels the generation and records what was generated, exactly once.
+Generation runs in a task of its own (`Service.run`) that owns the gate slot, the key's hold, the
+scheduler request and the ledger row; the HTTP side only reads its events. Whatever ends the
+request — the answer is complete, the client disconnects, the queue times out, the engine or the
+ledger fails — the task's `finally` releases the slot, cancels the generation, records what the
+model consumed exactly once (when the client left before the engine said whether it had prefilled
+the prompt, once it has) and settles the hold. Before the task exists, `ChatRoute` releases the hold.
 """
 from __future__ import annotations
 
@@ -484,8 +488,9 @@ class Service:
         if len(req.messages) > cfg.max_messages:
             raise ApiError(400, f"at most {cfg.max_messages} messages per request", "too_many_messages", "messages")
         unsupported = req.unsupported()
-        if unsupported is not None:
-            raise ApiError(400, unsupported[1], "unsupported_parameter", unsupported[0])
+        if unsupported is not None:   # n > 1 is a value out of range (422, as before); the rest 400
+            status = 422 if unsupported[0] == "n" else 400
+            raise ApiError(status, unsupported[1], "unsupported_parameter", unsupported[0])
         for i, m in enumerate(req.messages):
             if m.reasoning_content is not None:
                 raise ApiError(400, "reasoning_content must not be sent back in input messages; keep only content",
@@ -505,6 +510,9 @@ class Service:
         if text_bytes > self.max_prompt * self.max_token_bytes:  # too long for any tokenisation: skip it
             raise ApiError(400, f"the messages hold {text_bytes} bytes of text; a prompt of at most {self.max_prompt}"
                                 " tokens is allowed", "context_length_exceeded", "messages")
+        if self.preparing >= cfg.max_concurrent + cfg.max_queue:   # the pool's queue is bounded too
+            raise ApiError(503, "server overloaded: too many prompts being prepared", "overloaded",
+                           retry_after=cfg.overload_retry_after)
         self.preparing += 1
         try:
             prompt_ids = await asyncio.get_running_loop().run_in_executor(self.pool, self._tokenise, messages)
@@ -527,7 +535,12 @@ class Service:
                   max_cost=self._cost(len(prompt_ids), max_new))
         if key is not None:
             try:
-                self.limits.reserve(hold, key.rpm, key.tpm, job.reserved_tokens, job.max_cost, key.remaining)
+                # the balance as of now: requests that ended while this one was tokenised are billed in it
+                fresh = self.store.get(key.id) or key
+            except sqlite3.Error as e:
+                raise self._db_unavailable(e) from None
+            try:
+                self.limits.reserve(hold, key.rpm, key.tpm, job.reserved_tokens, job.max_cost, fresh.remaining)
             except Refused as r:
                 raise ApiError.refused(r) from None
         return job
@@ -591,7 +604,7 @@ class Service:
         job.running = True
         splitter = ReasoningSplitter(job.params.stop_strings, in_think=job.in_think, fmt=self.tok.reasoning)
         decoder = IncrementalDecoder(self.tok.decode_reply)
-        n, last, booked = 0, None, False
+        n, last, booked, consumed = 0, None, False, 0
         try:
             if request is None:
                 if not await self.gate.wait(ticket, self.cfg.queue_timeout):
@@ -624,10 +637,14 @@ class Service:
                 if splitter.stopped:
                     break
             failed = request.finish_reason == "error" and not splitter.stopped  # the engine failed (logged there)
+            if failed and n == 0 and not request.started:  # it died before it saw the prompt: nothing to bill
+                booked = True
+                raise ApiError(503, "the engine failed before it started this request; nothing was billed",
+                               "engine_error", retry_after=self.cfg.overload_retry_after)
             self._push(job, splitter.finish())
             job.thought = splitter.saw_think
             job.finish_reason = "stop" if splitter.stopped else (request.finish_reason or "stop")
-            booked = True
+            booked, consumed = True, len(job.prompt_ids) + n
             job.usage = self._record(job, n, splitter.reasoning_tokens)
             if failed:
                 raise ApiError(503, "the engine failed during generation; what it generated is billed",
@@ -647,7 +664,7 @@ class Service:
             if request is not None:
                 request.cancel()  # no-op once finished; frees the row when the client went away
             if booked or request is None:
-                self._settle_hold(job, len(job.prompt_ids) + n if booked else 0)
+                self._settle_hold(job, consumed)
             elif request.finish_reason is not None:  # ended: the engine said whether it saw the prompt
                 self._book_cancelled(job, request, n, splitter.reasoning_tokens)
             else:  # the engine has not said yet whether it prefilled the prompt: wait for its end

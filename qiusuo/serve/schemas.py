@@ -65,8 +65,9 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 63)
     """Any int64, as OpenAI's; larger values would overflow the generator's seed."""
-    n: int = Field(default=1, ge=1, le=1)
-    """Only one choice per request (ask several times for more samples)."""
+    n: int = Field(default=1, ge=1)
+    """Only one choice per request (ask several times for more samples): more is refused with a
+    message that says so (`ChatRequest.unsupported`)."""
     user: str | None = Field(default=None, max_length=256)
     # features this server does not implement: read only to refuse them by name
     tools: Any = None
@@ -89,6 +90,8 @@ class ChatRequest(BaseModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) of the first feature asked for that this server does not have."""
+        if self.n > 1:
+            return "n", f"n={self.n}: this server returns one choice per request; send the request {self.n} times"
         if self.tools:
             return "tools", "tools (function calling) are not supported by this server"
         if self.functions:
