@@ -2,7 +2,8 @@
 every stage: the logits and greedy tokens equal transformers', `qiusuo eval` and a GRPO step run, and
 `qiusuo serve` answers a chat with its reasoning split off — for a Qwen2.5-style checkpoint (ChatML, tied),
 a Llama-3.1-style one (untied, rope_scaling llama3, three stop ids), an R1-distill-style one (its template
-opens the think block) and a sharded one whose template sits in tokenizer_config.json."""
+opens the think block), a sharded one whose template sits in tokenizer_config.json, and a Llama-3.2-style
+one stored in bf16 (loaded into fp32, as transformers does when asked for float32)."""
 import json
 
 import httpx
@@ -24,6 +25,7 @@ STYLES = {
     "llama3": dict(style="llama3", version="3.1"),
     "r1-distill": dict(style="r1-distill"),
     "sharded": dict(style="qwen2.5", tied=False, shard_size="60KB", template_location="config"),
+    "llama3-bf16": dict(style="llama3", version="3.2", dtype=torch.bfloat16),   # as real checkpoints ship
 }
 QUESTION = [{"role": "system", "content": "You are a careful solver."},
             {"role": "user", "content": "What is 47 + 35? Think step by step, then answer."}]
