@@ -37,7 +37,7 @@ from .engine import Engine, SamplingParams
 from .language import check_langs, pose
 from .ledger import StageLedger, forward_flops, hardware, train_flops
 from .log import console, warn
-from .rewards import RewardWeights, overlong_penalty, parse_completion, score_completion
+from .rewards import STRICT, ReasoningFormat, RewardWeights, overlong_penalty, parse_completion, score_completion
 from .sft import make_optimizer
 from .tasks import get_task, reflects
 
@@ -502,7 +502,7 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> Pat
                        + train_flops(n_params, train_tokens, mc.num_hidden_layers, mc.hidden_size, width),
                        gen_tokens + train_tokens + ref_tokens)
             dt = time.perf_counter() - t0
-            metrics = step_metrics(r, zero_std_frac, stats, generated, gen_tokens, dt, t_gen)
+            metrics = step_metrics(r, zero_std_frac, stats, generated, gen_tokens, dt, t_gen, tok.reasoning)
             if dist.is_main():
                 warn_if_degenerate(step, metrics)
             log.log(step, metrics)
@@ -568,7 +568,8 @@ def update(model, opt, batch: TrainBatch, adv, logp_old, logp_ref, variant: Vari
     return {k: v / n for k, v in totals.items()}
 
 
-def step_metrics(r: Rollout, zero_std_frac: float, stats: dict, generated: int, gen_tokens: int, dt: float, t_gen: float) -> dict:
+def step_metrics(r: Rollout, zero_std_frac: float, stats: dict, generated: int, gen_tokens: int, dt: float, t_gen: float,
+                 fmt: ReasoningFormat = STRICT) -> dict:
     lengths = torch.tensor([len(c.token_ids) for c in r.completions], dtype=torch.float)
     m = {
         "rollout/reward_mean": r.rewards.mean().item(),
@@ -580,7 +581,7 @@ def step_metrics(r: Rollout, zero_std_frac: float, stats: dict, generated: int, 
         "rollout/reflection_rate": sum(reflects(c.text) for c in r.completions) / len(r.completions),
     }
     # Trace accuracy: correct answers among the completions that reason (non-empty <think>).
-    reasons = [bool((p := parse_completion(c.text)) and p[0]) for c in r.completions]
+    reasons = [bool((p := parse_completion(c.text, fmt)) and p[0]) for c in r.completions]
     if any(reasons):
         right = r.parts["accuracy"].flatten() > 0
         m["rollout/trace_accuracy"] = sum(bool(ok) for ok, t in zip(right, reasons) if t) / sum(reasons)

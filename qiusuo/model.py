@@ -118,9 +118,11 @@ class ModelConfig:
             rope_theta=theta,
             rope_scaling=scaling,
             eos_token_id=eos,
-            qkv_bias=cfg.get("attention_bias", model_type == "qwen2"),
+            # Qwen2 always has the q/k/v bias (transformers ignores attention_bias there)
+            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias")),
             head_dim=cfg.get("head_dim") or 0,
-            tie_word_embeddings=cfg.get("tie_word_embeddings", model_type == "qwen2"),
+            # transformers' default for both families when config.json leaves it out
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         )
         return cls(**kwargs)
 

@@ -194,6 +194,14 @@ def test_rope_inv_freq_equals_transformers(rope):
         assert ratio[0] == 1 and ratio[-1] == pytest.approx(1 / 8) and ((ratio < 1) & (ratio > 1 / 8)).any()
 
 
+def test_missing_keys_take_transformers_defaults():
+    cfg = {k: v for k, v in _hf_config().items() if k not in ("tie_word_embeddings", "rope_theta", "rope_scaling")}
+    for model_type in ("qwen2", "llama"):
+        m = ModelConfig.from_hf({**cfg, "model_type": model_type})
+        assert (m.tie_word_embeddings, m.rope_theta, m.rope_scaling) == (False, 10000.0, None)
+        assert m.qkv_bias == (model_type == "qwen2")
+
+
 def test_rope_scaling_round_trips_and_drives_the_decode_tables(tmp_path, tok):
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 16}
