@@ -50,6 +50,12 @@ def base(corpus, tmp_path_factory):
     return out
 
 
+def copy_of(base: Path, dst: Path) -> Path:
+    """A stage folder like `base` (4 steps, checkpoints at 2 and 4) without running it again."""
+    shutil.copytree(base, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
+
+
 def metrics(out: Path) -> list[dict]:
     """metrics.jsonl without the timing fields (wall-clock, not training, quantities)."""
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -204,14 +210,11 @@ def test_keeps_last_k_with_manifest_and_top_level_export(corpus, tmp_path):
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
-def test_corrupt_newest_falls_back_with_a_warning(corpus, tmp_path, capsys):
-    run(*pretrain_args(corpus, tmp_path / "ref", 4, "--save-every", 2))
-    out = tmp_path / "b"
-    run(*pretrain_args(corpus, out, 4, "--save-every", 2))
+def test_corrupt_newest_falls_back_with_a_warning(corpus, base, tmp_path, capsys):
+    out = copy_of(base, tmp_path / "b")
     newest = out / "checkpoints" / "step-000004" / "model.safetensors"
     data = bytearray(newest.read_bytes())
-    data[-5] ^= 0xFF  # one flipped bit-pattern: same size, caught by the CRC
-    newest.unlink()   # the top-level file is a link to it: damage only the checkpoint's copy
+    data[-5] ^= 0xFF  # same size, caught by the CRC
     newest.write_bytes(bytes(data))
     capsys.readouterr()
     run(*pretrain_args(corpus, out, 4, "--save-every", 2, "--resume"))
@@ -219,12 +222,11 @@ def test_corrupt_newest_falls_back_with_a_warning(corpus, tmp_path, capsys):
     assert "checkpoints/step-000004 is corrupt (model.safetensors fails its CRC32 check)" in " ".join(err.split())
     assert "resumed" in err and "at step 2" in err
     assert (out / "checkpoints" / "step-000004.corrupt").is_dir()
-    assert_same_run(tmp_path / "ref", out)
+    assert_same_run(base, out)
 
 
-def test_truncated_state_falls_back_and_truncated_weights_are_one_line(corpus, tmp_path, capsys):
-    out = tmp_path / "b"
-    run(*pretrain_args(corpus, out, 4, "--save-every", 2))
+def test_truncated_state_falls_back_and_truncated_weights_are_one_line(corpus, base, tmp_path, capsys):
+    out = copy_of(base, tmp_path / "b")
     state = out / "checkpoints" / "step-000004" / "train_state.pt"
     state.write_bytes(state.read_bytes()[:100])
     assert main([str(a) for a in pretrain_args(corpus, out, 4, "--save-every", 2, "--resume")]) == 0
@@ -233,19 +235,16 @@ def test_truncated_state_falls_back_and_truncated_weights_are_one_line(corpus, t
     bad = tmp_path / "cut"
     shutil.copytree(out, bad, ignore=shutil.ignore_patterns("checkpoints", ".lock"))
     weights = bad / "model.safetensors"
-    cut = weights.read_bytes()[:weights.stat().st_size // 2]
-    weights.unlink()
-    weights.write_bytes(cut)
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
     assert main(["eval", "--checkpoint", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot read weights" in err and str(bad) in err
 
 
-def test_fresh_run_into_checkpoints_refused_and_lock_excludes(corpus, tmp_path, capsys):
-    out = tmp_path / "b"
-    run(*pretrain_args(corpus, out, 2, "--save-every", 2))
+def test_fresh_run_into_checkpoints_refused_and_lock_excludes(corpus, base, tmp_path, capsys):
+    out = copy_of(base, tmp_path / "b")
     assert main([str(a) for a in pretrain_args(corpus, out, 2)]) == 2
-    assert "already holds checkpoints (newest: step-000002); use --resume" in capsys.readouterr().err
+    assert "already holds checkpoints (newest: step-000004); use --resume" in capsys.readouterr().err
     run(*pretrain_args(corpus, out, 1, "--save-every", 1, "--overwrite"))
     assert [s for s, _ in checkpoint_steps(out)] == [1]
     held = StageFolder(out, resume=True)
@@ -255,9 +254,9 @@ def test_fresh_run_into_checkpoints_refused_and_lock_excludes(corpus, tmp_path, 
     StageFolder(out, resume=True).close()
 
 
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(runs, corpus, tmp_path):
-    out = tmp_path / "b"
-    run(*pretrain_args(corpus, out, 2, "--save-every", 2))
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(runs, corpus, base, tmp_path):
+    out = copy_of(base, tmp_path / "b")
+    shutil.rmtree(out / "checkpoints" / "step-000004")
     limit = (out / "model.safetensors").stat().st_size // 2
     rc, err = runs.run(*pretrain_args(corpus, out, 4, "--save-every", 2, "--resume"), fsize=limit)
     assert rc == 2, err
@@ -281,8 +280,7 @@ def test_unknown_keys_and_flags_suggest_the_right_name(tmp_path, capsys):
 
 
 def test_other_architecture_and_foreign_tokenizer_refused(corpus, base, tmp_path, capsys):
-    out = tmp_path / "b"
-    run(*pretrain_args(corpus, out, 2, "--save-every", 2))
+    out = copy_of(base, tmp_path / "b")
     wider = TINY_MODEL.replace("hidden_size: 32", "hidden_size: 64")
     args = [str(a) for a in pretrain_args(corpus, out, 4, "--resume")]
     capsys.readouterr()
