@@ -46,7 +46,9 @@ class StepLog:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue
-        self.path.write_text("".join(k + "\n" for k in keep))
+        from .model import atomic_write_text  # a kill while rewriting must not lose the earlier lines
+
+        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
 
     def __enter__(self):
         self.progress.start()

@@ -149,15 +149,18 @@ def kill_at(runs: Runs, pid: int, out: Path, step: int, rng: random.Random) -> N
         if runs.ended():
             pytest.fail(f"the run ended before step {step}: {runs.wait()}")
         time.sleep(0.005)
-    time.sleep(rng.uniform(0, 0.03))
+    time.sleep(rng.uniform(0, 0.02))
+    if runs.ended():
+        pytest.fail(f"the run ended before it could be killed: {runs.wait()}")
     os.kill(pid, signal.SIGKILL)
     rc, err = runs.wait()
     assert rc == -signal.SIGKILL, err
 
 
-def killed_and_resumed(runs: Runs, args: list, out: Path, steps: int, kills: int, seed: int) -> None:
+def killed_and_resumed(runs: Runs, args: list, out: Path, steps: int, kills: int, seed: int, margin: int) -> None:
+    """Kill the run `kills` times, after random steps that leave `margin` steps to go, then finish it."""
     rng = random.Random(seed)
-    targets = sorted(rng.sample(range(1, steps - 1), kills))
+    targets = sorted(rng.sample(range(1, steps - margin), kills))
     for i, target in enumerate(targets):
         kill_at(runs, runs.start(*args, *(["--resume"] if i else [])), out, target, rng)
     rc, err = runs.run(*args, "--resume")
@@ -172,7 +175,7 @@ def test_pretrain_killed_three_times_resumes_bit_identically(runs, corpus, tmp_p
     rc, err = runs.run(*pretrain_args(corpus, tmp_path / "ref", steps, "--save-every", 1))
     assert rc == 0, err
     args = pretrain_args(corpus, tmp_path / "k", steps, "--save-every", 1)
-    killed_and_resumed(runs, args, tmp_path / "k", steps, 3, seed=1)
+    killed_and_resumed(runs, args, tmp_path / "k", steps, 3, seed=1, margin=3)
     assert_same_run(tmp_path / "ref", tmp_path / "k")
     assert [p.name for _, p in checkpoint_steps(tmp_path / "k")] == ["step-000011", "step-000012"]
 
@@ -188,7 +191,7 @@ def test_dapo_killed_twice_resumes_bit_identically(runs, base, tmp_path):
 
     rc, err = runs.run(*args(tmp_path / "ref"))
     assert rc == 0, err
-    killed_and_resumed(runs, args(tmp_path / "k"), tmp_path / "k", steps, 2, seed=2)
+    killed_and_resumed(runs, args(tmp_path / "k"), tmp_path / "k", steps, 2, seed=2, margin=1)
     assert_same_run(tmp_path / "ref", tmp_path / "k")
 
 
