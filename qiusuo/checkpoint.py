@@ -129,17 +129,19 @@ class StageFolder:
     """The checkpoints of one training stage: resume from the newest good one, save atomically, keep the
     last `keep_last`. Holds an exclusive lock on `<out>/.lock` while open, so two runs cannot write the
     same folder. A fresh run (not `resume`) into a folder that holds checkpoints is refused unless
-    `overwrite`, which deletes them."""
+    `overwrite`, which deletes them. Under torchrun only rank 0 (`RANK`) locks, deletes and writes;
+    every rank reads the checkpoint it resumes from."""
 
     def __init__(self, out: Path, keep_last: int = 2, resume: bool = False, overwrite: bool = False):
         self.out, self.keep_last, self.wants_resume = Path(out), max(1, int(keep_last)), resume
         self.dir = self.out / CHECKPOINTS
+        self.primary = int(os.environ.get("RANK", "0")) == 0
         self.out.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = self._lock()
+        self._lock_fd = self._lock() if self.primary else None
         # what a save killed part-way leaves: a temporary checkpoint folder, temporary top-level files
-        for stale in self.dir.glob(".tmp-*") if self.dir.is_dir() else ():
+        for stale in self.dir.glob(".tmp-*") if self.dir.is_dir() and self.primary else ():
             shutil.rmtree(stale, ignore_errors=True)
-        for stale in self.out.glob(".*.tmp[0-9]*"):
+        for stale in self.out.glob(".*.tmp[0-9]*") if self.primary else ():
             stale.unlink(missing_ok=True)
         held = checkpoint_steps(self.out)
         if held and not resume:
@@ -147,7 +149,8 @@ class StageFolder:
                 self.close()
                 raise CheckpointError(f"{self.out} already holds checkpoints (newest: {held[-1][1].name}); "
                                       "use --resume to continue that run or --overwrite to start over")
-            shutil.rmtree(self.dir)
+            if self.primary:
+                shutil.rmtree(self.dir, ignore_errors=True)
 
     def _lock(self) -> int:
         fd = os.open(self.out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -192,7 +195,8 @@ class StageFolder:
                 reason = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
                 warn(f"{path.relative_to(self.out)} is corrupt ({reason.splitlines()[0][:200]}); "
                      f"renamed to {path.name}.corrupt, using the previous checkpoint")
-                path.rename(path.with_name(path.name + ".corrupt"))
+                if self.primary:
+                    path.rename(path.with_name(path.name + ".corrupt"))
                 fell_back = True
                 continue
             missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -203,7 +207,7 @@ class StageFolder:
             opt.load_state_dict(state["optimizer"])
             set_rng_state(state["rng"])
             ledger.restore(state.get("ledger"))
-            if fell_back:  # the top-level files may be the damaged checkpoint's
+            if fell_back and self.primary:  # the top-level files may be the damaged checkpoint's
                 self._export(path)
             return state
         warn(f"{self.out}: no checkpoint to resume from; starting at step 0")
@@ -215,6 +219,8 @@ class StageFolder:
         temporary folder, point the top-level files at it, and drop checkpoints beyond `keep_last`.
         A failed write (disk full, …) removes the temporary folder and leaves earlier checkpoints whole."""
         final = self.dir / f"step-{state['step']:06d}"
+        if not self.primary:
+            return final
         tmp = self.dir / f".tmp-{final.name}-{os.getpid()}"
         try:
             self.dir.mkdir(exist_ok=True)

@@ -16,9 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qiusuo.checkpoint import StageFolder, checkpoint_steps, verify_manifest
+from qiusuo.checkpoint import StageFolder, checkpoint_steps, load_checkpoint, training_state, verify_manifest
 from qiusuo.cli import main
+from qiusuo.ledger import StageLedger
 from qiusuo.model import CheckpointError
+from qiusuo.sft import SFTConfig, make_optimizer
 from qiusuo.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,6 +257,21 @@ def test_fresh_run_into_checkpoints_refused_and_lock_excludes(corpus, base, tmp_
         StageFolder(out, resume=True)
     held.close()
     StageFolder(out, resume=True).close()
+
+
+def test_only_rank_zero_locks_and_writes(base, tmp_path, monkeypatch):
+    out = copy_of(base, tmp_path / "b")
+    held = StageFolder(out, resume=True)
+    monkeypatch.setenv("RANK", "1")
+    other = StageFolder(out, resume=True)  # no lock taken: rank 0 holds it
+    model, tok = load_checkpoint(out)
+    opt = make_optimizer(model, 1e-3, 0.0)
+    state = other.resume(model, opt, StageLedger("b", 0.0, "cpu"))
+    assert state["step"] == 4
+    other.save(model, tok, SFTConfig(), training_state(opt, StageLedger("b", 0.0, "cpu"), SFTConfig(), step=5))
+    assert [s for s, _ in checkpoint_steps(out)] == [2, 4]
+    other.close()
+    held.close()
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(runs, corpus, base, tmp_path):
