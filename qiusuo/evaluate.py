@@ -30,7 +30,7 @@ from .engine import Engine, SamplingParams
 from .ledger import StageLedger, forward_flops, hardware
 from .language import check_langs, consistency, pose, question_lang
 from .log import console
-from .rewards import parse_completion
+from .rewards import STRICT, ReasoningFormat, parse_completion
 from .tasks import get_task, reflects
 
 
@@ -115,7 +115,7 @@ def majority_correct(task, problem, answers: list[str]) -> float:
     return task.score(problem, answers[keys.index(top)])[0]
 
 
-def score_samples(problem, texts: list[str]) -> dict:
+def score_samples(problem, texts: list[str], fmt: ReasoningFormat = STRICT) -> dict:
     """pass@1 (mean correctness over the k samples) and cons@k (the majority answer's correctness), and
     the counts behind trace accuracy and reflection rate: `samples`, `traces` (well-formed completions
     with a non-empty `<think>`), `traces_correct` (those of them that are right) and `reflections`
@@ -125,7 +125,7 @@ def score_samples(problem, texts: list[str]) -> dict:
     traces = traces_correct = reflections = 0
     for text in texts:
         reflections += reflects(text)
-        parsed = parse_completion(text)
+        parsed = parse_completion(text, fmt)
         if parsed is None:
             correct.append(0.0)
             continue
@@ -171,7 +171,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     rows = []
     for i, p in enumerate(problems):
         group = completions[i * cfg.k:(i + 1) * cfg.k]
-        row = score_samples(p, [c.text for c in group])
+        row = score_samples(p, [c.text for c in group], tok.reasoning)
         row.update(task=p.task, difficulty=p.difficulty, lang=question_lang(p),
                    mean_len=sum(len(c.token_ids) for c in group) / cfg.k)
         rows.append(row)

@@ -274,7 +274,7 @@ def rollout(engine: Engine, tok, problems: list, cfg: GRPOConfig, seed: int) -> 
     for i, c in enumerate(completions):
         p, g = divmod(i, G)
         problem = problems[p]
-        total, detail = score_completion(get_task(problem.task), problem, c.text, weights)
+        total, detail = score_completion(get_task(problem.task), problem, c.text, weights, tok.reasoning)
         if cfg.overlong_buffer:
             pen = overlong_penalty(len(c.token_ids), cfg.max_new_tokens, cfg.overlong_buffer)
             parts["overlong"][p, g] = pen
@@ -445,10 +445,13 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> Pat
             stats = update(model, opt, batch, adv, logp_old, logp_ref, variant, cfg)
             step += 1
             width = batch.ids.shape[1]
-            train_tokens = int(batch.ids.numel()) * cfg.mu * (2 if ref is not None else 1)
-            ledger.add(forward_flops(n_params, gen_tokens, mc.num_hidden_layers, mc.hidden_size, width)
+            # μ training passes (forward + backward), plus forwards only for π_old (when it is not the
+            # training pass itself) and for the reference model (when β > 0)
+            train_tokens = int(batch.ids.numel()) * cfg.mu
+            ref_tokens = int(batch.ids.numel()) * ((ref is not None) + (logp_old is not None))
+            ledger.add(forward_flops(n_params, gen_tokens + ref_tokens, mc.num_hidden_layers, mc.hidden_size, width)
                        + train_flops(n_params, train_tokens, mc.num_hidden_layers, mc.hidden_size, width),
-                       gen_tokens + train_tokens)
+                       gen_tokens + train_tokens + ref_tokens)
             dt = time.perf_counter() - t0
             metrics = step_metrics(r, zero_std_frac, stats, generated, gen_tokens, dt, t_gen)
             warn_if_degenerate(step, metrics)

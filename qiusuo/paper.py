@@ -67,11 +67,6 @@ def ledger_flops(folder: Path) -> float:
     return float(ledger["flops"])
 
 
-def steps_per_flops(folder: Path, steps: int) -> float:
-    """FLOPs of one optimizer step of a finished training stage (its total over its steps)."""
-    return ledger_flops(folder) / steps
-
-
 class Plan:
     """The stages in order, built from a multi-section YAML (configs/paper.yaml). Stages whose size
     depends on an earlier one's FLOPs (the control, the RL-only student) are sized when they start."""
@@ -155,14 +150,12 @@ class Plan:
                                                         data=str(r / "sampled"), out=str(r / "student")),
                         r / "student" / "ledger.json")
         if name == "control":
+            # As in `qiusuo demo`: the base's pretraining continued at its final learning rate on a fresh
+            # shuffle of the same corpus until it has spent what the R1-Zero stage spent.
             base = self.cfg(SFTConfig, "pretrain")
-            per_step = steps_per_flops(r / "base", base.steps)
-            steps = max(1, round(ledger_flops(r / "zero") / per_step))
-            # The control continues the base's schedule at its final learning rate: a fresh warm-up
-            # and decay would be a different experiment from "more of the same pretraining".
-            cfg = self.cfg(SFTConfig, "pretrain", init=str(r / "base"), data=str(r / "corpus"), out=str(r / "control"),
-                           steps=steps, lr=base.lr * base.min_lr_ratio, warmup_steps=0, min_lr_ratio=1.0,
-                           seed=base.seed + 1)
+            cfg = self.cfg(SFTConfig, "pretrain", "control", init=str(r / "base"), data=str(r / "corpus"),
+                           out=str(r / "control"), steps=1_000_000, lr=base.lr * base.min_lr_ratio, warmup_steps=0,
+                           min_lr_ratio=1.0, seed=base.seed + 1, flops_budget=ledger_flops(r / "zero"))
             return Step("control", "pretrain", cfg, r / "control" / "ledger.json")
         # student_rl: at least the compute of the distillation fine-tuning (sampling + SFT), estimated
         # per step from the R1-Zero stage scaled by the models' sizes; the table shows what it spent.

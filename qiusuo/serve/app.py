@@ -45,7 +45,7 @@ from .scheduler import Scheduler
 from .engine_process import EngineProcess
 from .keys import DEFAULT_DB, Key, KeyStore, Usage
 from .limits import Gate, Hold, KeyLimits, QueueFull, Refused, retry_after_header
-from .reasoning import THINK, IncrementalDecoder, ReasoningSplitter
+from .reasoning import IncrementalDecoder, ReasoningSplitter
 from .schemas import ChatRequest, classify_error
 
 log = logging.getLogger("qiusuo.serve")
@@ -401,7 +401,6 @@ class Service:
         # no token covers more than this many bytes of text: a longer body cannot fit the prompt limit
         self.max_token_bytes = max((len(t.encode()) for t in self.tok.backend.get_vocab()), default=1)
         self.metrics = Metrics(self)
-        self.think_id = self.tok.token_id(THINK)
 
     @asynccontextmanager
     async def lifespan(self, app):
@@ -531,7 +530,7 @@ class Service:
             stop_strings=req.stop_strings(), seed=req.seed)
         job = Job(key=key, model=cfg.model_name, prompt_ids=prompt_ids, params=params, stream=req.stream,
                   include_usage=bool(req.stream_options and req.stream_options.include_usage),
-                  in_think=self.think_id is not None and prompt_ids[-1] == self.think_id,
+                  in_think=self.tok.reasoning.opens_think,
                   reserved_tokens=len(prompt_ids) + max_new, hold=hold,
                   max_cost=self._cost(len(prompt_ids), max_new))
         if key is not None:
@@ -603,8 +602,8 @@ class Service:
         """Wait for a slot, generate, split, record. Never raises: the outcome is in `job`.
         `request`: the job's scheduler request when `start` could submit it already."""
         job.running = True
-        splitter = ReasoningSplitter(job.params.stop_strings, in_think=job.in_think)
-        decoder = IncrementalDecoder(lambda ids: self.tok.decode(ids, skip_special_tokens=True))
+        splitter = ReasoningSplitter(job.params.stop_strings, in_think=job.in_think, fmt=self.tok.reasoning)
+        decoder = IncrementalDecoder(self.tok.decode_reply)
         n, last, booked, consumed = 0, None, False, 0
         try:
             if request is None:
