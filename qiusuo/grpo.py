@@ -33,7 +33,7 @@ from .checkpoint import StageFolder, load_checkpoint, training_state
 from .engine import Engine, SamplingParams
 from .language import check_langs, pose
 from .ledger import StageLedger, forward_flops, hardware, train_flops
-from .log import StepLog, console, warn
+from .log import StepLog, console, truncate_after, warn
 from .rewards import RewardWeights, overlong_penalty, parse_completion, score_completion
 from .sft import make_optimizer
 from .tasks import get_task, reflects
@@ -418,6 +418,8 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> Pat
     samples_path = out / "samples.jsonl"
     if not resume:
         samples_path.unlink(missing_ok=True)
+    else:
+        truncate_after(samples_path, step)
     n_params, mc = model.num_params(), model.config
     console.print(f"grpo ({cfg.loss}): {n_params / 1e6:.2f} M parameters, {cfg.prompts_per_step}×{cfg.group_size} "
                   f"completions/step, β={cfg.beta}, ε=({cfg.eps_low}, {cfg.eps_high}), μ={cfg.mu}")

@@ -188,13 +188,14 @@ def test_dapo_killed_twice_resumes_bit_identically(runs, base, tmp_path):
 
     def args(out):
         return ["grpo", "--init", base, "--out", out, "--loss", "dapo", "--steps", steps, "--prompts-per-step", 2,
-                "--group-size", 2, "--max-new-tokens", 8, "--max-refills", 1, "--save-every", 1,
+                "--group-size", 2, "--max-new-tokens", 8, "--max-refills", 1, "--save-every", 1, "--sample-every", 1,
                 "--tasks", "{arith: [2]}"]
 
     rc, err = runs.run(*args(tmp_path / "ref"))
     assert rc == 0, err
     killed_and_resumed(runs, args(tmp_path / "k"), tmp_path / "k", steps, 2, seed=2, margin=1)
     assert_same_run(tmp_path / "ref", tmp_path / "k")
+    assert (tmp_path / "ref" / "samples.jsonl").read_text() == (tmp_path / "k" / "samples.jsonl").read_text()
 
 
 # --- checkpoints kept, checked, locked ------------------------------------------------------------
