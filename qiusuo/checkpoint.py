@@ -129,19 +129,22 @@ class StageFolder:
     """The checkpoints of one training stage: resume from the newest good one, save atomically, keep the
     last `keep_last`. Holds an exclusive lock on `<out>/.lock` while open, so two runs cannot write the
     same folder. A fresh run (not `resume`) into a folder that holds checkpoints is refused unless
-    `overwrite`, which deletes them. Under torchrun only rank 0 (`RANK`) locks, deletes and writes;
-    every rank reads the checkpoint it resumes from."""
+    `overwrite`, which deletes them."""
 
-    def __init__(self, out: Path, keep_last: int = 2, resume: bool = False, overwrite: bool = False):
+    def __init__(self, out: Path, keep_last: int = 2, resume: bool = False, overwrite: bool = False,
+                 primary: bool = True):
         self.out, self.keep_last, self.wants_resume = Path(out), max(1, int(keep_last)), resume
         self.dir = self.out / CHECKPOINTS
-        self.primary = int(os.environ.get("RANK", "0")) == 0
+        self._lock_fd, self.primary = None, primary
+        if not primary:
+            # Another process of the same torchrun job: it only reads the checkpoints rank 0 writes.
+            return
         self.out.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = self._lock() if self.primary else None
+        self._lock_fd = self._lock()
         # what a save killed part-way leaves: a temporary checkpoint folder, temporary top-level files
-        for stale in self.dir.glob(".tmp-*") if self.dir.is_dir() and self.primary else ():
+        for stale in self.dir.glob(".tmp-*") if self.dir.is_dir() else ():
             shutil.rmtree(stale, ignore_errors=True)
-        for stale in self.out.glob(".*.tmp[0-9]*") if self.primary else ():
+        for stale in self.out.glob(".*.tmp[0-9]*"):
             stale.unlink(missing_ok=True)
         held = checkpoint_steps(self.out)
         if held and not resume:
@@ -149,8 +152,7 @@ class StageFolder:
                 self.close()
                 raise CheckpointError(f"{self.out} already holds checkpoints (newest: {held[-1][1].name}); "
                                       "use --resume to continue that run or --overwrite to start over")
-            if self.primary:
-                shutil.rmtree(self.dir, ignore_errors=True)
+            shutil.rmtree(self.dir)
 
     def _lock(self) -> int:
         fd = os.open(self.out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -177,6 +179,27 @@ class StageFolder:
     def resume(self, model: Transformer, opt, ledger) -> dict | None:
         """Load the newest good checkpoint into model, optimizer, global RNGs and ledger and return its
         training state (for the stage's own fields); None when not resuming or nothing is saved."""
+        found = self.newest(model)
+        return None if found is None else self.apply(found, model, opt, ledger)
+
+    def apply(self, found: tuple[dict, dict], model: Transformer, opt, ledger) -> dict:
+        """Put a checkpoint's (weights, training state), from `newest`, into model, optimizer, RNGs and
+        ledger; return the training state."""
+        weights, state = found
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        if set(missing) - tied or unexpected:
+            raise _Foreign(f"{self.out}: weights do not match the model (missing {sorted(missing)[:3]}, "
+                           f"unexpected {sorted(unexpected)[:3]})")
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        ledger.restore(state.get("ledger"))
+        return state
+
+    def newest(self, model: Transformer) -> tuple[dict, dict] | None:
+        """(weights, training state) of the newest good checkpoint, falling back past corrupt ones (renamed
+        `.corrupt`, with a warning); None when not resuming or nothing is saved. `model` only serves to
+        check that the checkpoint holds the same architecture."""
         if not self.wants_resume:
             return None
         fell_back = False
@@ -195,21 +218,13 @@ class StageFolder:
                 reason = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
                 warn(f"{path.relative_to(self.out)} is corrupt ({reason.splitlines()[0][:200]}); "
                      f"renamed to {path.name}.corrupt, using the previous checkpoint")
-                if self.primary:
+                if self.primary:  # rank 0 renames it; the other ranks skip it alike
                     path.rename(path.with_name(path.name + ".corrupt"))
                 fell_back = True
                 continue
-            missing, unexpected = model.load_state_dict(weights, strict=False)
-            tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-            if set(missing) - tied or unexpected:
-                raise _Foreign(f"{path}: weights do not match the model (missing {sorted(missing)[:3]}, "
-                               f"unexpected {sorted(unexpected)[:3]})")
-            opt.load_state_dict(state["optimizer"])
-            set_rng_state(state["rng"])
-            ledger.restore(state.get("ledger"))
             if fell_back and self.primary:  # the top-level files may be the damaged checkpoint's
                 self._export(path)
-            return state
+            return weights, state
         warn(f"{self.out}: no checkpoint to resume from; starting at step 0")
         return None
 
@@ -219,8 +234,6 @@ class StageFolder:
         temporary folder, point the top-level files at it, and drop checkpoints beyond `keep_last`.
         A failed write (disk full, …) removes the temporary folder and leaves earlier checkpoints whole."""
         final = self.dir / f"step-{state['step']:06d}"
-        if not self.primary:
-            return final
         tmp = self.dir / f".tmp-{final.name}-{os.getpid()}"
         try:
             self.dir.mkdir(exist_ok=True)
