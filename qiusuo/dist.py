@@ -28,6 +28,7 @@ in its own dtype.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
@@ -64,6 +65,7 @@ def init(device: str = "cpu") -> tuple[World, str]:
         torch.cuda.set_device(device)
     if not td.is_initialized():
         td.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
+        atexit.register(lambda: td.is_initialized() and td.destroy_process_group())
     _world = World(rank, size, local_rank)
     return _world, device
 
