@@ -191,8 +191,9 @@ def is_fsdp(model) -> bool:
 
 
 def autocast(dtype: str, device: str):
-    """bf16 compute with fp32 master weights (see the module docstring); a no-op for float32 and under
-    FSDP (whose mixed-precision policy casts instead)."""
+    """bf16 compute with fp32 master weights (see the module docstring); a no-op for float32. Under
+    FSDP the mixed-precision policy has already made the gathered weights bf16, and autocast only
+    keeps the few ops it lists (softmax, losses) in fp32."""
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=DTYPES[dtype])
