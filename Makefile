@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints.txt
 RUN ?= runs/tiny
 
-.PHONY: demo test install install-test bench clean
+.PHONY: demo paper test install install-test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,9 @@ install-test: $(VENV)/.installed-test
 
 demo: install
 	$(BIN)/qiusuo demo --run $(RUN) --config configs/demo.yaml
+
+paper: install
+	$(BIN)/qiusuo paper --run runs/paper --config configs/paper.yaml
 
 test: install-test
 	$(BIN)/python -m pytest -q

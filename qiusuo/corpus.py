@@ -14,7 +14,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .tasks import get_task
+from .language import check_langs, localize, other, pose
+from .rewards import parse_completion
+from .tasks import STYLES, format_completion, get_task
 
 
 @dataclass
@@ -27,8 +29,20 @@ class CorpusConfig:
     """Task name → difficulties to draw from (uniformly)."""
     task_weights: dict = field(default_factory=lambda: {"arith": 0.6, "countdown": 0.4})
     """Task name → share of the examples."""
-    styles: dict = field(default_factory=lambda: {"direct": 0.5, "steps": 0.35, "flawed": 0.15})
-    """Completion style → share. Direct answers are guesses, steps are right, flawed traces hold one slip."""
+    styles: dict = field(default_factory=lambda: {"direct": 0.45, "steps": 0.3, "flawed": 0.17, "reflect": 0.08})
+    """Completion style → share. Direct answers are guesses, steps are right, flawed traces hold one
+    slip carried through to a wrong answer, reflect traces slip, notice it (`wait `), redo the step
+    and end right."""
+    langs: dict = field(default_factory=dict)
+    """Language → share of the questions posed in it (en, zh); empty: prompts as the tasks write them,
+    traces without words. With languages, each trace opens and closes with a phrase in its language."""
+    mixed_share: dict = field(default_factory=dict)
+    """Question language → share of its traces written in the other language (language mixing), e.g.
+    {zh: 0.3}: Chinese questions sometimes reasoned in English, as real models do."""
+    weak_lang: str | None = None
+    """A language whose traces are less accurate (pretraining data is uneven in real models)."""
+    weak_slip_share: float = 0.0
+    """Share of correct traces in `weak_lang` replaced by a flawed one."""
     n_examples: int = 40000
     """Examples to write."""
     seed: int = 0
@@ -42,8 +56,14 @@ class CorpusConfig:
         missing = set(self.tasks) - set(self.task_weights)
         if missing:
             raise ValueError(f"task_weights lacks {sorted(missing)}")
-        if set(self.styles) - {"direct", "steps", "flawed"}:
-            raise ValueError(f"unknown styles {sorted(set(self.styles) - {'direct', 'steps', 'flawed'})}")
+        if set(self.styles) - set(STYLES):
+            raise ValueError(f"unknown styles {sorted(set(self.styles) - set(STYLES))}; known: {', '.join(STYLES)}")
+        check_langs(self.langs, "langs")
+        if self.weak_lang is not None and self.weak_lang not in self.langs:
+            raise ValueError(f"weak_lang {self.weak_lang!r} is not one of langs {sorted(self.langs)}")
+        check_langs(self.mixed_share, "mixed_share")
+        if not (all(0 <= v <= 1 for v in self.mixed_share.values()) and 0 <= self.weak_slip_share <= 1):
+            raise ValueError("mixed_share values and weak_slip_share must lie in [0, 1]")
         if self.n_examples < 1:
             raise ValueError("n_examples must be ≥ 1")
 
@@ -60,9 +80,17 @@ def examples(cfg: CorpusConfig):
         difficulty = rng.choice(cfg.tasks[name])
         problem = task.sample("train", seed=cfg.seed * 1_000_003 + i, difficulty=difficulty)
         style = rng.choices(styles, style_w)[0]
-        completion = task.completion(problem, style, rng)
-        yield {"task": name, "difficulty": difficulty, "style": style, "prompt": problem.prompt,
-               "completion": completion}
+        if not cfg.langs:
+            yield {"task": name, "difficulty": difficulty, "style": style, "prompt": problem.prompt,
+                   "completion": task.completion(problem, style, rng)}
+            continue
+        lang = rng.choices(list(cfg.langs), list(cfg.langs.values()))[0]
+        trace_lang = other(lang) if rng.random() < cfg.mixed_share.get(lang, 0.0) else lang
+        if style == "steps" and trace_lang == cfg.weak_lang and rng.random() < cfg.weak_slip_share:
+            style = "flawed"
+        think, answer = parse_completion(task.completion(problem, style, rng))
+        yield {"task": name, "difficulty": difficulty, "style": style, "lang": lang, "trace_lang": trace_lang,
+               "prompt": pose(problem, lang).prompt, "completion": format_completion(localize(think, trace_lang), answer)}
 
 
 def write_corpus(cfg: CorpusConfig) -> dict:

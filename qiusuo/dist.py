@@ -245,30 +245,47 @@ def plain_model(model, state: dict):
     return plain
 
 
-def save(out, model, opt, tok, cfg, ledger, **extra) -> None:
-    """Rank 0 writes the consolidated checkpoint and train_state.pt; the other ranks wait."""
-    from .checkpoint import save_stage, training_state
+def stage_folder(out, keep_last: int, resume: bool, overwrite: bool):
+    """The stage's `StageFolder`: rank 0 owns it (lock, refusal of a fresh run over checkpoints,
+    writes); the other ranks get a read-only view of the same folder, created after rank 0's checks."""
+    from .checkpoint import StageFolder
+
+    folder = StageFolder(out, keep_last, resume=resume, overwrite=overwrite) if is_main() else None
+    barrier()
+    return folder or StageFolder(out, keep_last, resume=resume, primary=False)
+
+
+def save(folder, model, opt, tok, cfg, ledger, **extra) -> None:
+    """Rank 0 writes the consolidated checkpoint (weights and optimizer gathered whole); the others wait."""
+    from .checkpoint import training_state
 
     msd, osd = full_state(model, opt)
     if is_main():
-        plain = plain_model(model, msd)
-        state = training_state(plain, opt, ledger, cfg, **extra)
+        state = training_state(opt, ledger, cfg, **extra)
         state["optimizer"] = osd
-        save_stage(out, plain, tok, cfg, state)
+        folder.save(plain_model(model, msd), tok, cfg, state)
     barrier()
 
 
-def resume(out, model, opt, ledger) -> dict:
-    """Load `<out>/train_state.pt` on every rank into the (wrapped) model and optimizer."""
-    from .checkpoint import resume_training, load_train_state, set_rng_state
-
+def resume(folder, model, opt, ledger) -> dict | None:
+    """Every rank loads the newest good checkpoint into the (wrapped) model and optimizer. Rank 0 reads
+    first, so a corrupt checkpoint is set aside (renamed) before the other ranks look."""
+    found = None
+    for main_turn in (True, False) if active() else (True,):
+        if is_main() == main_turn:
+            found = folder.newest(unwrap(model))
+        barrier()
+    if found is None:
+        return None
     if not is_fsdp(model):
-        return resume_training(out, unwrap(model), opt, ledger)
+        return folder.apply(found, unwrap(model), opt, ledger)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    state = load_train_state(out)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True))
+    from .checkpoint import set_rng_state
+
+    weights, state = found
+    set_state_dict(model, opt, model_state_dict=weights, optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))   # collective: every rank at once
     set_rng_state(state["rng"])
     ledger.restore(state.get("ledger"))
     return state

@@ -32,11 +32,12 @@ import torch.nn.functional as F
 from . import dist
 from .checkpoint import load_checkpoint
 from .engine import Engine, SamplingParams
+from .language import check_langs, pose
 from .ledger import StageLedger, forward_flops, hardware, train_flops
 from .log import console, warn
-from .rewards import RewardWeights, overlong_penalty, score_completion
+from .rewards import RewardWeights, overlong_penalty, parse_completion, score_completion
 from .sft import make_optimizer
-from .tasks import get_task
+from .tasks import get_task, reflects
 
 
 # --- the math, as small pure functions -------------------------------------------------------------
@@ -179,6 +180,10 @@ class GRPOConfig:
     """Weight of the accuracy reward."""
     reward_format: float = 0.2
     """Weight of the format reward (<think>…</think><answer>…</answer>)."""
+    reward_language: float = 0.0
+    """Weight of R1's language-consistency reward (share of the CoT in the question's language)."""
+    langs: dict = field(default_factory=dict)
+    """Language → share of the training questions posed in it (en, zh); empty: prompts as the tasks write them."""
     dynamic_sampling: bool | None = None
     """Drop groups whose rewards are all equal and refill the batch; empty: the variant's (dapo: on)."""
     max_refills: int = 3
@@ -192,7 +197,9 @@ class GRPOConfig:
     sample_every: int = 5
     """Write the step's rollouts to samples.jsonl every this many steps."""
     save_every: int = 20
-    """Write checkpoint + train_state every this many steps."""
+    """Write a checkpoint (checkpoints/step-NNNNNN/) every this many steps."""
+    keep_last: int = 2
+    """Checkpoints kept in checkpoints/ (older ones are deleted)."""
     seed: int = 0
     """Seed of prompts and sampling."""
     device: str = "cpu"
@@ -218,6 +225,7 @@ class GRPOConfig:
             self.overlong_buffer = self.max_new_tokens // 4 if v.overlong else 0
         for name in self.tasks:
             get_task(name)
+        check_langs(self.langs, "langs")
         if self.group_size < 2:
             raise ValueError("group_size must be ≥ 2: the advantage compares completions within a group")
         if self.beta < 0 or self.mu < 1 or self.minibatches < 1:
@@ -248,7 +256,8 @@ def draw_problems(cfg: GRPOConfig, rng: random.Random, n: int) -> list:
     out = []
     for _ in range(n):
         name = rng.choice(names)
-        out.append(get_task(name).sample("train", seed=rng.randrange(2**31), difficulty=rng.choice(cfg.tasks[name])))
+        p = get_task(name).sample("train", seed=rng.randrange(2**31), difficulty=rng.choice(cfg.tasks[name]))
+        out.append(pose(p, rng.choices(list(cfg.langs), list(cfg.langs.values()))[0]) if cfg.langs else p)
     return out
 
 
@@ -264,14 +273,14 @@ def rollout(engine: Engine, tok, problems: list, cfg: GRPOConfig, seed: int) -> 
     prompt_ids = [tok.prompt_ids(p.prompt) for p in problems]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
     completions = engine.generate(prompt_ids, params, n=cfg.group_size)
-    weights = RewardWeights(accuracy=cfg.reward_accuracy, format=cfg.reward_format)
+    weights = RewardWeights(accuracy=cfg.reward_accuracy, format=cfg.reward_format, language=cfg.reward_language)
     P, G = len(problems), cfg.group_size
     rewards = torch.zeros(P, G)
-    parts = {"accuracy": torch.zeros(P, G), "format": torch.zeros(P, G), "overlong": torch.zeros(P, G)}
+    parts = {name: torch.zeros(P, G) for name in ("accuracy", "format", "language", "overlong")}
     for i, c in enumerate(completions):
         p, g = divmod(i, G)
         problem = problems[p]
-        total, detail = score_completion(get_task(problem.task), problem, c.text, weights)
+        total, detail = score_completion(get_task(problem.task), problem, c.text, weights, tok.reasoning)
         if cfg.overlong_buffer:
             pen = overlong_penalty(len(c.token_ids), cfg.max_new_tokens, cfg.overlong_buffer)
             parts["overlong"][p, g] = pen
@@ -403,13 +412,13 @@ def training_batch(r: Rollout, pad_id: int, device) -> TrainBatch:
 
 # --- the loop ---------------------------------------------------------------------------------------
 
-def train(cfg: GRPOConfig, resume: bool = False) -> Path:
+def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Under torchrun the prompts of every rollout round are split over the ranks by whole groups
     (`rollout_all`); after the rewards are gathered each rank trains on its share of the kept groups,
     with the loss normalised by global counts (`dist.loss_scale`), so N processes step as one."""
     world, device = dist.init(cfg.device)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = dist.stage_folder(out, cfg.keep_last, resume, overwrite)
     torch.manual_seed(cfg.seed)
     variant = VARIANTS[cfg.loss]
     model, tok = load_checkpoint(cfg.init, device)
@@ -423,8 +432,9 @@ def train(cfg: GRPOConfig, resume: bool = False) -> Path:
     rng = random.Random(cfg.seed)
     ledger = StageLedger(out.name, cfg.price_per_device_hour, hardware()["device"])
     step = 0
+    state = dist.resume(folder, model, opt, ledger)
+    resume = state is not None
     if resume:
-        state = dist.resume(out, model, opt, ledger)
         rng.setstate(state["prompt_rng"])
         step = state["step"]
         if dist.is_main():
@@ -471,10 +481,14 @@ def train(cfg: GRPOConfig, resume: bool = False) -> Path:
                            weight=1.0 if b > a else 0.0, device=device)
             step += 1
             width = batch.ids.shape[1]
-            train_tokens = int(dist.all_sum([batch.ids.numel() if b > a else 0])[0]) * cfg.mu * (2 if ref is not None else 1)
-            ledger.add(forward_flops(n_params, gen_tokens, mc.num_hidden_layers, mc.hidden_size, width)
+            # μ training passes (forward + backward) over every rank's rows, plus forwards only for π_old
+            # (when it is not the training pass itself) and for the reference model (when β > 0)
+            tokens_all = int(dist.all_sum([batch.ids.numel() if b > a else 0])[0])
+            train_tokens = tokens_all * cfg.mu
+            ref_tokens = tokens_all * ((ref is not None) + (logp_old is not None))
+            ledger.add(forward_flops(n_params, gen_tokens + ref_tokens, mc.num_hidden_layers, mc.hidden_size, width)
                        + train_flops(n_params, train_tokens, mc.num_hidden_layers, mc.hidden_size, width),
-                       gen_tokens + train_tokens)
+                       gen_tokens + train_tokens + ref_tokens)
             dt = time.perf_counter() - t0
             metrics = step_metrics(r, zero_std_frac, stats, generated, gen_tokens, dt, t_gen)
             if dist.is_main():
@@ -483,9 +497,10 @@ def train(cfg: GRPOConfig, resume: bool = False) -> Path:
             if dist.is_main() and (step % cfg.sample_every == 0 or step == 1):
                 write_samples(samples_path, step, r, adv)
             if step % cfg.save_every == 0 or step == cfg.steps:
-                dist.save(out, model, opt, tok, cfg, ledger, step=step, prompt_rng=rng.getstate())
+                dist.save(folder, model, opt, tok, cfg, ledger, step=step, prompt_rng=rng.getstate())
     if dist.is_main():
         ledger.finish(out / "ledger.json")
+    folder.close()
     return out
 
 
@@ -550,7 +565,13 @@ def step_metrics(r: Rollout, zero_std_frac: float, stats: dict, generated: int, 
         "rollout/len_mean": lengths.mean().item(),
         "rollout/len_max": int(lengths.max().item()),
         "rollout/truncated_frac": sum(c.finish_reason == "length" for c in r.completions) / len(r.completions),
+        "rollout/reflection_rate": sum(reflects(c.text) for c in r.completions) / len(r.completions),
     }
+    # Trace accuracy: correct answers among the completions that reason (non-empty <think>).
+    reasons = [bool((p := parse_completion(c.text)) and p[0]) for c in r.completions]
+    if any(reasons):
+        right = r.parts["accuracy"].flatten() > 0
+        m["rollout/trace_accuracy"] = sum(bool(ok) for ok, t in zip(right, reasons) if t) / sum(reasons)
     for name, values in r.parts.items():
         m[f"rollout/{name}"] = values.mean().item()
         m[f"rollout/{name}_std"] = values.std().item()

@@ -39,6 +39,9 @@ class SFTConfig:
     """ModelConfig fields of a fresh model (vocab size comes from the tokenizer)."""
     steps: int = 1200
     """Optimizer steps."""
+    flops_budget: float = 0.0
+    """Stop once the stage's ledger has counted this many FLOPs (0: no budget; `steps` still caps it).
+    The demo's equal-compute control trains for the FLOPs its GRPO stage spent."""
     batch_size: int = 16
     """Rows per step; each row packs whole examples into `max_len` tokens."""
     lr: float = 3e-3
@@ -58,7 +61,9 @@ class SFTConfig:
     log_every: int = 50
     """Print one line every this many steps (metrics.jsonl gets every step)."""
     save_every: int = 200
-    """Write checkpoint + train_state every this many steps."""
+    """Write a checkpoint (checkpoints/step-NNNNNN/) every this many steps."""
+    keep_last: int = 2
+    """Checkpoints kept in checkpoints/ (older ones are deleted)."""
     seed: int = 0
     """Seed of initialisation and data order."""
     device: str = "cpu"
@@ -168,27 +173,35 @@ def batches(seqs: list, batch_size: int, max_len: int, seed: int, position: int)
         position += 1
 
 
-def train(cfg: SFTConfig, resume: bool = False) -> Path:
+def over_budget(ledger: StageLedger, cfg: SFTConfig) -> bool:
+    """Whether the FLOP budget (if any) is spent."""
+    return cfg.flops_budget > 0 and ledger.flops >= cfg.flops_budget
+
+
+def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Under torchrun each rank trains on its share of every global batch of `batch_size` rows; the
     loss is normalised by the global count of loss tokens, so the step equals one process's."""
     world, device = dist.init(cfg.device)
     if cfg.batch_size < world.size:
         raise ValueError(f"batch_size={cfg.batch_size} gives some of the {world.size} processes no rows")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = dist.stage_folder(out, cfg.keep_last, resume, overwrite)
     torch.manual_seed(cfg.seed)
     # --- model and tokenizer
+    corpus = read_corpus(Path(cfg.data))
     if cfg.init:
         model, tok = load_checkpoint(cfg.init, device)
     else:
-        tok = Tokenizer.char_level()
+        # A fresh character-level vocabulary also covers the corpus' characters beyond ASCII (Chinese).
+        tok = Tokenizer.char_level(extra_chars="".join({c for r in corpus for c in r["prompt"] + r["completion"]
+                                                        if not c.isascii()}))
         mcfg = ModelConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
                            max_position_embeddings=max(512, cfg.max_len), **cfg.model)
         model = Transformer(mcfg).to(device)
     n_params, mc = model.num_params(), model.config
     model = dist.wrap(model, cfg.parallel, cfg.dtype, cfg.grad_checkpointing)
     # --- data
-    seqs, dropped = encode_examples(read_corpus(Path(cfg.data)), tok, cfg.max_len, cfg.loss_on_prompt)
+    seqs, dropped = encode_examples(corpus, tok, cfg.max_len, cfg.loss_on_prompt)
     if dist.is_main():
         console.print(f"pretrain: {n_params / 1e6:.2f} M parameters, {len(seqs)} examples"
                       + (f" ({dropped} longer than {cfg.max_len} dropped)" if dropped else "")
@@ -197,8 +210,8 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
     # --- resume
     step, data_pos = 0, 0
     ledger = StageLedger(out.name, cfg.price_per_device_hour, hardware()["device"])
-    if resume:
-        state = dist.resume(out, model, opt, ledger)
+    state = dist.resume(folder, model, opt, ledger)
+    if state is not None:
         step, data_pos = state["step"], state["data_pos"]
         if dist.is_main():
             console.print(f"resumed {out} at step {step}")
@@ -206,8 +219,8 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
     model.train()
     data = batches(seqs, cfg.batch_size, cfg.max_len, cfg.seed, data_pos)
     with dist.step_log()(out, cfg.steps, step, {"train/loss": "loss", "train/lr": "lr", "perf/tokens_per_s": "tok/s"},
-                 every=cfg.log_every, resume=resume) as log:
-        while step < cfg.steps:
+                         every=cfg.log_every, resume=state is not None) as log:
+        while step < cfg.steps and not over_budget(ledger, cfg):
             t0 = time.perf_counter()
             rows = dist.shard(next(data))    # this rank's rows of the global batch
             x, y, mask, pos, doc = (t.to(device) for t in collate(seqs, rows, tok.pad_id, cfg.max_len))
@@ -230,8 +243,9 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
             log.log(step, {"train/loss": round(loss_value, 5), "train/lr": lr_at(step - 1, cfg),
                            "train/grad_norm": round(grad_norm, 4), "perf/tokens_per_s": round(tokens / dt),
                            "perf/step_s": round(dt, 4)})
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                dist.save(out, model, opt, tok, cfg, ledger, step=step, data_pos=data_pos)
+            if step % cfg.save_every == 0 or step == cfg.steps or over_budget(ledger, cfg):
+                dist.save(folder, model, opt, tok, cfg, ledger, step=step, data_pos=data_pos)
     if dist.is_main():
         ledger.finish(out / "ledger.json")
+    folder.close()
     return out

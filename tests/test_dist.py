@@ -48,7 +48,10 @@ def alone(*argv) -> None:
 
 
 def weights(folder):
-    return torch.load(folder / "train_state.pt", weights_only=False)["model"]
+    """The final weights a stage wrote (its top-level safetensors: rank 0's consolidated checkpoint)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
 
 
 def rel_diff(a: dict, b: dict) -> float:

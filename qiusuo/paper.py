@@ -1,0 +1,386 @@
+"""`qiusuo paper`: the whole DeepSeek-R1 recipe in miniature, and the paper's comparison as one table.
+
+The stages (DESIGN §8), each a folder of `runs/paper/`:
+
+- `corpus`, `base` — the synthetic corpus and the pretrained tiny base (as in `make demo`);
+- `control` — the base trained further on its own corpus for the FLOPs the R1-Zero stage spent: does RL
+  beat simply spending the same compute on more pretraining?
+- `zero` — R1-Zero: GRPO straight from the base;
+- `coldstart`, `cold`, `r1` — R1: SFT of the base on a small set of clean, readable traces (the paper's
+  "thousands of long CoT" cold-start examples), then the same GRPO from that checkpoint, plus the
+  language-consistency reward when the config sets one (`r1` section); `r1_nolang` is the same RL
+  without that reward, to show what it buys and costs;
+- `sampled` — rejection sampling of R1's correct answers on training problems (`qiusuo sample`);
+- `student_base`, `student`, `student_rl` — distillation: a smaller model (fewer layers, narrower),
+  pretrained on the same corpus, then either fine-tuned on R1's samples (`student`) or trained with
+  GRPO alone at equal or larger compute than that fine-tuning (`student_rl`);
+- `eval/*.json` of every model, and `report.md` whose first table mirrors the paper's.
+
+Departures, all from scale: the paper's cold-start traces are human-refined model outputs and ours are
+the tasks' reference traces; its distillation set is 800k samples, ours a few thousand; its students
+are Qwen/Llama checkpoints, ours a smaller model of the same family trained from scratch.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import build, read_yaml
+from .corpus import CorpusConfig
+from .evaluate import EvalConfig
+from .grpo import GRPOConfig
+from .ledger import read_json
+from .sample import SampleConfig
+from .sft import SFTConfig
+
+# (row label, model folder, folders whose cost the row carries) — the folders are the stages that
+# produced the model, so FLOPs and dollars are the whole lineage's, teacher included for the student.
+ROWS = (
+    ("base", "base", ("corpus", "base")),
+    ("equal-compute control", "control", ("corpus", "base", "control")),
+    ("R1-Zero (RL from base)", "zero", ("corpus", "base", "zero")),
+    ("R1 (cold start + RL)", "r1", ("corpus", "base", "coldstart", "cold", "r1")),
+    ("R1 without the language reward", "r1_nolang", ("corpus", "base", "coldstart", "cold", "r1_nolang")),
+    ("distilled student", "student", ("corpus", "base", "coldstart", "cold", "r1", "sampled", "student_base",
+                                      "student")),
+    ("student, RL only", "student_rl", ("corpus", "student_base", "student_rl")),
+)
+
+
+@dataclass
+class Step:
+    """One stage of the plan: its kind (`qiusuo <kind>`), its config, and the file that marks it done."""
+
+    name: str
+    kind: str
+    cfg: object
+    done: Path
+
+
+def ledger_flops(folder: Path) -> float:
+    """FLOPs a finished stage spent, from its ledger; an error when the stage has not run."""
+    ledger = read_json(folder / "ledger.json")
+    if ledger is None:
+        raise FileNotFoundError(f"{folder}/ledger.json missing: the stage has not finished")
+    return float(ledger["flops"])
+
+
+class Plan:
+    """The stages in order, built from a multi-section YAML (configs/paper.yaml). Stages whose size
+    depends on an earlier one's FLOPs (the control, the RL-only student) are sized when they start."""
+
+    def __init__(self, run: Path, sections: dict, price: float | None):
+        self.run, self.sections = Path(run), sections
+        self.price_kw = {} if price is None else {"price_per_device_hour": price}
+
+    def cfg(self, cls, *sections: str, **wiring):
+        """A stage's config: the named sections merged in order (later ones win), then the wiring."""
+        merged = {}
+        for section in sections:
+            merged.update(self.sections.get(section) or {})
+        return build(cls, {**merged, **wiring, **self.price_kw})
+
+    def eval_step(self, model: str) -> Step:
+        return Step(f"eval {model}", "eval", self.cfg(EvalConfig, "eval", checkpoint=str(self.run / model)),
+                    self.run / "eval" / f"{model}.json")
+
+    def static(self) -> list[Step]:
+        r = self.run
+        return [
+            Step("corpus", "corpus", self.cfg(CorpusConfig, "corpus", out=str(r / "corpus")), r / "corpus" / "ledger.json"),
+            Step("base", "pretrain", self.cfg(SFTConfig, "pretrain", data=str(r / "corpus"), out=str(r / "base")),
+                 r / "base" / "ledger.json"),
+            self.eval_step("base"),
+            Step("zero", "grpo", self.cfg(GRPOConfig, "grpo", init=str(r / "base"), out=str(r / "zero")),
+                 r / "zero" / "ledger.json"),
+            self.eval_step("zero"),
+            "control",
+            self.eval_step("control"),
+            Step("coldstart", "corpus", self.cfg(CorpusConfig, "coldstart", out=str(r / "coldstart")),
+                 r / "coldstart" / "ledger.json"),
+            Step("cold", "pretrain", self.cfg(SFTConfig, "cold", init=str(r / "base"), data=str(r / "coldstart"),
+                                              out=str(r / "cold")), r / "cold" / "ledger.json"),
+            Step("r1", "grpo", self.cfg(GRPOConfig, "grpo", "r1", init=str(r / "cold"), out=str(r / "r1")),
+                 r / "r1" / "ledger.json"),
+            self.eval_step("r1"),
+            "r1_nolang",
+            "eval r1_nolang",
+            Step("sampled", "sample", self.cfg(SampleConfig, "sample", checkpoint=str(r / "r1"), out=str(r / "sampled")),
+                 r / "sampled" / "ledger.json"),
+            Step("student_base", "pretrain", self.cfg(SFTConfig, "student_base", data=str(r / "corpus"),
+                                                      out=str(r / "student_base")), r / "student_base" / "ledger.json"),
+            "student",
+            "eval student",
+            "student_rl",
+            self.eval_step("student_rl"),
+        ]
+
+    def distill_flops(self) -> float:
+        """FLOPs the distilled student cost beyond its base: rejection sampling plus fine-tuning."""
+        return ledger_flops(self.run / "sampled") + (ledger_flops(self.run / "student") if self.distilling() else 0.0)
+
+    def distilling(self) -> bool:
+        """Whether rejection sampling kept anything to distil (a weak teacher may solve nothing)."""
+        stats = read_json(self.run / "sampled" / "stats.json")
+        return bool(stats and stats["kept"])
+
+    def sized(self, name: str) -> Step | None:
+        """Stages that depend on earlier ones: the control and the RL-only student are sized from the
+        FLOPs of stages that already ran; the student and its eval are skipped (None) when rejection
+        sampling kept nothing."""
+        r = self.run
+        if name in ("r1_nolang", "eval r1_nolang"):
+            # The ablation of R1's language reward: the same RL from the cold start without it.
+            r1 = self.cfg(GRPOConfig, "grpo", "r1")
+            if not r1.reward_language:
+                return None
+            if name == "eval r1_nolang":
+                return self.eval_step("r1_nolang")
+            return Step("r1_nolang", "grpo", self.cfg(GRPOConfig, "grpo", "r1", init=str(r / "cold"),
+                                                      out=str(r / "r1_nolang"), reward_language=0.0),
+                        r / "r1_nolang" / "ledger.json")
+        if name in ("student", "eval student"):
+            if not self.distilling():
+                return None
+            if name == "eval student":
+                return self.eval_step("student")
+            return Step("student", "pretrain", self.cfg(SFTConfig, "student", init=str(r / "student_base"),
+                                                        data=str(r / "sampled"), out=str(r / "student")),
+                        r / "student" / "ledger.json")
+        if name == "control":
+            # As in `qiusuo demo`: the base's pretraining continued at its final learning rate on a fresh
+            # shuffle of the same corpus until it has spent what the R1-Zero stage spent.
+            base = self.cfg(SFTConfig, "pretrain")
+            cfg = self.cfg(SFTConfig, "pretrain", "control", init=str(r / "base"), data=str(r / "corpus"),
+                           out=str(r / "control"), steps=1_000_000, lr=base.lr * base.min_lr_ratio, warmup_steps=0,
+                           min_lr_ratio=1.0, seed=base.seed + 1, flops_budget=ledger_flops(r / "zero"))
+            return Step("control", "pretrain", cfg, r / "control" / "ledger.json")
+        # student_rl: at least the compute of the distillation fine-tuning (sampling + SFT), estimated
+        # per step from the R1-Zero stage scaled by the models' sizes; the table shows what it spent.
+        zero = self.cfg(GRPOConfig, "grpo")
+        budget = self.distill_flops()
+        scale = _params(r / "student_base") / _params(r / "base")
+        per_step = ledger_flops(r / "zero") / zero.steps * scale
+        steps = max(zero.steps, math.ceil(budget / per_step))
+        cfg = self.cfg(GRPOConfig, "grpo", init=str(r / "student_base"), out=str(r / "student_rl"), steps=steps)
+        return Step("student_rl", "grpo", cfg, r / "student_rl" / "ledger.json")
+
+
+def top_up(plan: Plan, step: Step) -> None:
+    """Continue the RL-only student until it has spent at least the distillation's FLOPs: its steps
+    were sized from an estimate, and GRPO's constant learning rate makes more steps simply more RL."""
+    budget = plan.distill_flops()
+    spent = ledger_flops(step.done.parent)
+    while spent < budget:
+        per_step = spent / step.cfg.steps
+        step.cfg.steps += math.ceil((budget - spent) / per_step)
+        print(f"[student_rl] {spent:.2e} of {budget:.2e} FLOPs spent: continuing to step {step.cfg.steps}")
+        from .cli import run_stage
+
+        run_stage("grpo", step.cfg, resume=True)
+        spent = ledger_flops(step.done.parent)
+
+
+def _params(folder: Path) -> int:
+    from .model import load_model
+
+    return load_model(folder).num_params()
+
+
+def run_paper(run: Path, config: Path | None, resume: bool, price: float | None) -> Path:
+    """Run every stage of the plan in order (with `resume`, finished ones are skipped and a stopped one
+    continues), then write `<run>/report.md`."""
+    from .checkpoint import has_checkpoints
+    from .cli import run_stage
+
+    plan = Plan(run, read_yaml(config) if config else {}, price)
+    t0 = time.perf_counter()
+    for item in plan.static():
+        step = plan.sized(item) if isinstance(item, str) else item
+        if step is None:
+            print(f"[{item}] skipped: " + ("R1 has no language reward to ablate" if "nolang" in item else
+                                         "rejection sampling kept no completion, so there is nothing to distil"))
+            continue
+        if resume and step.done.exists():
+            print(f"[{step.name}] already done ({step.done}), skipping")
+            continue
+        out = Path(getattr(step.cfg, "out", "") or "")
+        partial = resume and step.kind in ("pretrain", "grpo") and has_checkpoints(out)
+        print(f"[{step.name}] {'resuming' if partial else 'starting'}")
+        run_stage(step.kind, step.cfg, resume=partial)
+        if step.name == "student_rl":
+            top_up(plan, step)
+    report = write_paper_report(run, price)
+    print(f"paper pipeline done in {time.perf_counter() - t0:.0f} s — report: {report}")
+    return report
+
+
+# ---------------------------------------------------------------------------- the report
+
+
+def row_figures(run: Path, model: str, lineage: tuple[str, ...], price: float | None) -> dict | None:
+    """The table's figures of one model: held-out scores from its eval, FLOPs and cost of its lineage,
+    cost per held-out problem it solves (expected solved = pass@1 × problems). None when not evaluated."""
+    result = read_json(run / "eval" / f"{model}.json")
+    if result is None:
+        return None
+    flops = cost = 0.0
+    missing = []
+    for stage in lineage:
+        ledger = read_json(run / stage / "ledger.json")
+        if ledger is None:
+            missing.append(stage)
+            continue
+        flops += float(ledger.get("flops", 0.0))
+        cost += (ledger["device_hours"] * price) if price is not None else float(ledger.get("cost", 0.0))
+    overall = result["overall"]
+    solved = overall["pass@1"] * result["n_problems"]
+    return {"pass@1": overall["pass@1"], "cons@k": overall["cons@k"], "k": result["k"],
+            "trace_acc": overall.get("trace_accuracy"), "reflection": overall.get("reflection_rate"),
+            "mean_len": overall.get("mean_len"), "lang": overall.get("lang_consistency"),
+            "flops": flops, "cost": cost, "cost_per_solved": cost / solved if solved else None,
+            "missing": missing}
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def main_table(run: Path, price: float | None) -> tuple[list[str], dict]:
+    figures = {label: row_figures(run, model, lineage, price) for label, model, lineage in ROWS}
+    k = next((f["k"] for f in figures.values() if f), 8)
+    lines = [f"| model | pass@1 | cons@{k} | trace accuracy | reflection | mean length | language consistency "
+             "| training FLOPs | cost | cost per solved |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for label, f in figures.items():
+        if f is None:
+            lines.append(f"| {label} | not evaluated |  |  |  |  |  |  |  |  |")
+            continue
+        flops = f"{f['flops']:.2e}" + (" (partial)" if f["missing"] else "")
+        per = "—" if f["cost_per_solved"] is None else f"${f['cost_per_solved']:.5f}"
+        mean_len = "—" if f["mean_len"] is None else f"{f['mean_len']:.1f}"
+        lines.append(f"| {label} | {_pct(f['pass@1'])} | {_pct(f['cons@k'])} | {_pct(f['trace_acc'])} | "
+                     f"{_pct(f['reflection'])} | {mean_len} | {_pct(f['lang'])} | {flops} | ${f['cost']:.4f} | {per} |")
+    return lines, figures
+
+
+# A change in language consistency smaller than this (1 point) is noise at these sample sizes.
+LANG_MARGIN = 0.01
+
+
+def findings(fig: dict) -> list[str]:
+    """The paper's findings, each checked against this run's numbers: reproduced, not reproduced, or
+    not measurable (a row missing)."""
+    def get(label, key="pass@1"):
+        f = fig.get(label)
+        return None if f is None else f.get(key)
+
+    out = []
+
+    def claim(text, a, b, margin=0.0, what="pass@1"):
+        if a is None or b is None:
+            out.append(f"- {text}: not measured (a row is missing).")
+            return
+        ok = a > b + margin
+        out.append(f"- {text}: **{'reproduced' if ok else 'not reproduced'}** "
+                   f"({what} {100 * a:.1f} vs {100 * b:.1f}).")
+
+    claim("RL on verifiable rewards raises accuracy over the base (R1-Zero)", get("R1-Zero (RL from base)"), get("base"))
+    claim("the gain is RL's, not the extra compute's (R1-Zero vs the equal-compute control)",
+          get("R1-Zero (RL from base)"), get("equal-compute control"))
+    claim("the reasoning itself gets more accurate (trace accuracy, R1-Zero vs base)",
+          get("R1-Zero (RL from base)", "trace_acc"), get("base", "trace_acc"), what="trace accuracy")
+    claim("a cold start before RL does better than RL alone (R1 vs R1-Zero)",
+          get("R1 (cold start + RL)"), get("R1-Zero (RL from base)"))
+    claim("distilling the RL model beats RL on the small model itself (distilled vs RL-only student)",
+          get("distilled student"), get("student, RL only"))
+    r1, nolang = fig.get("R1 (cold start + RL)"), fig.get("R1 without the language reward")
+    base_lang, zero_lang = get("base", "lang"), get("R1-Zero (RL from base)", "lang")
+    if base_lang is not None and zero_lang is not None:
+        out.append(f"- without a language reward, RL drifts into language mixing: "
+                   f"**{'reproduced' if zero_lang < base_lang - LANG_MARGIN else 'not reproduced'}** (language "
+                   f"consistency {100 * base_lang:.1f} base → {100 * zero_lang:.1f} R1-Zero).")
+    if r1 and nolang and r1.get("lang") is not None and nolang.get("lang") is not None:
+        cost = nolang["pass@1"] - r1["pass@1"]
+        out.append(f"- the language reward keeps the chain of thought in the question's language: "
+                   f"**{'reproduced' if r1['lang'] > nolang['lang'] + LANG_MARGIN else 'not reproduced'}** "
+                   f"(consistency {100 * nolang['lang']:.1f} without → {100 * r1['lang']:.1f} with), "
+                   f"{'costing' if cost > 0 else 'gaining'} {100 * abs(cost):.1f} points of pass@1 "
+                   f"(the paper: a slight degradation).")
+    z_len, b_len = get("R1-Zero (RL from base)", "mean_len"), get("base", "mean_len")
+    if z_len is not None and b_len is not None:
+        out.append(f"- responses lengthen under RL: **{'reproduced' if z_len > b_len else 'not reproduced'}** "
+                   f"(mean length {b_len:.1f} → {z_len:.1f} tokens).")
+    return out
+
+
+# (metrics key, panel title) of the summary figure; a key no stage logged leaves its panel out.
+CURVES = (("rollout/accuracy", "accuracy (training rollouts)"), ("rollout/trace_accuracy", "trace accuracy"),
+          ("rollout/reflection_rate", "reflection rate"), ("rollout/len_mean", "mean response length (tokens)"),
+          ("rollout/language", "language reward (0 if the format fails)"))
+RL_STAGES = ("zero", "r1", "r1_nolang", "student_rl")
+
+
+def curves_figure(run: Path, path: Path) -> Path | None:
+    """One PNG with a panel per RL metric and a line per RL stage (moving average over 5 steps) — the
+    paper's Figure 2/3 curves for every RL stage of the run side by side. None when nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .report import read_metrics
+
+    series = {s: read_metrics(run / s / "metrics.jsonl") for s in RL_STAGES if (run / s / "metrics.jsonl").exists()}
+    panels = [(k, t) for k, t in CURVES if any(k in row for rows in series.values() for row in rows)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.6), dpi=90)
+    for ax, (key, title) in zip(np.atleast_1d(axes), panels):
+        for stage, rows in series.items():
+            pts = [(r["step"], r[key]) for r in rows if key in r and "step" in r]
+            if not pts:
+                continue
+            x, y = map(np.array, zip(*pts))
+            w = min(5, len(y))
+            ax.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid"), label=stage, linewidth=1.5)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("GRPO step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_paper_report(run: Path, price: float | None = None) -> Path:
+    """`<run>/report.md`: the paper's table and findings first, then the run report every pipeline gets
+    (per-task tables, cost per stage, the curves of every RL stage, the configs)."""
+    from .report import write_report
+
+    run = Path(run)
+    path = write_report(run, price)
+    table, fig = main_table(run, price)
+    student_rl = read_json(run / "student_rl" / "ledger.json")
+    distill = [read_json(run / s / "ledger.json") for s in ("sampled", "student")]
+    compute = []
+    if student_rl and all(distill):
+        d = sum(x["flops"] for x in distill)
+        compute = [f"The RL-only student spent {student_rl['flops']:.2e} FLOPs against {d:.2e} for the "
+                   f"distilled student's sampling and fine-tuning ({student_rl['flops'] / d:.1f}×).", ""]
+    head = ["# The R1 recipe in miniature", "",
+            "Held-out problems only (never in any training stage); pass@1 averaged over k samples at T = 0.6, "
+            "top-p 0.95; percentages. Training FLOPs and cost are each model's whole lineage (the distilled "
+            "student carries its teacher's). Cost per solved = cost / (pass@1 × held-out problems).", "",
+            *table, "", *compute, "## Which of the paper's findings reproduce at this scale", "", *findings(fig), ""]
+    figure = curves_figure(run, run / "plots" / "paper_curves.png")
+    if figure:
+        head += ["## RL curves of every stage", "", f"![RL curves](plots/{figure.name})", ""]
+    path.write_text("\n".join(head) + "\n" + path.read_text())
+    return path
