@@ -162,6 +162,13 @@ def test_eval_shards_problems(runs):
     assert two["tasks"] == one["tasks"] and two["generated_tokens"] == one["generated_tokens"]
 
 
+def test_ledger_counts_every_process(runs):
+    one, two = (json.loads((runs / run / "ledger.json").read_text()) for run in ("pre1", "pre_ddp"))
+    assert (one["devices"], two["devices"]) == (1, 2)
+    assert two["flops"] == pytest.approx(one["flops"], rel=1e-12) and two["tokens"] == one["tokens"]
+    assert two["device_hours"] == pytest.approx(2 * two["wall_s"] / 3600)
+
+
 def test_shard_range_covers_in_order():
     for n in range(0, 9):
         for size in (1, 2, 3):
