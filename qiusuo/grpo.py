@@ -442,7 +442,7 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> Pat
     model = dist.wrap(model, cfg.parallel, cfg.dtype, cfg.grad_checkpointing)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     rng = random.Random(cfg.seed)
-    ledger = StageLedger(out.name, cfg.price_per_device_hour, hardware()["device"])
+    ledger = StageLedger(out.name, cfg.price_per_device_hour, hardware()["device"], dist.world().size)
     step = 0
     state = dist.resume(folder, model, opt, ledger)
     resume = state is not None
