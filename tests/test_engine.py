@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_model
-from qiusuo.engine import DecodeBatch, Engine, SamplingParams, sample_next, uniform
+from qiusuo.engine import DecodeBatch, Engine, NativeDecoder, SamplingParams, TorchDecoder, sample_next, uniform
 from qiusuo.model import save_model
 
 PROMPTS = ["4821+397", "reach 46 with 3 7 25 2", "12*7", "9"]
@@ -284,7 +284,7 @@ def test_scheduler_without_the_kernel_gives_the_same_tokens(tok, model, engine, 
     monkeypatch.setenv("QIUSUO_NATIVE", "0")
     sched = Scheduler(Engine(model, tok), max_running=2).start()
     try:
-        assert sched._batch.native is False
+        assert isinstance(sched._batch.decoder, TorchDecoder)
         reqs = [sched.submit(p, sp) for p, sp in zip(prompts, params)]
         got = [list(r) for r in reqs]
     finally:
@@ -322,7 +322,7 @@ def test_finished_batches_give_their_cache_to_the_next_and_results_do_not_change
     wrote itself, so the tokens equal a fresh engine's."""
     params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=5)
     engine, fresh = Engine(model, tok), Engine(model, tok)
-    if not DecodeBatch(engine, 32).native:
+    if engine.decoder_type is not NativeDecoder:
         pytest.skip("needs the C kernel")
 
     def ptrs():
@@ -348,12 +348,12 @@ def test_finished_batches_give_their_cache_to_the_next_and_results_do_not_change
         [list(first.submit(p, params)) for p in short]
     finally:
         first.stop()
-    assert first._batch.cache is None and len(ptrs()) == 2
+    assert first._batch.decoder.cache is None and len(ptrs()) == 2
     kept = ptrs()[-1]
     second = Scheduler(engine, max_running=4).start()
     try:
         got = [list(second.submit(p, params)) for p in short]
-        assert second._batch.cache.kv.data_ptr() == kept
+        assert second._batch.decoder.cache.kv.data_ptr() == kept
     finally:
         second.stop()
     assert got == [_alone(fresh, p, params) for p in short]
