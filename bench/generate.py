@@ -5,7 +5,7 @@ stop, so both do the same work), batches of 1, 8, 64 and 256 copies of a chat pr
 generated tokens/s (median of `--repeats` runs), the ratio, and our model-FLOP utilisation against a
 measured fp32 matmul peak.
 
-    .venv/bin/python bench/generate.py [--checkpoint runs/tiny/base] [--batches 1 8 64 256]
+    .venv/bin/python bench/generate.py [--checkpoint runs/tiny/base | --size bpe40m] [--batches 1 8 64 256]
 """
 from __future__ import annotations
 
@@ -33,15 +33,50 @@ SIZES = {
     "medium": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                    num_attention_heads=8, num_key_value_heads=2),                       # ~24 M, 97 MB
 }
+SIZES["bpe40m"] = SIZES["medium"]   # with a 32k byte-level BPE vocabulary: ~41 M, 162 MB
+BPE_VOCAB = 32000
+
+
+def bpe_tokenizer(vocab_size: int = BPE_VOCAB) -> Tokenizer:
+    """A byte-level BPE of `vocab_size` tokens (plus the chat format's specials and tags), trained on
+    synthetic text: task prompts and answers, and Zipf-distributed made-up words so that the merges
+    reach the full vocabulary. What matters to the benches is its size (the LM head, sampling over 32k
+    logits), and that it encodes and decodes every task's text."""
+    import random
+
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from qiusuo.tasks import get_task
+    from qiusuo.tokenizer import SPECIAL, TAGS
+
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(3, 9))) for _ in range(2 * vocab_size)]
+    weights = [1 / (i + 1) for i in range(len(words))]
+    lines = [" ".join(rng.choices(words, weights, k=64)) for _ in range(6000)]
+    for name, levels in (("arith", (1, 2, 3, 4)), ("countdown", (3, 4))):
+        task = get_task(name)
+        lines += [task.sample("train", rng.randrange(2**31), d).prompt for d in levels for _ in range(50)]
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL) - len(TAGS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(lines, trainer)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
+    return Tokenizer(backend, Tokenizer.char_level().config)
 
 
 def checkpoint(path: str | None, size: str = "tiny") -> Path:
     """The given checkpoint, or a random Qwen2 of one of `SIZES` (tiny: ~0.8 M parameters, hidden 128,
-    4 layers, 4/2 heads — the demo's shape)."""
+    4 layers, 4/2 heads — the demo's shape), with the character-level tokenizer or, for "bpe40m", a
+    32k BPE (`bpe_tokenizer`)."""
     if path:
         return Path(path)
     out = Path(tempfile.mkdtemp()) / "ckpt"
-    tok = Tokenizer.char_level()
+    tok = bpe_tokenizer() if size.startswith("bpe") else Tokenizer.char_level()
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **SIZES[size])
     save_model(Transformer(cfg), out)
@@ -62,6 +97,7 @@ def timed(fn, repeats: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--size", default="tiny", choices=list(SIZES), help="random model without --checkpoint")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
@@ -71,7 +107,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, args.dtype)
-    ckpt = checkpoint(args.checkpoint)
+    ckpt = checkpoint(args.checkpoint, args.size)
     tok = Tokenizer.load(ckpt)
     ours = load_model(ckpt, device=args.device, dtype=dtype).eval()
     hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(args.device).eval()

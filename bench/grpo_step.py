@@ -3,7 +3,7 @@ up to 64 new tokens, lr 1e-4, β = 0, the paper's `grpo` loss, sampling at T = 1
 rollout batch. Prints completions/s and the share of each step spent generating (median over steps,
 after one warm-up step). TRL is a bench-only dependency: `pip install -c constraints.txt trl`.
 
-    .venv/bin/python bench/grpo_step.py [--checkpoint runs/tiny/base] [--steps 5]
+    .venv/bin/python bench/grpo_step.py [--checkpoint runs/tiny/base | --size bpe40m] [--steps 5]
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.generate import checkpoint  # noqa: E402
+from bench.generate import SIZES, checkpoint  # noqa: E402
 from qiusuo.checkpoint import load_checkpoint  # noqa: E402
 from qiusuo.engine import Engine  # noqa: E402
 from qiusuo.grpo import VARIANTS, GRPOConfig, collect, group_advantages, training_batch, update  # noqa: E402
@@ -111,9 +111,10 @@ def report(name: str, step_s: list[float], gen_s: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--size", default="tiny", choices=list(SIZES), help="random model without --checkpoint")
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
-    ckpt = checkpoint(args.checkpoint)
+    ckpt = checkpoint(args.checkpoint, args.size)
     print(f"# {hardware()['device']} ({hardware()['cpu']}), {P} prompts × {G} samples, ≤ {NEW} new tokens, "
           f"median of {args.steps} steps")
     a = report("qiusuo", *ours(ckpt, args.steps))
