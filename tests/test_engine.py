@@ -18,14 +18,27 @@ def engine(model, tok):
     return Engine(model, tok)
 
 
-def test_greedy_matches_transformers_generate(tmp_path, model, tok, engine):
-    save_model(model, tmp_path)
+@pytest.mark.parametrize("decoder", [NativeDecoder, TorchDecoder], ids=["native", "torch"])
+@pytest.mark.parametrize("kind", ["tiny", "bpe"])
+def test_greedy_matches_transformers_generate(tmp_path, model, tok, decoder, kind):
+    """Both decoders give `transformers.generate`'s greedy tokens, for a batch of prompts of different
+    lengths (each row decoded alongside the others), on the char-level model and a Qwen2.5-style
+    checkpoint with a BPE vocabulary and q/k/v bias."""
+    from hf_fixtures import qwen25_checkpoint
+    from qiusuo.model import load_model
+    from qiusuo.tokenizer import Tokenizer
+
+    if kind == "tiny":
+        save_model(model, tmp_path)
+    else:
+        qwen25_checkpoint(tmp_path, dims=dict(hidden_size=64, intermediate_size=128))
+        model, tok = load_model(tmp_path).eval(), Tokenizer.load(tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    prompts = [tok.prompt_ids(p) for p in PROMPTS]
-    ours = engine.generate(prompts, SamplingParams(max_new_tokens=24, temperature=0))
+    prompts = [tok.encode(p) for p in PROMPTS]
+    ours = Engine(model, None, decoder=decoder).generate(prompts, SamplingParams(max_new_tokens=24, temperature=0))
     for p, c in zip(prompts, ours):
-        ref = hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=list(tok.stop_ids),
-                          pad_token_id=tok.pad_id)
+        ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                          max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
         assert ref[0, len(p):].tolist() == c.token_ids
 
 
