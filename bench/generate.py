@@ -84,14 +84,52 @@ def checkpoint(path: str | None, size: str = "tiny") -> Path:
     return out
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int, device: str = "cpu") -> float:
+    """Median seconds of `repeats` calls after a warm-up (on a GPU, up to the device's last kernel)."""
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     fn()  # warm-up
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def compare(ckpt: Path, batches: list[int], new_tokens: int, repeats: int, device: str, dtype: torch.dtype,
+            peak: float) -> list[dict]:
+    """Generated tokens/s of the engine and of `transformers.generate` at each batch size, each pair
+    measured back to back in this process (median of `repeats` after a warm-up)."""
+    from transformers import AutoModelForCausalLM
+
+    tok = Tokenizer.load(ckpt)
+    ours = load_model(ckpt, device=device, dtype=dtype).eval()
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
+    engine = Engine(ours, None, eos_ids=(), max_batch=max(batches))  # no eos: every row runs to the end
+    prompt = tok.prompt_ids("4821+397")
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=0)
+    cfg, out = ours.config, []
+    for b in batches:
+        ids = torch.tensor([prompt] * b, device=device)
+
+        def run_hf():
+            with torch.no_grad():
+                hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_p=1.0,
+                            top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                            pad_token_id=tok.pad_id, use_cache=True)
+
+        def run_ours():
+            engine.generate([prompt] * b, params)
+
+        tokens = b * new_tokens
+        t_ours, t_hf = timed(run_ours, repeats, device), timed(run_hf, repeats, device)
+        flops = forward_flops(ours.num_params(), tokens, cfg.num_hidden_layers, cfg.hidden_size,
+                              len(prompt) + new_tokens)
+        out.append({"batch": b, "qiusuo_tok_s": tokens / t_ours, "hf_tok_s": tokens / t_hf, "ratio": t_hf / t_ours,
+                    "mfu": flops / t_ours / peak, "decoder": engine.decoder_type.__name__})
+    return out
 
 
 def main() -> None:
@@ -104,40 +142,16 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
-    from transformers import AutoModelForCausalLM
-
     dtype = getattr(torch, args.dtype)
     ckpt = checkpoint(args.checkpoint, args.size)
-    tok = Tokenizer.load(ckpt)
-    ours = load_model(ckpt, device=args.device, dtype=dtype).eval()
-    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(args.device).eval()
-    engine = Engine(ours, None, eos_ids=(), max_batch=max(args.batches))  # no eos: every row runs to the end
-    prompt = tok.prompt_ids("4821+397")
-    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, seed=0)
     peak = measure_matmul_peak(args.device, n=1024 if args.device == "cpu" else 8192, dtype=dtype)
-    cfg = ours.config
+    n_params = load_model(ckpt).num_params()
     print(f"# {hardware()['device']} ({hardware()['cpu']}, {torch.get_num_threads()} threads), {args.dtype}, "
-          f"{ours.num_params() / 1e6:.2f} M params, prompt {len(prompt)} tokens, {args.new_tokens} new tokens, "
-          f"matmul peak {peak / 1e9:.0f} GFLOP/s")
+          f"{n_params / 1e6:.2f} M params, {args.new_tokens} new tokens, matmul peak {peak / 1e9:.0f} GFLOP/s")
     print(f"{'batch':>6} {'qiusuo tok/s':>13} {'HF tok/s':>10} {'ratio':>7} {'MFU':>7}")
-    for b in args.batches:
-        ids = torch.tensor([prompt] * b, device=args.device)
-
-        def run_hf():
-            with torch.no_grad():
-                hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_p=1.0,
-                            top_k=0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                            pad_token_id=tok.pad_id, use_cache=True)
-
-        def run_ours():
-            engine.generate([prompt] * b, params)
-
-        tokens = b * args.new_tokens
-        t_ours, t_hf = timed(run_ours, args.repeats), timed(run_hf, args.repeats)
-        flops = forward_flops(ours.num_params(), tokens, cfg.num_hidden_layers, cfg.hidden_size,
-                              len(prompt) + args.new_tokens)
-        print(f"{b:>6} {tokens / t_ours:>13,.0f} {tokens / t_hf:>10,.0f} {t_hf / t_ours:>6.2f}x "
-              f"{100 * flops / t_ours / peak:>6.1f}%")
+    for r in compare(ckpt, args.batches, args.new_tokens, args.repeats, args.device, dtype, peak):
+        print(f"{r['batch']:>6} {r['qiusuo_tok_s']:>13,.0f} {r['hf_tok_s']:>10,.0f} {r['ratio']:>6.2f}x "
+              f"{100 * r['mfu']:>6.1f}%")
 
 
 if __name__ == "__main__":

@@ -608,3 +608,19 @@ def test_a_failing_sink_ends_the_other_requests_and_a_stopped_scheduler_refuses_
         assert len(list(fine.submit(tok.prompt_ids("1+1"), SamplingParams(max_new_tokens=3, seed=1)))) <= 3
     finally:
         fine.stop()
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_end_to_end(tmp_path):
+    """bench/gpu_check.sh --smoke: every section runs and lands in the JSON (on the CPU here)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), str(tmp_path), "--smoke", "--device", "cpu"],
+                   check=True, capture_output=True, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [r["batch"] for r in result["generate"]] == [1, 4]
+    assert result["grpo_step"]["ratio"] > 0 and result["sft"]["tokens_s"] > 0 and result["memory"]
