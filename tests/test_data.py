@@ -329,7 +329,7 @@ def qwen_sft(tmp_path_factory):
     from hf_fixtures import qwen25_checkpoint
 
     root = tmp_path_factory.mktemp("qwen")
-    init = qwen25_checkpoint(root / "qwen", template_location="config")
+    init = qwen25_checkpoint(root / "qwen")   # chat template in chat_template.jinja, as transformers writes it
     data = write_disk(root / "sft", [{"prompt": r["question"], "response": r["answer"]} for r in GSM8K])
     _run("sft", "--init", init, "--data", data, "--out", root / "sft_out", "--steps", 2, "--batch-size", 1,
          "--max-len", 256, "--warmup-steps", 1, "--log-every", 1)
