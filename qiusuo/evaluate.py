@@ -28,6 +28,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import dist
 from .checkpoint import load_checkpoint
 from .data import DataOptions, levels_by_source, load_problems
 from .engine import Engine, SamplingParams
@@ -175,13 +176,20 @@ def summarise(rows: list[dict]) -> dict:
 def evaluate(cfg: EvalConfig) -> dict:
     t0 = time.perf_counter()
     ledger = StageLedger(f"eval/{Path(cfg.checkpoint).name}", cfg.price_per_device_hour, hardware()["device"])
-    model, tok = load_checkpoint(cfg.checkpoint, cfg.device)
+    _, device = dist.init(cfg.device)
+    model, tok = load_checkpoint(cfg.checkpoint, device)
     model.eval()
     engine = Engine(model, tok)
     problems = heldout_problems(cfg)
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
     prompts = [get_task(p.task).prompt_ids(p, tok) for p in problems]
-    completions = engine.generate(prompts, params, n=cfg.k)
+
+    def generate(a: int, b: int) -> list:
+        # row r of the whole batch samples from stream seed + r wherever it runs (torchrun: by shard)
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                seed=cfg.seed + a * cfg.k)
+        return engine.generate(prompts[a:b], params, n=cfg.k)
+
+    completions = [c for part in dist.gather_shards(len(problems), generate) for c in part]
     rows = []
     for i, p in enumerate(problems):
         group = completions[i * cfg.k:(i + 1) * cfg.k]
@@ -201,6 +209,8 @@ def evaluate(cfg: EvalConfig) -> dict:
               "n_problems": len(problems), "overall": summarise(rows), "tasks": tasks,
               "langs": {lang: summarise([r for r in rows if r["lang"] == lang]) for lang in cfg.langs},
               "wall_s": round(time.perf_counter() - t0, 3), "generated_tokens": gen_tokens, "config": asdict(cfg)}
+    if not dist.is_main():
+        return result
     path = cfg.result_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     from .model import atomic_write_text
