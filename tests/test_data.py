@@ -329,7 +329,7 @@ def qwen_sft(tmp_path_factory):
     from hf_fixtures import qwen25_checkpoint
 
     root = tmp_path_factory.mktemp("qwen")
-    init = qwen25_checkpoint(root / "qwen", template_location="config")
+    init = qwen25_checkpoint(root / "qwen")   # chat template in chat_template.jinja, as transformers writes it
     data = write_disk(root / "sft", [{"prompt": r["question"], "response": r["answer"]} for r in GSM8K])
     _run("sft", "--init", init, "--data", data, "--out", root / "sft_out", "--steps", 2, "--batch-size", 1,
          "--max-len", 256, "--warmup-steps", 1, "--log-every", 1)
@@ -369,3 +369,14 @@ def test_grpo_step_on_a_data_file(tmp_path, tok):
     assert len(samples) == 4 and {s["task"] for s in samples} == {"math"}
     assert {s["prompt"] for s in samples} <= {r["question"] for r in GSM8K}
     assert torch.load(out / "checkpoints" / "step-000001" / "train_state.pt", weights_only=False)["step"] == 1
+
+
+@pytest.mark.slow
+def test_grpo_step_from_the_qwen_checkpoint_with_the_r1_zero_template(qwen_sft, tmp_path):
+    data = write_parquet(tmp_path / "gsm8k.parquet", GSM8K)
+    out = tmp_path / "zero"
+    _run("grpo", "--init", qwen_sft, "--out", out, "--data", data, "--data-options", "{template: r1_zero}",
+         "--steps", 1, "--prompts-per-step", 2, "--group-size", 2, "--max-new-tokens", 8, "--reward-format", 0)
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(s["prompt"].startswith("A conversation between User and Assistant.")
+                                     for s in samples)
