@@ -131,9 +131,14 @@ class StageFolder:
     same folder. A fresh run (not `resume`) into a folder that holds checkpoints is refused unless
     `overwrite`, which deletes them."""
 
-    def __init__(self, out: Path, keep_last: int = 2, resume: bool = False, overwrite: bool = False):
+    def __init__(self, out: Path, keep_last: int = 2, resume: bool = False, overwrite: bool = False,
+                 primary: bool = True):
         self.out, self.keep_last, self.wants_resume = Path(out), max(1, int(keep_last)), resume
         self.dir = self.out / CHECKPOINTS
+        self._lock_fd = None
+        if not primary:
+            # Another process of the same torchrun job: it only reads the checkpoints rank 0 writes.
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         self._lock_fd = self._lock()
         # what a save killed part-way leaves: a temporary checkpoint folder, temporary top-level files
@@ -174,6 +179,27 @@ class StageFolder:
     def resume(self, model: Transformer, opt, ledger) -> dict | None:
         """Load the newest good checkpoint into model, optimizer, global RNGs and ledger and return its
         training state (for the stage's own fields); None when not resuming or nothing is saved."""
+        found = self.newest(model)
+        return None if found is None else self.apply(found, model, opt, ledger)
+
+    def apply(self, found: tuple[dict, dict], model: Transformer, opt, ledger) -> dict:
+        """Put a checkpoint's (weights, training state), from `newest`, into model, optimizer, RNGs and
+        ledger; return the training state."""
+        weights, state = found
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        if set(missing) - tied or unexpected:
+            raise _Foreign(f"{self.out}: weights do not match the model (missing {sorted(missing)[:3]}, "
+                           f"unexpected {sorted(unexpected)[:3]})")
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        ledger.restore(state.get("ledger"))
+        return state
+
+    def newest(self, model: Transformer) -> tuple[dict, dict] | None:
+        """(weights, training state) of the newest good checkpoint, falling back past corrupt ones (renamed
+        `.corrupt`, with a warning); None when not resuming or nothing is saved. `model` only serves to
+        check that the checkpoint holds the same architecture."""
         if not self.wants_resume:
             return None
         fell_back = False
@@ -195,17 +221,9 @@ class StageFolder:
                 path.rename(path.with_name(path.name + ".corrupt"))
                 fell_back = True
                 continue
-            missing, unexpected = model.load_state_dict(weights, strict=False)
-            tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-            if set(missing) - tied or unexpected:
-                raise _Foreign(f"{path}: weights do not match the model (missing {sorted(missing)[:3]}, "
-                               f"unexpected {sorted(unexpected)[:3]})")
-            opt.load_state_dict(state["optimizer"])
-            set_rng_state(state["rng"])
-            ledger.restore(state.get("ledger"))
             if fell_back:  # the top-level files may be the damaged checkpoint's
                 self._export(path)
-            return state
+            return weights, state
         warn(f"{self.out}: no checkpoint to resume from; starting at step 0")
         return None
 

@@ -401,8 +401,13 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, i, cache, attn_mask, positions)
         return self.model.norm(x)
 
-    def forward(self, ids, positions=None, cache: KVCache | None = None, doc_ids=None):
-        return self.lm_head(self.hidden(ids, positions, cache, doc_ids))
+    def forward(self, ids, positions=None, cache: KVCache | None = None, doc_ids=None, select=None):
+        """Logits [B, T, V]; with `select` (flat indices into the B·T outputs) only those, [n, V] — the
+        head runs where a loss needs it. Through `forward` so DDP / FSDP wrappers see the whole pass."""
+        h = self.hidden(ids, positions, cache, doc_ids)
+        if select is not None:
+            h = h.reshape(-1, h.shape[-1]).index_select(0, select)
+        return self.lm_head(h)
 
     def new_cache(self, batch: int, max_len: int | None = None, zeroed: bool = True) -> KVCache:
         p = self.lm_head.weight

@@ -295,7 +295,7 @@ def test_other_architecture_and_foreign_tokenizer_refused(corpus, base, tmp_path
     hf = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**hf, "model_type": "gpt2"}))
     assert main(["eval", "--checkpoint", str(other)]) == 2
-    assert "unsupported model_type 'gpt2'" in capsys.readouterr().err
+    assert "model_type 'gpt2' is not supported" in capsys.readouterr().err
     # a tokenizer with more tokens than the model has embedding rows
     foreign = tmp_path / "foreign"
     shutil.copytree(base, foreign, ignore=shutil.ignore_patterns("checkpoints", ".lock"))
