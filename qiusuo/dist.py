@@ -28,6 +28,7 @@ in its own dtype.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
@@ -64,6 +65,7 @@ def init(device: str = "cpu") -> tuple[World, str]:
         torch.cuda.set_device(device)
     if not td.is_initialized():
         td.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
+        atexit.register(lambda: td.is_initialized() and td.destroy_process_group())
     _world = World(rank, size, local_rank)
     return _world, device
 
@@ -189,8 +191,9 @@ def is_fsdp(model) -> bool:
 
 
 def autocast(dtype: str, device: str):
-    """bf16 compute with fp32 master weights (see the module docstring); a no-op for float32 and under
-    FSDP (whose mixed-precision policy casts instead)."""
+    """bf16 compute with fp32 master weights (see the module docstring); a no-op for float32. Under
+    FSDP the mixed-precision policy has already made the gathered weights bf16, and autocast only
+    keeps the few ops it lists (softmax, losses) in fp32."""
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=DTYPES[dtype])

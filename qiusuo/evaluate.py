@@ -175,8 +175,8 @@ def summarise(rows: list[dict]) -> dict:
 
 def evaluate(cfg: EvalConfig) -> dict:
     t0 = time.perf_counter()
-    ledger = StageLedger(f"eval/{Path(cfg.checkpoint).name}", cfg.price_per_device_hour, hardware()["device"])
-    _, device = dist.init(cfg.device)
+    world, device = dist.init(cfg.device)
+    ledger = StageLedger(f"eval/{Path(cfg.checkpoint).name}", cfg.price_per_device_hour, hardware()["device"], world.size)
     model, tok = load_checkpoint(cfg.checkpoint, device)
     model.eval()
     engine = Engine(model, tok)

@@ -36,7 +36,7 @@ from .data import DataOptions, problem_pool
 from .engine import Engine, SamplingParams
 from .language import check_langs, pose
 from .ledger import StageLedger, forward_flops, hardware, train_flops
-from .log import console, warn
+from .log import console, truncate_after, warn
 from .rewards import STRICT, ReasoningFormat, RewardWeights, overlong_penalty, parse_completion, score_completion
 from .sft import make_optimizer
 from .tasks import get_task, reflects
@@ -442,7 +442,7 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> Pat
     model = dist.wrap(model, cfg.parallel, cfg.dtype, cfg.grad_checkpointing)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     rng = random.Random(cfg.seed)
-    ledger = StageLedger(out.name, cfg.price_per_device_hour, hardware()["device"])
+    ledger = StageLedger(out.name, cfg.price_per_device_hour, hardware()["device"], dist.world().size)
     step = 0
     state = dist.resume(folder, model, opt, ledger)
     resume = state is not None
@@ -454,6 +454,8 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> Pat
     samples_path = out / "samples.jsonl"
     if not resume and dist.is_main():
         samples_path.unlink(missing_ok=True)
+    elif dist.is_main():
+        truncate_after(samples_path, step)
     if dist.is_main():
         console.print(f"grpo ({cfg.loss}): {n_params / 1e6:.2f} M parameters, {cfg.prompts_per_step}×{cfg.group_size} "
                       f"completions/step, β={cfg.beta}, ε=({cfg.eps_low}, {cfg.eps_high}), μ={cfg.mu}"

@@ -223,7 +223,7 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     # --- resume
     step, data_pos = 0, 0
-    ledger = StageLedger(out.name, cfg.price_per_device_hour, hardware()["device"])
+    ledger = StageLedger(out.name, cfg.price_per_device_hour, hardware()["device"], dist.world().size)
     state = dist.resume(folder, model, opt, ledger)
     if state is not None:
         step, data_pos = state["step"], state["data_pos"]

@@ -103,6 +103,7 @@ def runs(corpus, base):
     alone(*pre, "--out", root / "pre1", "--steps", 4)
     for loss in ("grpo", "dapo"):
         alone(*grpo, "--out", root / f"{loss}1", "--steps", 2, "--loss", loss)
+    alone(*grpo, "--out", root / "single1", "--steps", 1, "--prompts-per-step", 1)
     alone(*ev, "--out", root / "eval1.json")
     torchrun([*pre, "--out", root / "pre_ddp", "--steps", 4],
              [*pre, "--out", root / "pre_fsdp", "--steps", 4, "--parallel", "fsdp"],
@@ -113,6 +114,7 @@ def runs(corpus, base):
              [*grpo, "--out", root / "grpo_fsdp", "--steps", 1, "--loss", "grpo", "--parallel", "fsdp", "--save-every", 1],
              [*grpo, "--out", root / "grpo_fsdp", "--steps", 2, "--loss", "grpo", "--parallel", "fsdp", "--save-every", 1,
               "--resume"],
+             [*grpo, "--out", root / "single2", "--steps", 1, "--prompts-per-step", 1],
              [*ev, "--out", root / "eval2.json"])
     return root
 
@@ -144,6 +146,13 @@ def test_grpo_two_processes_equal_one(runs, base, loss):
     assert (two / "samples.jsonl").read_text() == (one / "samples.jsonl").read_text()
 
 
+def test_grpo_rank_without_a_group_still_steps(runs):
+    """One group for two ranks: rank 0 rolls out nothing and trains on a weight-0 stand-in, so the
+    gradient all-reduce meets and the step is rank 1's alone."""
+    assert rel_diff(weights(runs / "single2"), weights(runs / "single1")) <= 1e-5
+    assert metric(runs / "single2", "train/loss") == pytest.approx(metric(runs / "single1", "train/loss"), abs=1e-6)
+
+
 def test_grpo_fsdp_and_resume_equal_one(runs):
     assert rel_diff(weights(runs / "grpo_fsdp"), weights(runs / "grpo1")) <= 1e-5
 
@@ -151,6 +160,13 @@ def test_grpo_fsdp_and_resume_equal_one(runs):
 def test_eval_shards_problems(runs):
     one, two = (json.loads((runs / f).read_text()) for f in ("eval1.json", "eval2.json"))
     assert two["tasks"] == one["tasks"] and two["generated_tokens"] == one["generated_tokens"]
+
+
+def test_ledger_counts_every_process(runs):
+    one, two = (json.loads((runs / run / "ledger.json").read_text()) for run in ("pre1", "pre_ddp"))
+    assert (one["devices"], two["devices"]) == (1, 2)
+    assert two["flops"] == pytest.approx(one["flops"], rel=1e-12) and two["tokens"] == one["tokens"]
+    assert two["device_hours"] == pytest.approx(2 * two["wall_s"] / 3600)
 
 
 def test_shard_range_covers_in_order():
