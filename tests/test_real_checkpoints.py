@@ -18,7 +18,8 @@ from qiusuo.model import ModelConfig, Transformer
 from qiusuo.serve.chat import ChatSession
 from qiusuo.serve.reasoning import IncrementalDecoder, ReasoningSplitter
 from qiusuo.tokenizer import Tokenizer
-from test_serve_helpers import serve
+from qiusuo.serve.app import ServeConfig, create_app
+from test_serve_helpers import LiveServer, serve
 
 STYLES = {
     "qwen2.5": dict(style="qwen2.5"),
@@ -147,8 +148,10 @@ def test_serve_answers_an_r1_distill_chat_with_its_reasoning_split(folders, tmp_
 
 
 def test_serve_a_random_real_checkpoint_answers(folders, tmp_path):
-    model, tok = load_checkpoint(folders["llama3"])
-    with serve(tok, model, tmp_path, no_auth=True) as s:
+    """As `qiusuo serve FOLDER --no-auth` does: the app loads the folder, its engine process too."""
+    tok = Tokenizer.load(folders["llama3"])
+    app = create_app(ServeConfig(checkpoint=str(folders["llama3"]), db=str(tmp_path / "serve.sqlite"), no_auth=True))
+    with LiveServer(app) as s:
         r = httpx.post(s.url + "/v1/chat/completions", timeout=60,
                        json={"messages": QUESTION, "max_tokens": 16, "temperature": 0.6, "seed": 1})
         assert r.status_code == 200, r.text
