@@ -109,6 +109,15 @@ def all_sum(values, device="cpu") -> list[float]:
     return t.tolist()
 
 
+def all_min(value: int) -> int:
+    """The smallest of each rank's `value`; `value` itself for one process."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    td.all_reduce(t, op=td.ReduceOp.MIN)
+    return int(t)
+
+
 def all_gather_objects(obj) -> list:
     """Every rank's `obj` (picklable), in rank order; [obj] for one process."""
     if not active():
