@@ -13,10 +13,11 @@ by all-reduce); `parallel: fsdp` shards parameters, gradients and optimizer stat
 FSDP2 (`fully_shard`, one unit per decoder layer plus the root) for models that do not fit one device.
 Both average gradients over ranks, so a rank's loss is scaled by `world × local / global` (`loss_scale`).
 
-Checkpoints: rank 0 writes one consolidated Hugging Face folder and one `train_state.pt` (full
-weights and optimizer state gathered from the shards under FSDP); the others wait at a barrier. Every
-rank reads the same `train_state.pt` on `--resume` (the run folder must be on a file system every node
-sees); data order and prompts are derived from the seed and the step, not from the rank layout.
+Checkpoints: rank 0 writes each consolidated checkpoint of the stage folder — the Hugging Face files
+and the training state, full weights and optimizer state gathered from the shards under FSDP; the
+others wait at a barrier. Every rank reads the same checkpoint on `--resume` (the run folder must be
+on a file system every node sees); data order and prompts are derived from the seed and the step,
+not from the rank layout.
 
 Precision (`dtype: bfloat16`): parameters and AdamW state stay fp32 (the master copy: bf16 has 8
 mantissa bits, so updates of lr·g ≈ 1e-6 relative to a weight would round to nothing), and the forward
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
 import os
 from dataclasses import dataclass
 
@@ -49,12 +49,13 @@ class World:
 
 
 _world = World()
+_device = "cpu"   # where collectives' tensors live: NCCL takes CUDA tensors only
 
 
 def init(device: str = "cpu") -> tuple[World, str]:
     """Join the process group torchrun describes (once per process); returns (world, this rank's device).
     A single process — no WORLD_SIZE, or WORLD_SIZE=1 — gets World() and `device` unchanged."""
-    global _world
+    global _world, _device
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return _world, device
@@ -67,6 +68,7 @@ def init(device: str = "cpu") -> tuple[World, str]:
         td.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
         atexit.register(lambda: td.is_initialized() and td.destroy_process_group())
     _world = World(rank, size, local_rank)
+    _device = device if cuda else "cpu"
     return _world, device
 
 
@@ -100,13 +102,22 @@ def shard(items: list) -> list:
     return items[a:b]
 
 
-def all_sum(values, device="cpu") -> list[float]:
+def all_sum(values, device=None) -> list[float]:
     """Sum of each number over the ranks (fp64, one all-reduce); identity for one process."""
     if not active():
         return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_device)
     td.all_reduce(t)
     return t.tolist()
+
+
+def all_min(value: int) -> int:
+    """The smallest of each rank's `value`; `value` itself for one process."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_device)
+    td.all_reduce(t, op=td.ReduceOp.MIN)
+    return int(t)
 
 
 def all_gather_objects(obj) -> list:
@@ -125,13 +136,13 @@ def gather_shards(n: int, work) -> list:
     return [part for part in all_gather_objects(work(a, b) if b > a else None) if part is not None]
 
 
-def loss_scale(local: float, device="cpu") -> float:
+def loss_scale(local: float, device=None) -> float:
     """Factor turning a loss normalised by this rank's count (tokens or sequences) into this rank's
     share of the loss normalised by the global count, times the world size that DDP / FSDP's gradient
     averaging divides by. 1.0 for one process (nothing is rescaled, so plain runs are bit-identical)."""
     if not active():
         return 1.0
-    total = all_sum([local], device)[0]
+    total = all_sum([local])[0]
     return _world.size * local / total if total else 0.0
 
 
@@ -312,11 +323,3 @@ def step_log():
     from .log import StepLog
 
     return StepLog if is_main() else NullLog
-
-
-def main_only(fn):
-    """Decorator: run on rank 0 only (file writes, console lines)."""
-    @functools.wraps(fn)
-    def inner(*args, **kw):
-        return fn(*args, **kw) if is_main() else None
-    return inner

@@ -531,7 +531,8 @@ def update(model, opt, batch: TrainBatch, adv, logp_old, logp_ref, variant: Vari
     """μ passes over the rollout batch in `minibatches` optimizer steps each; returns mean stats.
     Under torchrun `batch` is this rank's share (`weight` 0: a stand-in for a rank with none) and each
     minibatch's loss is rescaled to the global normaliser: tokens for DAPO's token mean, sequences else."""
-    slices = minibatch_slices(len(batch), cfg.minibatches)
+    # every rank takes the same number of optimizer steps (each is a collective): the fewest any can make
+    slices = minibatch_slices(len(batch), dist.all_min(min(cfg.minibatches, len(batch))))
     parts_of = {0: batch} if len(slices) == 1 else {}   # minibatch start → its packed sequences
     totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     n = 0

@@ -214,13 +214,14 @@ class StageLedger:
             "flops": self.flops,
             "tokens": self.tokens,
             "device": self.device,
-            "devices": self.devices,
             "device_hours": device_hours,
             "price_per_device_hour": self.price_per_device_hour,
             "cost": device_hours * self.price_per_device_hour,
             "currency": CURRENCY,
             "achieved_flops_per_s": self.flops / wall_s if wall_s > 0 else 0.0,
         }
+        if self.devices > 1:   # torchrun: wall time on every process's device
+            record["devices"] = self.devices
         write_json_atomic(Path(path), record)
         return record
 
