@@ -138,15 +138,6 @@ def test_huge_bodies_are_413_before_they_are_read(server):
     assert_error(r, 413, code="request_too_large")
 
 
-def _markers_become_control_tokens() -> bool:
-    tok = Tokenizer.char_level()
-    return tok.encode_chat([{"role": "user", "content": "<|end|>"}]).count(tok.token_id("<|end|>")) > 1
-
-
-# Not silent: the tokenizer side of the fix belongs to qiusuo/tokenizer.py; once it encodes message text
-# as text, the condition is false and this test runs as a plain test (strict: an unexpected pass fails).
-@pytest.mark.xfail(_markers_become_control_tokens(), strict=True,
-                   reason="Tokenizer.encode_chat still turns markers in message text into control tokens")
 def test_role_markers_in_a_message_reach_the_model_as_plain_text(server, tok):
     """Role injection: a user who writes the template's markers must not close their own turn."""
     svc = server.service
