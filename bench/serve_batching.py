@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.generate import SIZES, checkpoint  # noqa: E402
-from qiusuo.engine import Engine, SamplingParams  # noqa: E402
+from qiusuo.engine import Engine, NativeDecoder, SamplingParams  # noqa: E402
 from qiusuo.serve.scheduler import Scheduler  # noqa: E402
 from qiusuo.ledger import hardware  # noqa: E402
 from qiusuo.model import load_model  # noqa: E402
@@ -51,13 +51,13 @@ def step_seconds(engine: Engine, lengths: list[int], new_tokens: int) -> float:
     one cache, stepped `new_tokens` times from the end of their prompts (what the same rows cost the
     concurrent side's kernel, nothing else)."""
     max_len = max(lengths) + new_tokens + 1
-    fast = engine.decode_weights(max_len)
+    weights = engine.decode_weights(max_len)
     cache = engine.model.new_cache(len(lengths), max_len)
     tokens, pos = np.zeros(len(lengths), dtype=np.int64), np.array(lengths, dtype=np.int64)
-    logits = np.empty((len(lengths), fast.vocab_padded), dtype=np.float32)
+    logits = np.empty((len(lengths), weights.vocab_padded), dtype=np.float32)
     t0 = time.perf_counter()
     for _ in range(new_tokens):
-        fast.kernel(tokens, pos, cache, logits)
+        weights.kernel(tokens, pos, cache, logits)
         pos += 1
     return (time.perf_counter() - t0) / (len(lengths) * new_tokens)
 
@@ -143,7 +143,7 @@ def main() -> None:
     same = seq_out == con_out == slot_out
     lengths = [len(p) for p in prompts]
     lone_step, batch_step = [], []
-    if engine.decode_weights(max(lengths) + args.new_tokens + 1).native is not None:
+    if engine.decoder_type is NativeDecoder:
         for _ in range(args.repeats):
             lone_step.append(statistics.mean(step_seconds(engine, [n], args.new_tokens) for n in lengths))
             batch_step.append(step_seconds(engine, lengths, args.new_tokens))

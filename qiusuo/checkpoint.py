@@ -135,7 +135,7 @@ class StageFolder:
                  primary: bool = True):
         self.out, self.keep_last, self.wants_resume = Path(out), max(1, int(keep_last)), resume
         self.dir = self.out / CHECKPOINTS
-        self._lock_fd = None
+        self._lock_fd, self.primary = None, primary
         if not primary:
             # Another process of the same torchrun job: it only reads the checkpoints rank 0 writes.
             return
@@ -218,10 +218,11 @@ class StageFolder:
                 reason = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
                 warn(f"{path.relative_to(self.out)} is corrupt ({reason.splitlines()[0][:200]}); "
                      f"renamed to {path.name}.corrupt, using the previous checkpoint")
-                path.rename(path.with_name(path.name + ".corrupt"))
+                if self.primary:  # rank 0 renames it; the other ranks skip it alike
+                    path.rename(path.with_name(path.name + ".corrupt"))
                 fell_back = True
                 continue
-            if fell_back:  # the top-level files may be the damaged checkpoint's
+            if fell_back and self.primary:  # the top-level files may be the damaged checkpoint's
                 self._export(path)
             return weights, state
         warn(f"{self.out}: no checkpoint to resume from; starting at step 0")

@@ -20,6 +20,7 @@ from .sft import SFTConfig
 STAGES = {
     "corpus": (CorpusConfig, "write the synthetic pretraining corpus (direct answers, traces, flawed traces)"),
     "pretrain": (SFTConfig, "train the base model on a corpus (or fine-tune a checkpoint with --init)"),
+    "sft": (SFTConfig, "supervised fine-tuning of --init on a dataset file (prompt → response or chats; loss on the response)"),
     "grpo": (GRPOConfig, "reinforcement learning with GRPO / Dr. GRPO / DAPO on verifiable rewards"),
     "eval": (EvalConfig, "pass@1 over k samples and cons@k on held-out problems"),
     "sample": (SampleConfig, "rejection sampling: a checkpoint's correct answers on training problems → an SFT set"),
@@ -37,6 +38,15 @@ def run_stage(name: str, cfg, resume: bool = False, overwrite: bool = False):
         from .sft import train
 
         train(cfg, resume=resume, overwrite=overwrite)
+    elif name == "sft":
+        from dataclasses import replace
+
+        from .sft import train
+
+        if not cfg.init:
+            raise ConfigError("qiusuo sft fine-tunes a checkpoint: give --init (a fresh model trains with qiusuo pretrain)")
+        train(cfg if cfg.data_options is not None else replace(cfg, data_options={}), resume=resume,
+              overwrite=overwrite)
     elif name == "grpo":
         from .grpo import train
 
@@ -120,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (cls, help_text) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text))
         p.add_argument("--config", help="YAML file: the stage's mapping, or a multi-stage file with a section per stage")
-        if name in ("pretrain", "grpo"):
+        if name in ("pretrain", "sft", "grpo"):
             p.add_argument("--resume", action="store_true",
                            help="continue from the newest good checkpoint in <out>/checkpoints/")
             p.add_argument("--overwrite", action="store_true",

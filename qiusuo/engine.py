@@ -4,8 +4,11 @@
   are prefilled once from position 0; with `n > 1` the prefilled cache is copied to the n samples of
   each prompt (GRPO's group), so a prompt is never recomputed. Each step samples one token per row
   and feeds it back; a finished row leaves at once (the last running row moves into its place) so it
-  stops costing compute; new rows can join between steps. On the CPU in fp32 the step, prefill and
-  sampling run in the C kernel (`native.py`); elsewhere as PyTorch ops.
+  stops costing compute; new rows can join between steps.
+- `Decoder`: what a batch asks of the model — prefill prompts into cache rows, one step for every
+  row, copy rows (a prompt's prefix to its samples; a running row into a finished one's place), sample
+  — with two implementations, picked once per engine (`pick_decoder`): `NativeDecoder` (the C kernel
+  of `native.py`: CPU, fp32) and `TorchDecoder` (PyTorch ops: any device, any dtype).
 - Sampling: temperature, top-k, top-p, per row; every row draws from its own counter-based random
   stream, so a row's tokens depend on its seed only — the same seed gives the same tokens alone or in
   any batch.
@@ -19,7 +22,7 @@ import itertools
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator, Sequence
+from typing import ClassVar, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -158,7 +161,7 @@ class Row:
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cancelled: bool = False
-    dropped: bool = False           # the token that ended the row is not output (set with finish_reason)
+    last_withheld: bool = False     # the token that ended the row is not output (set with finish_reason)
 
     cancels: ClassVar[int] = 0
     """A new value at every `cancel`, so a batch looks for cancelled rows only when it has changed."""
@@ -173,43 +176,181 @@ class Row:
     def reported(self) -> int:
         """How many of `generated` belong to the output (all but an ending stop or cancel token, as
         decided when the row ended: a cancel that comes later changes nothing)."""
-        return len(self.generated) - self.dropped
+        return len(self.generated) - self.last_withheld
+
+
+class Decoder(Protocol):
+    """The model side of a `DecodeBatch`: a KV cache with room for `capacity` rows and each row's
+    next-token logits. The batch decides which rows run, join and leave; a decoder only computes.
+    Rows are cache rows; a step runs rows 0..B−1, at each row's own position."""
+
+    capacity: int
+
+    def reserve(self, rows: int, keep: int, upto: int) -> None:
+        """Room for at least `rows` rows, keeping rows [0, keep) (cache positions [0, upto), logits)."""
+
+    def prefill(self, prompts: list[list[int]], rows: list[int]):
+        """Each prompt into cache row rows[i] from position 0; return (and keep for `sample`) the
+        next-token logits after each prompt [P, ≥ vocab]."""
+
+    def step(self, tokens: np.ndarray, positions: np.ndarray):
+        """Feed token b at position b of row b for rows 0..B−1; return (and keep) their next logits."""
+
+    def copy_rows(self, src: list[int], dst: list[int], upto: int) -> None:
+        """Rows src[i] → dst[i] (disjoint): cache positions [0, upto) and logits."""
+
+    def sample(self, state: dict[str, np.ndarray], n: int) -> np.ndarray:
+        """One token for each of rows 0..n−1 from their logits, with the per-row settings and random
+        streams in `state` (`DecodeBatch._state`) → int64 [n]."""
+
+    def close(self) -> None:
+        """Give the cache back (the decoder is unusable after)."""
+
+
+class NativeDecoder:
+    """A `Decoder` on the C kernel (`native.NativeWeights`, CPU, fp32): prefill, step and sampling are
+    single C calls on numpy arrays and no torch op runs in a step — in the server, every torch op
+    would give up the GIL to the event loop and wait to get it back. The cache is uninitialised (the
+    kernel never reads past a row's own positions) and comes from the engine's spare caches."""
+
+    weights_type = native.NativeWeights
+
+    def __init__(self, engine: "Engine", max_len: int):
+        self.engine, self.max_len = engine, max_len
+        self.weights: native.NativeWeights = engine.decode_weights(max_len)
+        self.cache: KVCache | None = None
+        self.capacity = 0
+        self.logits = np.zeros((0, self.weights.vocab_padded), dtype=np.float32)   # [capacity, vocab padded]
+        self._sampler = native.Sampler(self.weights.lib, self.weights.vocab)
+
+    def reserve(self, rows: int, keep: int, upto: int) -> None:
+        if rows <= self.capacity:
+            return
+        grown = self.engine._cache(max(rows, 2 * self.capacity), self.max_len, zeroed=False)
+        logits = np.zeros((grown.batch, self.weights.vocab_padded), dtype=np.float32)
+        if keep:
+            grown.kv[:, :, :keep, :, :upto] = self.cache.kv[:, :, :keep, :, :upto]
+            logits[:keep] = self.logits[:keep]
+        self.engine._give_back(self.cache)
+        self.cache, self.logits, self.capacity = grown, logits, grown.batch
+
+    def prefill(self, prompts: list[list[int]], rows: list[int]) -> np.ndarray:
+        logits = self.weights.prefill(prompts, rows, self.cache)
+        self.logits[rows] = logits
+        return logits[:, :self.weights.vocab]
+
+    def step(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        self.weights.kernel(tokens, positions, self.cache, self.logits)
+        return self.logits[:len(tokens), :self.weights.vocab]
+
+    def copy_rows(self, src: list[int], dst: list[int], upto: int) -> None:
+        native.copy_rows(self.weights.lib, self.cache, src, dst, upto)
+        self.logits[dst] = self.logits[src]
+
+    def sample(self, state: dict[str, np.ndarray], n: int) -> np.ndarray:
+        return self._sampler(self.logits, state, n)
+
+    def close(self) -> None:
+        self.engine._give_back(self.cache)
+        self.cache, self.capacity = None, 0
+
+
+class TorchDecoder:
+    """A `Decoder` in PyTorch on the model's device and dtype: prefill is `Transformer.hidden` with a
+    cache (SDPA, causal), the step is `DecodeWeights.step`, sampling `sample_next`. The cache is
+    zeroed (the step masks rather than skips the positions past a row: 0 · NaN would poison it) and
+    the logits are a preallocated fp32 buffer [capacity, V] on the device."""
+
+    weights_type = DecodeWeights
+
+    def __init__(self, engine: "Engine", max_len: int):
+        self.engine, self.model, self.max_len = engine, engine.model, max_len
+        self.device = engine.device
+        self.weights: DecodeWeights = engine.decode_weights(max_len)
+        self.cache: KVCache | None = None
+        self.capacity = 0
+        self.logits = torch.zeros(0, self.model.config.vocab_size, device=self.device)
+
+    def reserve(self, rows: int, keep: int, upto: int) -> None:
+        if rows <= self.capacity:
+            return
+        grown = self.engine._cache(max(rows, 2 * self.capacity), self.max_len, zeroed=True)
+        logits = self.logits.new_zeros(grown.batch, self.logits.shape[1])
+        if keep:
+            grown.kv[:, :, :keep, :, :upto] = self.cache.kv[:, :, :keep, :, :upto]
+            logits[:keep] = self.logits[:keep]
+        self.cache, self.logits, self.capacity = grown, logits, grown.batch
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]], rows: list[int]) -> torch.Tensor:
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        ids = torch.full((len(prompts), width), self.engine.pad_id, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p)
+        scratch = self.model.new_cache(len(prompts), width)
+        hidden = self.model.hidden(ids.to(self.device), cache=scratch)
+        last = hidden[torch.arange(len(prompts)), torch.tensor(lengths) - 1]
+        rows_t = torch.tensor(rows, device=self.device)
+        self.cache.kv[:, :, rows_t, :, :width] = scratch.kv
+        self.logits[rows_t] = self.model.lm_head(last).float()
+        return self.logits[rows_t]
+
+    @torch.no_grad()
+    def step(self, tokens: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+        B = len(tokens)
+        span = int(positions.max()) + 1      # from the host's copy: no wait on the device
+        logits = self.weights.step(torch.from_numpy(tokens).to(self.device, non_blocking=True),
+                                   torch.from_numpy(positions).to(self.device, non_blocking=True), self.cache, span)
+        self.logits[:B] = logits
+        return self.logits[:B]
+
+    def copy_rows(self, src: list[int], dst: list[int], upto: int) -> None:
+        s, d = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
+        self.cache.kv[:, :, d, :, :upto] = self.cache.kv[:, :, s, :, :upto]
+        self.logits[d] = self.logits[s]
+
+    @torch.no_grad()
+    def sample(self, state: dict[str, np.ndarray], n: int) -> np.ndarray:
+        t = {k: torch.from_numpy(state[k]).to(self.device) for k in ("key", "drawn", "temperature", "top_p", "top_k")}
+        u = uniform(t["key"], t["drawn"])
+        return sample_next(self.logits[:n], t["temperature"], t["top_p"], t["top_k"], u).cpu().numpy()
+
+    def close(self) -> None:
+        self.cache, self.capacity = None, 0
+
+
+def pick_decoder(model: Transformer) -> type:
+    """`NativeDecoder` where the C kernel runs the model (`native.applies`: CPU, fp32, a compiler, not
+    `QIUSUO_NATIVE=0`), else `TorchDecoder`. Both give the same tokens up to float rounding."""
+    return NativeDecoder if native.applies(model) else TorchDecoder
 
 
 class DecodeBatch:
     """Rows that decode together over one KV cache; rows join (`admit`) and leave between steps.
 
-    The cache is allocated with room for more rows than are running (it grows by doubling) and row i
-    of the batch is cache row i. A prompt is prefilled once and its cache copied to its n samples in
-    the free rows after the running ones; a row that finishes is replaced by the last running row
-    (its cache moved, up to its position). So joining and leaving cost a copy of the rows that move,
-    never of the whole batch, and a finished row never takes part in another step.
+    The decoder's cache has room for more rows than are running (it grows by doubling) and row i of
+    the batch is cache row i. A prompt is prefilled once into the row of its first sample and copied
+    to its other samples; a row that finishes is replaced by the last running row (its cache moved,
+    up to its position). So joining and leaving cost a copy of the rows that move, never of the whole
+    batch, and a finished row never takes part in another step.
 
     The per-row numbers a step needs (sampling settings, draw counter, position, limit, last token)
     are numpy arrays in `state`, so a step's Python work per row is one list append: the checks for
     an end run on the arrays when the batch is wide (`VECTOR_ROWS`), and what a row's owner receives
     is read from `Row.generated` by whoever hands tokens on, as often as it likes (the scheduler:
-    once per stream interval under load, not once per step).
-
-    With the C kernel (CPU, fp32) a step is two C calls and that bookkeeping, with no torch op: in
-    the server, every torch op would give up the GIL to the event loop and wait to get it back.
-    Otherwise (GPU, bf16, no compiler) the same steps run as PyTorch ops."""
+    once per stream interval under load, not once per step)."""
 
     VECTOR_ROWS = 8
     """From this many rows on, the end-of-row checks run on numpy arrays (a few µs a step, whatever
     the width); below it a Python loop over the rows is cheaper."""
 
     def __init__(self, engine: "Engine", max_len: int):
-        self.engine, self.model, self.max_len = engine, engine.model, max_len
-        self.fast = engine.decode_weights(max_len)
-        self.native = self.fast.native is not None
+        self.engine, self.max_len = engine, max_len
+        self.decoder: Decoder = engine.decoder_type(engine, max_len)
         self.rows: list[Row] = []
-        self.cache: KVCache | None = None
-        # next-token logits of every row: numpy [capacity, vocab padded] (C) or a tensor [B, V] (torch)
-        self.logits = None
         self.state: dict[str, np.ndarray] = {}     # per-row numbers, in row order (see `_state`)
-        vocab = self.fast.embed.shape[0]
-        self._sampler = native.Sampler(self.fast.native[0], vocab) if self.native else None
+        vocab = engine.model.config.vocab_size
         self._stop_ids = np.zeros(vocab, dtype=bool)   # any row's stop ids: candidates for a stop
         self._string_rows = 0                           # rows with stop strings (and a tokenizer)
         self._cancels_seen = -1                         # `Row.cancels` when rows were last checked
@@ -221,7 +362,6 @@ class DecodeBatch:
         """Cache positions reserved by the rows (their prompt plus what they may still generate)."""
         return sum(r.limit + 1 for r in self.rows)
 
-    @torch.no_grad()
     def admit(self, prompts: list[list[int]], rows: list[Row], n: int = 1) -> None:
         """Prefill `prompts` once and add n rows per prompt (rows[i * n + j] is sample j of prompt i)."""
         lengths = [len(p) for p in prompts]
@@ -229,33 +369,16 @@ class DecodeBatch:
             raise ValueError("every prompt needs at least one token")
         if max(lengths) >= self.max_len:
             raise ValueError(f"prompt of {max(lengths)} tokens leaves no room in a context of {self.max_len}")
-        width = max(lengths)
         pos = [lengths[i // n] for i in range(len(rows))]
         for row, p in zip(rows, pos):
             row.limit = min(self.max_len - 1, p + row.params.max_new_tokens - 1)
         start = len(self.rows)
         self._reserve(start + len(rows))
-        fan = np.repeat(np.arange(len(prompts)), n)          # the n samples of a prompt share its prefill
-        if self.native:
-            # each prompt goes straight into the cache row of its first sample, then to the others
-            first = [start + i * n for i in range(len(prompts))]
-            logits = self.fast.prefill(prompts, first, self.cache)
-            if n > 1:
-                native.copy_rows(self.fast.native[0], self.cache, [f for f in first for _ in range(n - 1)],
-                                 [f + j for f in first for j in range(1, n)], width)
-            self.logits[start:start + len(rows)] = logits[fan]
-        else:
-            device = self.engine.device
-            ids = torch.full((len(prompts), width), self.engine.pad_id, dtype=torch.long)
-            for i, p in enumerate(prompts):
-                ids[i, :len(p)] = torch.tensor(p)
-            prefill = self.model.new_cache(len(prompts), width)
-            hidden = self.model.hidden(ids.to(device), cache=prefill)
-            last = hidden[torch.arange(len(prompts)), torch.tensor(lengths) - 1]
-            fan_t = torch.from_numpy(fan).to(device)
-            self.cache.kv[:, :, start:start + len(rows), :, :width] = prefill.kv[:, :, fan_t]
-            logits = self.model.lm_head(last)[fan_t]                                  # [n·P, V]
-            self.logits = logits if start == 0 else torch.cat([self.logits, logits])
+        first = [start + i * n for i in range(len(prompts))]   # each prompt's first sample
+        self.decoder.prefill(prompts, first)
+        if n > 1:   # the n samples of a prompt share its prefill
+            self.decoder.copy_rows([f for f in first for _ in range(n - 1)],
+                                   [f + j for f in first for j in range(1, n)], max(lengths))
         new = self._state(rows, pos)
         self.state = new if start == 0 else {k: np.concatenate([v, new[k]]) for k, v in self.state.items()}
         self.rows += rows
@@ -265,28 +388,13 @@ class DecodeBatch:
 
     def close(self) -> None:
         """Give the cache back to the engine for the next batch (the batch is unusable after)."""
-        if self.native:
-            self.engine._give_back(self.cache)
-        self.cache, self.rows, self.state, self._string_rows = None, [], {}, 0
+        self.decoder.close()
+        self.rows, self.state, self._string_rows = [], {}, 0
 
     def _reserve(self, need: int) -> None:
-        """Make room for `need` rows (doubling), keeping the running rows' caches and logits."""
-        capacity = 0 if self.cache is None else self.cache.batch
-        if need <= capacity:
-            return
-        grown = self.engine._cache(max(need, 2 * capacity), self.max_len, zeroed=not self.native)
-        capacity = grown.batch
-        if self.rows:
-            upto = int(self.state["pos"].max()) + 1
-            grown.kv[:, :, :len(self.rows), :, :upto] = self.cache.kv[:, :, :len(self.rows), :, :upto]
-        if self.native:
-            self.engine._give_back(self.cache)
-        self.cache = grown
-        if self.native:
-            logits = np.zeros((capacity, self.fast.vocab_padded), dtype=np.float32)
-            if self.rows:
-                logits[:len(self.rows)] = self.logits[:len(self.rows)]
-            self.logits = logits
+        """Make room for `need` rows, keeping the running rows' caches and logits."""
+        upto = int(self.state["pos"].max()) + 1 if self.rows else 0
+        self.decoder.reserve(need, len(self.rows), upto)
 
     @staticmethod
     def _state(rows: list[Row], pos: list[int]) -> dict[str, np.ndarray]:
@@ -304,8 +412,7 @@ class DecodeBatch:
 
     def step(self) -> list[Row]:
         """Sample one token for every live row (appended to its `generated`) and feed it back; return
-        the rows that this token ended. (No `torch.no_grad` around the C path: it runs no torch op,
-        and entering and leaving the context costs microseconds on every step.)"""
+        the rows that this token ended."""
         ended = self.sample()
         self.forward()
         return ended
@@ -318,14 +425,7 @@ class DecodeBatch:
         rows, state = self.rows, self.state
         if not rows:
             return []
-        if self.native:
-            tokens = self._sampler(self.logits, state, len(rows))
-        else:
-            device = self.engine.device
-            t = {k: torch.from_numpy(state[k]).to(device) for k in ("key", "drawn", "temperature", "top_p", "top_k")}
-            u = uniform(t["key"], t["drawn"])
-            with torch.no_grad():
-                tokens = sample_next(self.logits, t["temperature"], t["top_p"], t["top_k"], u).cpu().numpy()
+        tokens = self.decoder.sample(state, len(rows))
         state["drawn"] += 1
         state["token"][:] = tokens
         ids = tokens.tolist()
@@ -342,7 +442,7 @@ class DecodeBatch:
         else:
             maybe = range(len(rows))
         pos = state["pos"]
-        dead = []
+        ended_at = []
         for i in maybe:
             row, token = rows[i], ids[i]
             if row.cancelled:
@@ -353,26 +453,19 @@ class DecodeBatch:
                 row.finish_reason = "length"
             else:
                 continue
-            row.dropped = row.cancelled or token in row.stops   # the stop token, or the draw after a cancel
-            dead.append(i)
-        ended = [rows[i] for i in dead]
-        if dead:
-            self._compact(dead)
+            row.last_withheld = row.cancelled or token in row.stops   # the stop token, or the draw after a cancel
+            ended_at.append(i)
+        ended = [rows[i] for i in ended_at]
+        if ended_at:
+            self._compact(ended_at)
         return ended
 
     def forward(self) -> None:
         """The second half of `step`: feed each live row's last token, making its next logits."""
         if not self.rows:
             return
-        state = self.state
-        if self.native:
-            self.fast.kernel(state["token"], state["pos"], self.cache, self.logits)
-        else:
-            device = self.engine.device
-            with torch.no_grad():
-                self.logits = self.fast.step(torch.from_numpy(state["token"]).to(device),
-                                             torch.from_numpy(state["pos"]).to(device), self.cache)
-        state["pos"] += 1
+        self.decoder.step(self.state["token"], self.state["pos"])
+        self.state["pos"] += 1
 
     def _has_stop_strings(self, row: Row) -> bool:
         return bool(row.params.stop_strings) and self.engine.tokenizer is not None
@@ -383,34 +476,23 @@ class DecodeBatch:
         tail = self.engine.tokenizer.decode(row.generated[-64:])
         return _find_stop_string(tail, row.params.stop_strings) is not None
 
-    def _compact(self, dead: list[int]) -> None:
-        """Drop the rows at indices `dead` (ascending): each hole below the new batch size is filled by
-        a running row from above it, whose cache (up to its position) moves down; everything else
-        stays in place."""
-        live = len(self.rows) - len(dead)
-        self._string_rows -= sum(self._has_stop_strings(self.rows[i]) for i in dead)
+    def _compact(self, ended_at: list[int]) -> None:
+        """Drop the rows at indices `ended_at` (ascending): each hole below the new batch size is filled
+        by a running row from above it, whose cache (up to its position) and logits move down;
+        everything else stays in place."""
+        live = len(self.rows) - len(ended_at)
+        self._string_rows -= sum(self._has_stop_strings(self.rows[i]) for i in ended_at)
         if live == 0:  # keep the cache buffer: the next admission reuses it
             self.rows, self.state = [], {}
-            if not self.native:
-                self.logits = None
             return
-        gone = set(dead)
-        holes = [i for i in dead if i < live]
-        movers = [i for i in range(live, len(self.rows)) if i not in gone]
+        ended = set(ended_at)
+        holes = [i for i in ended_at if i < live]
+        movers = [i for i in range(live, len(self.rows)) if i not in ended]
         order = list(range(live))
         for h, m in zip(holes, movers):
             order[h] = m
         if holes:
-            upto = int(self.state["pos"][movers].max()) + 1
-            if self.native:
-                native.copy_rows(self.fast.native[0], self.cache, movers, holes, upto)
-                self.logits[holes] = self.logits[movers]
-            else:
-                device = self.engine.device
-                src, dst = torch.tensor(movers, device=device), torch.tensor(holes, device=device)
-                self.cache.kv[:, :, dst, :, :upto] = self.cache.kv[:, :, src, :, :upto]
-        if not self.native:
-            self.logits = self.logits[torch.tensor(order, device=self.engine.device)]
+            self.decoder.copy_rows(movers, holes, int(self.state["pos"][movers].max()) + 1)
         self.state = {k: v[order] for k, v in self.state.items()}
         self.rows = [self.rows[i] for i in order]
 
@@ -418,8 +500,12 @@ class DecodeBatch:
 class Engine:
     """Sampling from a `Transformer`. `tokenizer` (optional) decodes texts and stop strings."""
 
-    def __init__(self, model: Transformer, tokenizer=None, eos_ids: Sequence[int] = (), max_batch: int = 256):
+    def __init__(self, model: Transformer, tokenizer=None, eos_ids: Sequence[int] = (), max_batch: int = 256,
+                 decoder: type | None = None):
+        """`decoder`: `NativeDecoder` or `TorchDecoder`; by default `pick_decoder(model)`, decided here
+        once for every batch of this engine (move the model to its device and dtype before)."""
         self.model = model
+        self.decoder_type = decoder or pick_decoder(model)
         self.tokenizer = tokenizer
         ids = set(eos_ids)
         if tokenizer is not None:
@@ -444,22 +530,22 @@ class Engine:
     """Positions the packed weights' rotary tables cover at least (up to the model's context), so
     batches of different lengths share one packing."""
 
-    def decode_weights(self, max_len: int) -> DecodeWeights:
-        """The model's weights in the decode step's layout (`DecodeWeights`), for positions below
-        `max_len`. Packing them is a pass over all the weights — 3.5 ms for the demo model, 92 ms at
-        24 M parameters — which every `stream` call (each chat message) and every `generate` call
-        paid before; now it is paid again only when the weights have changed. A change is seen from
-        each parameter's storage and version counter, which in-place updates bump (`load_state_dict`,
-        `copy_` under no_grad, the for-loop and foreach optimizer steps) — but a fused optimizer step
-        (`fused=True`) and writes through `.data` do not: call `forget_weights` after those (or after
-        any training step, as GRPO does). A stale copy is still one whole model (`DecodeWeights`
-        copies the embedding too), never a mix of old and new weights."""
-        key = (os.environ.get("QIUSUO_NATIVE"), [(p.data_ptr(), p._version) for p in self.model.parameters()])
+    def decode_weights(self, max_len: int):
+        """The model's weights in the decoder's layout (`decoder_type.weights_type`: `DecodeWeights` or
+        `native.NativeWeights`), for positions below `max_len`. Packing them is a pass over all the
+        weights, so the packed copy is kept and made again only when the weights have changed (not
+        at every `stream` or `generate` call). A change is seen from each parameter's storage and
+        version counter, which in-place updates bump (`load_state_dict`, `copy_` under no_grad, the
+        for-loop and foreach optimizer steps) — but a fused optimizer step (`fused=True`) and writes
+        through `.data` do not: call `forget_weights` after those (or after any training step, as
+        GRPO does). A stale copy is still one whole model (the embedding is copied too), never a mix
+        of old and new weights."""
+        key = [(p.data_ptr(), p._version) for p in self.model.parameters()]
         with self._packed_lock:
             if self._packed is None or self._packed[0] != key or self._packed[1].max_len < max_len:
                 span = max(max_len, min(self.model.config.max_position_embeddings, self.PACKED_MIN_LEN))
                 self._packed = None   # the old copy goes before the new one is made
-                self._packed = (key, DecodeWeights(self.model, span))
+                self._packed = (key, self.decoder_type.weights_type(self.model, span))
             return self._packed[1]
 
     def forget_weights(self) -> None:
@@ -530,7 +616,7 @@ class Engine:
             batch.admit([prompt], [row])
             while len(batch):
                 batch.step()
-                if not row.dropped:
+                if not row.last_withheld:
                     yield row.generated[-1]
         finally:  # also when the consumer stops early (the generator is closed)
             batch.close()

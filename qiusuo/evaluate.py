@@ -16,6 +16,9 @@ valid expression for Countdown), so `10*2`, `2*10` and `(10*2)` are one answer. 
 whose completion does not parse casts no vote (a question whose samples are all unparseable counts as
 wrong); a tie goes to the answer seen first. The held-out questions are distinct problems (by
 `Problem.key`, which ignores operand order), never seen by corpus or GRPO (the tasks' held-out split).
+
+With `data`, the questions are a dataset file's (qiusuo/data.py), scored by math-verify with the same
+answer extraction as the RL reward, and reported per source and level in the same shape.
 """
 from __future__ import annotations
 
@@ -27,12 +30,13 @@ from pathlib import Path
 
 from . import dist
 from .checkpoint import load_checkpoint
+from .data import DataOptions, levels_by_source, load_problems
 from .engine import Engine, SamplingParams
 from .ledger import StageLedger, forward_flops, hardware
 from .language import check_langs, consistency, pose, question_lang
 from .log import console
 from .rewards import STRICT, ReasoningFormat, parse_completion
-from .tasks import get_task, reflects
+from .tasks import get_task, reflects, source_of
 
 
 @dataclass
@@ -58,6 +62,11 @@ class EvalConfig:
     langs: list = field(default_factory=list)
     """Languages to pose every held-out question in (en, zh); empty: prompts as the tasks write them.
     Adds language consistency (share of the CoT in the question's language) and per-language scores."""
+    data: str | None = None
+    """Dataset file of math problems (JSONL, Parquet or a save_to_disk folder) to evaluate instead of
+    `tasks`; scores per source and level."""
+    data_options: dict = field(default_factory=dict)
+    """How to read `data`: template, field names, on_bad_row, limit (qiusuo/data.py, DataOptions)."""
     seed: int = 1234
     """Seed of the held-out questions and of sampling."""
     device: str = "cpu"
@@ -69,6 +78,8 @@ class EvalConfig:
         for name in self.tasks:
             get_task(name)
         check_langs({lang: 1 for lang in self.langs}, "langs")
+        if self.data:
+            DataOptions.of(self.data_options)
         if self.k < 1 or self.n_per_difficulty < 1:
             raise ValueError("k and n_per_difficulty must be ≥ 1")
 
@@ -100,7 +111,9 @@ def distinct_heldout(task, difficulty: int, n: int, seed: int) -> list:
 
 
 def heldout_problems(cfg: EvalConfig) -> list:
-    """The held-out questions; with `langs`, each question once per language."""
+    """The held-out questions; with `langs`, each question once per language. With `data`, the file's."""
+    if cfg.data:
+        return load_problems(cfg.data, DataOptions.of(cfg.data_options))
     problems = [p for name, diffs in cfg.tasks.items() for d in diffs
                 for p in distinct_heldout(get_task(name), d, cfg.n_per_difficulty, cfg.seed)]
     return [pose(p, lang) for p in problems for lang in cfg.langs] if cfg.langs else problems
@@ -126,16 +139,16 @@ def score_samples(problem, texts: list[str], fmt: ReasoningFormat = STRICT) -> d
     traces = traces_correct = reflections = 0
     for text in texts:
         reflections += reflects(text)
-        parsed = parse_completion(text, fmt)
-        if parsed is None:
+        answer, parsed = task.answer_of(problem, text, fmt), parse_completion(text, fmt)
+        if answer is None:
             correct.append(0.0)
             continue
-        answers.append(parsed[1])
-        correct.append(task.score(problem, parsed[1])[0])
-        if parsed[0]:
+        answers.append(answer)
+        correct.append(task.score(problem, answer)[0])
+        if parsed and parsed[0]:
             traces += 1
             traces_correct += int(correct[-1] == 1.0)
-        if question_lang(problem):
+        if question_lang(problem) and parsed:
             lang.append(consistency(parsed[0], question_lang(problem)))
     row = {"pass@1": sum(correct) / len(texts), "cons@k": majority_correct(task, problem, answers),
            "samples": len(texts), "traces": traces, "traces_correct": traces_correct, "reflections": reflections}
@@ -168,7 +181,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     model.eval()
     engine = Engine(model, tok)
     problems = heldout_problems(cfg)
-    prompts = [tok.prompt_ids(p.prompt) for p in problems]
+    prompts = [get_task(p.task).prompt_ids(p, tok) for p in problems]
 
     def generate(a: int, b: int) -> list:
         # row r of the whole batch samples from stream seed + r wherever it runs (torchrun: by shard)
@@ -181,13 +194,14 @@ def evaluate(cfg: EvalConfig) -> dict:
     for i, p in enumerate(problems):
         group = completions[i * cfg.k:(i + 1) * cfg.k]
         row = score_samples(p, [c.text for c in group], tok.reasoning)
-        row.update(task=p.task, difficulty=p.difficulty, lang=question_lang(p),
+        row.update(task=source_of(p), difficulty=p.difficulty, lang=question_lang(p),
                    mean_len=sum(len(c.token_ids) for c in group) / cfg.k)
         rows.append(row)
     tasks: dict = {}
-    for name in cfg.tasks:
+    layout = cfg.tasks if not cfg.data else levels_by_source(problems)   # report name → difficulties
+    for name in layout:
         mine = [r for r in rows if r["task"] == name]
-        tasks[name] = {str(d): summarise([r for r in mine if r["difficulty"] == d]) for d in cfg.tasks[name]}
+        tasks[name] = {str(d): summarise([r for r in mine if r["difficulty"] == d]) for d in layout[name]}
         tasks[name]["all"] = summarise(mine)
     gen_tokens = sum(len(c.token_ids) for c in completions)
     mc = model.config
@@ -203,7 +217,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     atomic_write_text(path, json.dumps(result, indent=2))
     # attention context: the mean prompt plus the mean completion length
-    ctx = sum(len(tok.prompt_ids(p.prompt)) for p in problems) / len(problems) + gen_tokens / len(completions)
+    ctx = sum(map(len, prompts)) / len(problems) + gen_tokens / len(completions)
     ledger.add(forward_flops(model.num_params(), gen_tokens, mc.num_hidden_layers, mc.hidden_size, int(ctx)), gen_tokens)
     ledger.finish(path.with_suffix(".ledger.json"))
     print_table(result)

@@ -20,6 +20,7 @@ the trace skill RL is meant to sharpen.
 """
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -31,11 +32,12 @@ import torch.nn.functional as F
 
 from . import dist
 from .checkpoint import load_checkpoint
+from .data import DataOptions, problem_pool
 from .engine import Engine, SamplingParams
 from .language import check_langs, pose
 from .ledger import StageLedger, forward_flops, hardware, train_flops
-from .log import console, warn
-from .rewards import RewardWeights, overlong_penalty, parse_completion, score_completion
+from .log import console, truncate_after, warn
+from .rewards import STRICT, ReasoningFormat, RewardWeights, overlong_penalty, parse_completion, score_completion
 from .sft import make_optimizer
 from .tasks import get_task, reflects
 
@@ -184,6 +186,11 @@ class GRPOConfig:
     """Weight of R1's language-consistency reward (share of the CoT in the question's language)."""
     langs: dict = field(default_factory=dict)
     """Language → share of the training questions posed in it (en, zh); empty: prompts as the tasks write them."""
+    data: str | None = None
+    """Dataset file of math problems (JSONL, Parquet or a save_to_disk folder) to train on instead of
+    `tasks`; questions are drawn uniformly, with replacement."""
+    data_options: dict = field(default_factory=dict)
+    """How to read `data`: template, field names, on_bad_row, limit (qiusuo/data.py, DataOptions)."""
     dynamic_sampling: bool | None = None
     """Drop groups whose rewards are all equal and refill the batch; empty: the variant's (dapo: on)."""
     max_refills: int = 3
@@ -226,6 +233,8 @@ class GRPOConfig:
         for name in self.tasks:
             get_task(name)
         check_langs(self.langs, "langs")
+        if self.data:
+            DataOptions.of(self.data_options)
         if self.group_size < 2:
             raise ValueError("group_size must be ≥ 2: the advantage compares completions within a group")
         if self.beta < 0 or self.mu < 1 or self.minibatches < 1:
@@ -252,6 +261,9 @@ class Rollout:
 
 
 def draw_problems(cfg: GRPOConfig, rng: random.Random, n: int) -> list:
+    if cfg.data:
+        pool = problem_pool(cfg.data, json.dumps(cfg.data_options, sort_keys=True))
+        return [pool[rng.randrange(len(pool))] for _ in range(n)]
     names = list(cfg.tasks)
     out = []
     for _ in range(n):
@@ -270,7 +282,7 @@ def rollout_seed(cfg: GRPOConfig, step: int, round_: int) -> int:
 
 
 def rollout(engine: Engine, tok, problems: list, cfg: GRPOConfig, seed: int) -> Rollout:
-    prompt_ids = [tok.prompt_ids(p.prompt) for p in problems]
+    prompt_ids = [get_task(p.task).prompt_ids(p, tok) for p in problems]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
     completions = engine.generate(prompt_ids, params, n=cfg.group_size)
     weights = RewardWeights(accuracy=cfg.reward_accuracy, format=cfg.reward_format, language=cfg.reward_language)
@@ -442,6 +454,8 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> Pat
     samples_path = out / "samples.jsonl"
     if not resume and dist.is_main():
         samples_path.unlink(missing_ok=True)
+    elif dist.is_main():
+        truncate_after(samples_path, step)
     if dist.is_main():
         console.print(f"grpo ({cfg.loss}): {n_params / 1e6:.2f} M parameters, {cfg.prompts_per_step}×{cfg.group_size} "
                       f"completions/step, β={cfg.beta}, ε=({cfg.eps_low}, {cfg.eps_high}), μ={cfg.mu}"
@@ -490,7 +504,7 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> Pat
                        + train_flops(n_params, train_tokens, mc.num_hidden_layers, mc.hidden_size, width),
                        gen_tokens + train_tokens + ref_tokens)
             dt = time.perf_counter() - t0
-            metrics = step_metrics(r, zero_std_frac, stats, generated, gen_tokens, dt, t_gen)
+            metrics = step_metrics(r, zero_std_frac, stats, generated, gen_tokens, dt, t_gen, tok.reasoning)
             if dist.is_main():
                 warn_if_degenerate(step, metrics)
             log.log(step, metrics)
@@ -557,7 +571,8 @@ def update(model, opt, batch: TrainBatch, adv, logp_old, logp_ref, variant: Vari
     return {k: v / n for k, v in totals.items()}
 
 
-def step_metrics(r: Rollout, zero_std_frac: float, stats: dict, generated: int, gen_tokens: int, dt: float, t_gen: float) -> dict:
+def step_metrics(r: Rollout, zero_std_frac: float, stats: dict, generated: int, gen_tokens: int, dt: float, t_gen: float,
+                 fmt: ReasoningFormat = STRICT) -> dict:
     lengths = torch.tensor([len(c.token_ids) for c in r.completions], dtype=torch.float)
     m = {
         "rollout/reward_mean": r.rewards.mean().item(),
@@ -569,7 +584,7 @@ def step_metrics(r: Rollout, zero_std_frac: float, stats: dict, generated: int, 
         "rollout/reflection_rate": sum(reflects(c.text) for c in r.completions) / len(r.completions),
     }
     # Trace accuracy: correct answers among the completions that reason (non-empty <think>).
-    reasons = [bool((p := parse_completion(c.text)) and p[0]) for c in r.completions]
+    reasons = [bool((p := parse_completion(c.text, fmt)) and p[0]) for c in r.completions]
     if any(reasons):
         right = r.parts["accuracy"].flatten() > 0
         m["rollout/trace_accuracy"] = sum(bool(ok) for ok, t in zip(right, reasons) if t) / sum(reasons)

@@ -12,15 +12,12 @@ The model knows nothing of text or data: it maps token ids (and an optional KV c
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
-import weakref
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -118,9 +115,11 @@ class ModelConfig:
             rope_theta=theta,
             rope_scaling=scaling,
             eos_token_id=eos,
-            qkv_bias=cfg.get("attention_bias", model_type == "qwen2"),
+            # Qwen2 always has the q/k/v bias (transformers ignores attention_bias there)
+            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias")),
             head_dim=cfg.get("head_dim") or 0,
-            tie_word_embeddings=cfg.get("tie_word_embeddings", model_type == "qwen2"),
+            # transformers' default for both families when config.json leaves it out
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         )
         return cls(**kwargs)
 
@@ -412,223 +411,72 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch, max_len or self.config.max_position_embeddings, p.device, p.dtype, zeroed)
 
 
-def aligned_empty(n: int, dtype, align: int = 64) -> np.ndarray:
-    """An uninitialised 1-D array whose data starts on an `align`-byte boundary. numpy (malloc) only
-    promises 16 bytes, and then every other 32-byte AVX load of a weight panel straddles two cache
-    lines: measured in one process, alternating, a step of 1 or 16 rows 6–7 % slower."""
-    size = np.dtype(dtype).itemsize
-    buf = np.empty(n + align // size, dtype=dtype)
-    skip = (-buf.ctypes.data % align) // size
-    return buf[skip:skip + n]
+@torch.no_grad()
+def fused_decode_layers(model: "Transformer") -> tuple[list[tuple], torch.Tensor]:
+    """The weights of a one-token decode step, in Linear layout [out, in], copied from the live
+    parameters: per layer q|k|v with the input RMSNorm's weight folded in, W·(w ⊙ x/rms) = (W·diag w)·x/rms,
+    and its bias (zeros without one), o, gate|up with the post-attention norm folded in, and down;
+    then the LM head with the final norm folded in [vocab, hidden]. Both decode steps (`DecodeWeights`,
+    `native.NativeWeights`) lay these out their own way."""
+    cfg = model.config
+    fused = []
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        qkv_w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) * layer.input_layernorm.weight
+        qkv_b = (torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if cfg.qkv_bias
+                 else qkv_w.new_zeros(qkv_w.shape[0]))
+        gu_w = torch.cat([m.gate_proj.weight, m.up_proj.weight]) * layer.post_attention_layernorm.weight
+        fused.append((qkv_w, qkv_b, a.o_proj.weight, gu_w, m.down_proj.weight))
+    return fused, model.lm_head.weight * model.model.norm.weight
 
 
-def panels(w: torch.Tensor) -> torch.Tensor:
-    """A Linear weight w [out N, in K] (N a multiple of 8) in the C kernel's layout: wᵀ [K, N] cut into
-    column panels of 16, each stored as a row-major [K, 16] block (the last one [K, 8] when N is not a
-    multiple of 16), one after another: flat, 16·p·K is where panel p starts."""
-    a = w.detach().numpy()                   # CPU fp32 only (the kernel's case); numpy: less overhead per op
-    N, K = a.shape
-    full = N // 16 * 16
-    out = aligned_empty(N * K, a.dtype)
-    out[:full * K].reshape(N // 16, K, 16)[...] = a[:full].reshape(N // 16, 16, K).transpose(0, 2, 1)
-    if full < N:
-        out[full * K:].reshape(K, N - full)[...] = a[full:].T
-    return torch.from_numpy(out)
-
-
-def _gone() -> None:
-    """A weak reference whose array is gone."""
-
-
-TEAM_WEIGHT_BYTES = 16 << 20
-"""Above this many bytes of weights the C step runs in team mode (`DecodeWeights._team`)."""
-TEAM_PREFILL_ROWS = 48
-"""A prefill of fewer prompts than threads runs in team mode from this many prompt tokens."""
+def decode_rotary(cfg: ModelConfig, max_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables of the decode steps, [max_len, head_dim] each: rotate_half(y) = [−y₂, y₁] per head
+    becomes y gathered by a fixed column permutation (`DecodeWeights.perm`) times a sin table that
+    carries the sign."""
+    half = cfg.head_dim // 2
+    cos, sin = rope_cos_sin(torch.arange(max_len, device=device)[None], rope_inv_freq(cfg, device), dtype)
+    return cos[0, 0], sin[0, 0] * torch.cat([-torch.ones(half), torch.ones(half)]).to(device, dtype)
 
 
 class DecodeWeights:
-    """The model's weights laid out for one-token decode steps, where a ~1 M-parameter model is
-    dominated by per-op overhead rather than arithmetic, so the step is written in as few ops as the
-    maths allows:
+    """The model's weights laid out for one-token decode steps in PyTorch (any device, any dtype),
+    where a small model is dominated by per-op overhead rather than arithmetic, so the step is
+    written in as few ops as the maths allows:
 
-    - q/k/v and gate/up are fused into one matmul each, with weights stored transposed ([in, out]; for
-      the C kernel in column panels, see `panels`).
-    - RMSNorm's weight is folded into the matmul that follows it, W·(w ⊙ x/rms) = (W·diag w)·x/rms,
-      and the 1/rms factor scales the matmul's output rows (one fused multiply-add with the bias).
-    - Rotary embedding on q and k is one gather and two multiplies over the whole q|k|v row:
-      rotate_half is a fixed column permutation whose sign is folded into the sin table, and the v
-      columns get cos = 1, sin = 0, so the rotated row holds k|v ready for a single cache write.
-    - Residual adds ride on `addmm`; attention is baddbmm → softmax → bmm over B × kv_heads (faster on
-      CPU than SDPA's flash kernel for one query row), grouped-query heads sharing their kv head.
+    - q/k/v and gate/up are fused into one matmul each, with weights stored transposed ([in, out]),
+      RMSNorm's weight folded in (`fused_decode_layers`); the 1/rms factor scales the matmul's output
+      rows (one fused multiply-add with the bias).
+    - Rotary embedding on q and k is one gather and two multiplies over the whole q|k|v row
+      (`decode_rotary`); the v columns get cos = 1, sin = 0, so the rotated row holds k|v ready for a
+      single cache write.
+    - Residual adds ride on `addmm`; attention is baddbmm → softmax → bmm over B × kv_heads (faster
+      than SDPA's kernels for one query row over keys of several lengths), grouped-query heads
+      sharing their kv head.
 
     Built from the live parameters (a copy, one pass over the weights): rebuild after the weights
-    change (`Engine.decode_weights` does, and reuses it while they do not). Positions up to `max_len`.
-    Logits equal `Transformer.forward`'s up to float rounding.
-
-    On the CPU in fp32 the step runs as one call into the C kernel of `native.py` (same layout, same
-    maths, the whole step in one parallel region on the kernel's own threads, in blocks of rows or,
-    for large weights and long lone prompts, in team mode: see `_team`); `native=False` forces the
-    PyTorch step, `True` requires the kernel."""
+    change (`Engine.decode_weights` does, and reuses it while they do not). Positions up to
+    `max_len`. Logits equal `Transformer.forward`'s up to float rounding. The C kernel's layout of the
+    same weights is `native.NativeWeights`."""
 
     @torch.no_grad()
-    def __init__(self, model: "Transformer", max_len: int, native: bool | None = None):
+    def __init__(self, model: "Transformer", max_len: int):
         cfg = model.config
         self.cfg, self.max_len = cfg, max_len
         H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         # a copy like every other weight here, so a copy kept past a weight change is the old model
         # in full rather than old layers behind a new embedding
         self.embed = model.model.embed_tokens.weight.detach().clone()
-        dtype, device = self.embed.dtype, self.embed.device
-        fused = []   # per layer in Linear layout [out, in]: q|k|v and its bias, o, gate|up, down
-        for layer in model.model.layers:
-            a, m = layer.self_attn, layer.mlp
-            qkv_w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) * layer.input_layernorm.weight
-            qkv_b = (torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if cfg.qkv_bias
-                     else qkv_w.new_zeros(qkv_w.shape[0]))
-            gu_w = torch.cat([m.gate_proj.weight, m.up_proj.weight]) * layer.post_attention_layernorm.weight
-            fused.append((qkv_w, qkv_b, a.o_proj.weight, gu_w, m.down_proj.weight))
-        head = model.lm_head.weight * model.model.norm.weight                     # [vocab, hidden]
-        cos, sin = rope_cos_sin(torch.arange(max_len, device=device)[None], rope_inv_freq(cfg, device), dtype)
+        device = self.embed.device
+        fused, head = fused_decode_layers(model)
+        self.cos, self.sin = decode_rotary(cfg, max_len, device, self.embed.dtype)
         half = D // 2
-        # rotate_half(y) = [−y₂, y₁] per head: y gathered by `perm`, the sign carried by the sin table
-        self.cos = cos[0, 0]                                                   # [max_len, D]
-        self.sin = sin[0, 0] * torch.cat([-torch.ones(half), torch.ones(half)]).to(device, dtype)
         within = torch.cat([torch.arange(half, D), torch.arange(half)])
         self.perm = (torch.arange(H + 2 * KV)[:, None] * D + within).flatten().to(device)
         self.eps = torch.tensor(cfg.rms_norm_eps, dtype=torch.float32, device=device)
-        self.weight_bytes = sum(t.numel() * t.element_size() for layer in [*fused, (head,)] for t in layer)
-        self.team: bool | None = None
-        """Team mode of the C step: None decides per call (`_team`), True / False forces it."""
-        self._addresses = [(_gone, 0)] * 5   # see `_address`
-        self.native = self._native(fused, head, max_len) if native is not False else None
-        if native and self.native is None:
-            raise RuntimeError("the C decode step is unavailable (needs a CPU fp32 model and a C compiler)")
-        self.layers, self.head = [], None    # the PyTorch step's copies, [in, out]; the kernel has its own
-        if self.native is None:
-            self.layers = [(q.t().contiguous(), b, o.t().contiguous(), g.t().contiguous(), d.t().contiguous())
-                           for q, b, o, g, d in fused]
-            self.head = head.t().contiguous()
-
-    def _native(self, fused: list, head: torch.Tensor, max_len: int):
-        """The ctypes argument block for the C step, or None when it does not apply here. The kernel
-        gets its own copy of the weights, in panels (`panels`)."""
-        from . import native
-
-        cfg = self.cfg
-        dims_ok = all(n % 8 == 0 for n in (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim))
-        if self.embed.device.type != "cpu" or self.embed.dtype != torch.float32 or not dims_ok:
-            return None
-        lib = native.kernel()
-        if lib is None:
-            return None
-        V = self.embed.shape[0]
-        padded = head.new_zeros(-(-V // 8) * 8, head.shape[1])         # vocabulary padded to a multiple of 8
-        padded[:V] = head
-        keep = [self.embed.contiguous(), panels(padded), self.cos.contiguous(), self.sin.contiguous()]
-
-        def per_layer(j):
-            arr = (ctypes.c_void_p * len(fused))()
-            for i, layer in enumerate(fused):
-                t = layer[j].contiguous() if j == 1 else panels(layer[j])     # j == 1: the q|k|v bias
-                keep.append(t)
-                arr[i] = t.data_ptr()
-            keep.append(arr)
-            return ctypes.cast(arr, ctypes.POINTER(ctypes.c_void_p))
-
-        m = native.Model(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
-                         cfg.num_key_value_heads, cfg.head_dim, V, padded.shape[0], max_len, cfg.rms_norm_eps,
-                         keep[0].data_ptr(), per_layer(0), per_layer(1), per_layer(2), per_layer(3), per_layer(4),
-                         keep[1].data_ptr(), keep[2].data_ptr(), keep[3].data_ptr())
-        return lib, m, keep
-
-    def kernel(self, tokens: np.ndarray, positions: np.ndarray, cache: KVCache, logits: np.ndarray,
-               slots: np.ndarray | None = None, blocks: np.ndarray | None = None, last_only: bool = False) -> None:
-        """The C step on numpy arrays (int64 tokens / positions / slots, int32 block bounds) writing
-        `logits` [≥ B, vocab padded to 8] (C-contiguous float32) — with `last_only`, [≥ blocks] for each
-        block's last row. No torch op runs here, so a caller holding the GIL gives it up only while
-        the kernel computes."""
-        lib, m, _ = self.native
-        threads = torch.get_num_threads()
-        kv = cache.kv
-        if kv.dtype != torch.float32 or not kv.is_contiguous():
-            raise ValueError("the C decode step needs a contiguous fp32 cache")
-        B = len(tokens)
-        if slots is None and B > cache.batch:
-            raise ValueError(f"{B} rows do not fit a cache of {cache.batch}")
-        rows_out = len(blocks) - 1 if last_only and blocks is not None else B
-        if (logits.shape[0] < rows_out or logits.shape[1] != m.vocab_padded or len(positions) != B
-                or (slots is not None and len(slots) != B)):
-            raise ValueError("logits buffer, positions or slots of the wrong shape")
-        rc = lib.nogil.qiusuo_decode_step(
-            ctypes.byref(m), B, self._address(0, tokens, np.int64), self._address(1, positions, np.int64),
-            None if slots is None else self._address(2, slots, np.int64), kv.data_ptr(), cache.batch, cache.max_len,
-            self._address(3, logits, np.float32), None if blocks is None else self._address(4, blocks, np.int32),
-            0 if blocks is None else len(blocks) - 1, threads, self._team(B, blocks, threads), int(last_only))
-        if rc:
-            why = {1: "unsupported shape (or last_only without blocks)", 2: "a position outside the cache",
-                   3: "a token id outside the vocabulary", 4: "a cache row outside the cache", 5: "out of memory",
-                   6: "block bounds that are not increasing within the rows"}
-            if rc == 5:
-                raise MemoryError("C decode step: out of memory for its work buffers")
-            raise ValueError(f"C decode step rejected its input: {why.get(rc, rc)}")
-
-    def _address(self, arg: int, a: np.ndarray, dtype) -> int:
-        """The data address of `a`, the step's array argument number `arg`, after checking its type
-        and layout. `ndarray.ctypes` costs ~2 µs a call, most of the 9 µs of Python a step call took
-        before (4.6 µs now): the address of the array last passed as each argument is kept (under a
-        weak reference, so nothing is held alive), and a decode batch passes the same arrays step
-        after step."""
-        ref, address = self._addresses[arg]
-        if ref() is a:
-            return address
-        if a.dtype != dtype or not a.flags.c_contiguous:
-            raise ValueError(f"the C decode step needs C-contiguous {np.dtype(dtype)} arrays")
-        address = a.ctypes.data
-        self._addresses[arg] = (weakref.ref(a), address)
-        return address
-
-    def _team(self, rows: int, blocks: np.ndarray | None, threads: int) -> bool:
-        """Whether a kernel call runs in team mode (decode.c): every thread on every row, the weights
-        read once per step, rather than each thread's block of rows reading them all. Team mode when
-        the weights do not fit in the caches, and for a prefill of fewer prompts than threads (one
-        long prompt would otherwise run on one thread); `self.team` = True / False forces it."""
-        if self.team is not None:
-            return self.team
-        if threads < 2:
-            return False
-        if self.weight_bytes > TEAM_WEIGHT_BYTES:
-            return True
-        return blocks is not None and len(blocks) - 1 < threads and rows >= TEAM_PREFILL_ROWS
-
-    @property
-    def vocab_padded(self) -> int:
-        return self.native[1].vocab_padded
-
-    def _native_step(self, tokens, positions, cache: KVCache) -> torch.Tensor:
-        tokens = tokens.to(torch.int64).contiguous().numpy()
-        positions = positions.to(torch.int64).contiguous().numpy()
-        logits = np.empty((len(tokens), self.vocab_padded), dtype=np.float32)
-        self.kernel(tokens, positions, cache, logits)
-        return torch.from_numpy(logits)[:, :self.embed.shape[0]]
-
-    def prefill(self, prompts: list[list[int]], slots: list[int], cache: KVCache) -> np.ndarray:
-        """Run each prompt through the C kernel into cache row `slots[i]` from position 0; return the
-        next-token logits after each prompt, numpy [P, vocab padded to 8]. Each prompt is one block, its
-        tokens in order, so token t attends to the keys its predecessors wrote in the same layer;
-        prompts run in parallel. Only with the C kernel (`self.native`)."""
-        if self.native is None:
-            raise RuntimeError("prefill runs on the C kernel; without it use Transformer.hidden with a cache")
-        if not prompts or min(len(p) for p in prompts) < 1:
-            raise ValueError("prefill needs at least one prompt, each of at least one token")
-        lengths = np.fromiter((len(p) for p in prompts), dtype=np.int64, count=len(prompts))
-        tokens = np.fromiter((t for p in prompts for t in p), dtype=np.int64, count=int(lengths.sum()))
-        bounds = np.zeros(len(prompts) + 1, dtype=np.int32)
-        np.cumsum(lengths, out=bounds[1:])
-        positions = np.arange(len(tokens), dtype=np.int64) - np.repeat(bounds[:-1].astype(np.int64), lengths)
-        rows = np.repeat(np.asarray(slots, dtype=np.int64), lengths)
-        logits = np.empty((len(prompts), self.vocab_padded), dtype=np.float32)
-        self.kernel(tokens, positions, cache, logits, rows, bounds, last_only=True)
-        return logits
+        self.layers = [(q.t().contiguous(), b, o.t().contiguous(), g.t().contiguous(), d.t().contiguous())
+                       for q, b, o, g, d in fused]
+        self.head = head.t().contiguous()
 
     def _inv_rms(self, x: torch.Tensor) -> torch.Tensor:
         """1 / rms(x) per row [B, 1] (statistics in fp32, as transformers computes them)."""
@@ -637,15 +485,15 @@ class DecodeWeights:
         return r if x.dtype == torch.float32 else r.to(x.dtype)
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int | None = None) -> torch.Tensor:
         """One decode step: tokens [B] at positions [B] → next-token logits [B, V]; writes the cache.
-        Row b of the batch is cache row b; the cache may hold more rows than B (the rest are idle)."""
-        if self.native is not None:
-            return self._native_step(tokens, positions, cache)
+        Row b of the batch is cache row b; the cache may hold more rows than B (the rest are idle).
+        `span`: keys to attend over, at least max(positions) + 1 — given by a caller that knows the
+        positions on the host, so a GPU step does not wait to read them back."""
         cfg = self.cfg
         B, H, KV, D = tokens.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         N, G, L, capacity = H + 2 * KV, H // KV, cache.max_len, cache.batch
-        S = int(positions.max()) + 1
+        S = span or int(positions.max()) + 1
         # Per-step tables shared by every layer. Rotary factors over the q|k|v row (v: cos 1, sin 0):
         one, zero = self.cos.new_ones(1, 1, D).expand(B, KV, D), self.cos.new_zeros(1, 1, D).expand(B, KV, D)
         cos = torch.cat([self.cos.index_select(0, positions)[:, None].expand(B, H + KV, D), one], 1).view(B, N * D)

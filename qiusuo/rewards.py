@@ -134,11 +134,11 @@ def format_reward(text: str, fmt: ReasoningFormat = STRICT) -> Reward:
 
 
 def accuracy_reward(task: Task, problem: Problem, text: str, fmt: ReasoningFormat = STRICT) -> Reward:
-    """Score the answer field with the task's verifier; 0 when nothing parses."""
-    parsed = parse_completion(text, fmt)
-    if parsed is None:
+    """Score the task's reading of the final answer (`Task.answer_of`) with its verifier; 0 when there is none."""
+    answer = task.answer_of(problem, text, fmt)
+    if answer is None:
         return Reward(0.0, "no answer")
-    value, reason = task.score(problem, parsed[1])
+    value, reason = task.score(problem, answer)
     return Reward(value, reason)
 
 

@@ -1,5 +1,6 @@
 """Next-token training on prompt/completion corpora: pretraining of the tiny base model, and (with
-`--init`) supervised fine-tuning of any checkpoint — cold start and distillation use the same loop.
+`--init`) supervised fine-tuning of any checkpoint — cold start and distillation use the same loop;
+`qiusuo sft` reads the examples from a dataset file (qiusuo/data.py) instead of a qiusuo corpus.
 
 Loss is on completion tokens (and the end-of-turn token) only by default: the prompt is given at
 inference, so learning to predict it would spend the tiny model's capacity on nothing we use.
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from . import dist
 from .checkpoint import load_checkpoint
 from .corpus import read_corpus
+from .data import DataOptions, load_sft_rows, sft_prompt_ids
 from .ledger import StageLedger, hardware, train_flops
 from .log import console
 from .model import ModelConfig, Transformer
@@ -26,10 +28,14 @@ from .tokenizer import Tokenizer
 
 @dataclass
 class SFTConfig:
-    """Settings of `qiusuo pretrain` (and SFT from an existing checkpoint with `init`)."""
+    """Settings of `qiusuo pretrain` and `qiusuo sft` (fine-tuning an `init` checkpoint on a dataset file)."""
 
     data: str = "runs/tiny/corpus"
-    """Corpus folder or .jsonl file of {prompt, completion} lines."""
+    """Corpus folder or .jsonl file of {prompt, completion} lines; with `data_options` (`qiusuo sft`), a
+    dataset file: JSONL, Parquet or a save_to_disk folder of prompt → response rows or chats."""
+    data_options: dict | None = None
+    """How to read `data` as a dataset: template, field names, on_bad_row, limit (qiusuo/data.py,
+    DataOptions); empty: a qiusuo corpus. `qiusuo sft` reads a dataset ({} at least)."""
     out: str = "runs/tiny/base"
     """Stage folder for the checkpoint, metrics and training state."""
     init: str | None = None
@@ -44,8 +50,9 @@ class SFTConfig:
     The demo's equal-compute control trains for the FLOPs its GRPO stage spent."""
     batch_size: int = 16
     """Rows per step; each row packs whole examples into `max_len` tokens."""
-    lr: float = 3e-3
-    """Peak learning rate (AdamW)."""
+    lr: float | None = None
+    """Peak learning rate (AdamW); empty: 3e-3 for a fresh tiny model, 2e-5 when fine-tuning `init`
+    (the usual full-fine-tuning rate of 0.5–7 B checkpoints)."""
     warmup_steps: int = 50
     """Linear warm-up steps."""
     min_lr_ratio: float = 0.1
@@ -77,12 +84,18 @@ class SFTConfig:
     grad_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass (less memory, ≈ 1/3 more compute)."""
 
+    def __post_init__(self) -> None:
+        if self.lr is None:   # derived: a fresh tiny model wants a large step, a trained checkpoint a small one
+            self.lr = 3e-3 if self.init is None else 2e-5
+        if self.data_options is not None:
+            DataOptions.of(self.data_options)
+
 
 def encode_examples(rows: list[dict], tok: Tokenizer, max_len: int, loss_on_prompt: bool):
     """Token ids and loss masks of each example: chat prompt + completion + end-of-turn."""
     seqs, dropped = [], 0
     for row in rows:
-        prompt = tok.prompt_ids(row["prompt"])
+        prompt = sft_prompt_ids(tok, row)
         completion = tok.encode(row["completion"]) + [tok.eos_id]
         ids = prompt + completion
         if len(ids) > max_len:
@@ -188,13 +201,14 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path
     folder = dist.stage_folder(out, cfg.keep_last, resume, overwrite)
     torch.manual_seed(cfg.seed)
     # --- model and tokenizer
-    corpus = read_corpus(Path(cfg.data))
+    corpus = (read_corpus(Path(cfg.data)) if cfg.data_options is None
+              else load_sft_rows(cfg.data, DataOptions.of(cfg.data_options)))
     if cfg.init:
         model, tok = load_checkpoint(cfg.init, device)
     else:
         # A fresh character-level vocabulary also covers the corpus' characters beyond ASCII (Chinese).
-        tok = Tokenizer.char_level(extra_chars="".join({c for r in corpus for c in r["prompt"] + r["completion"]
-                                                        if not c.isascii()}))
+        tok = Tokenizer.char_level(extra_chars="".join({c for r in corpus for v in r.values() if isinstance(v, str)
+                                                        for c in v if not c.isascii()}))
         mcfg = ModelConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
                            max_position_embeddings=max(512, cfg.max_len), **cfg.model)
         model = Transformer(mcfg).to(device)

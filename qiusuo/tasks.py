@@ -103,6 +103,19 @@ class Task(ABC):
         the same answer and score the same. This default is the text itself; tasks override it."""
         return answer
 
+    def prompt_ids(self, problem: Problem, tok) -> list[int]:
+        """The prompt's token ids: the problem as the user turn of the checkpoint's chat template."""
+        return tok.prompt_ids(problem.prompt)
+
+    def answer_of(self, problem: Problem, text: str, fmt=None) -> str | None:
+        """The final answer of a completion, or None: here the answer field of the checkpoint's reasoning
+        format `fmt` (qiusuo/rewards.py; default the exact `<think>…</think><answer>…</answer>`, the
+        strict parser of DESIGN §4)."""
+        from .rewards import STRICT, parse_completion
+
+        parsed = parse_completion(text, fmt or STRICT)
+        return None if parsed is None else parsed[1]
+
     def sample(self, split: str, seed: int, difficulty: int) -> Problem:
         """Draw a problem from ``split``; deterministic for (split, seed, difficulty).
 
@@ -705,11 +718,73 @@ class CountdownTask(Task):
         return best
 
 
+# ---------------------------------------------------------------------------
+# Math problems from a dataset file
+# ---------------------------------------------------------------------------
+
+class MathTask(Task):
+    """Problems read from a dataset file (qiusuo/data.py: GSM8K, MATH, …), scored by math-verify
+    (qiusuo/answers.py). `Problem.data` holds the prompt template, the source and the level; the level
+    is the difficulty, the source the name its scores are reported under. Nothing is generated: the
+    problems, and which of them are held out, are the dataset's."""
+
+    name = "math"
+
+    def generate(self, rng: random.Random, difficulty: int) -> Problem:
+        raise ValueError("math problems come from a dataset file (--data), not a generator")
+
+    def prompt_ids(self, problem: Problem, tok) -> list[int]:
+        """Through the chat template (chat, chat_boxed, with the system prompt if any) or as plain text
+        (r1_zero, a custom template)."""
+        from .data import prompt_ids
+
+        return prompt_ids(tok, problem.prompt, problem.data["chat"], problem.data.get("system"))
+
+    def answer_of(self, problem: Problem, text: str, fmt=None) -> str | None:
+        """The `<answer>…</answer>` field, else the last `\\boxed{}`, else the last number
+        (`answers.model_answer`), read after the reasoning's closing tag when there is one (the tag of
+        `fmt`, default `</think>`); under the r1_zero template only the tagged answer counts."""
+        from .answers import model_answer
+
+        close = fmt.close if fmt is not None else "</think>"
+        after = text.rsplit(close, 1)[1] if close in text else text
+        found = model_answer(after, require_tags=problem.data.get("template") == "r1_zero")
+        return None if found is None else found[0]
+
+    def score(self, problem: Problem, answer: str) -> tuple[float, str]:
+        """math-verify against the reference answer, with a timeout."""
+        from .answers import check
+
+        ok, reason = check(problem.answer, answer)
+        return float(ok), reason
+
+    def vote_key(self, problem: Problem, answer: str) -> str:
+        """The answer's SymPy form (`answers.canonical`): 0.5, 1/2 and \\frac{1}{2} vote alike."""
+        from .answers import canonical
+
+        return canonical(answer)
+
+    def _no_writer(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
+        raise ValueError("a dataset problem has no synthetic completions; its file holds the solutions")
+
+    _direct = _steps = _flawed = _reflect = _no_writer
+
+
+def source_of(problem: Problem) -> str:
+    """The name a problem's scores are reported under: a dataset problem's source, else its task."""
+    return problem.data.get("source") or problem.task
+
+
 TASKS: dict[str, Task] = {"arith": ArithmeticTask(), "countdown": CountdownTask()}
+"""The synthetic tasks: they generate their problems."""
+DATA_TASKS: dict[str, Task] = {"math": MathTask()}
+"""Tasks whose problems come from a dataset file."""
 
 
 def get_task(name: str) -> Task:
     """Look a task up by name."""
+    if name in DATA_TASKS:
+        return DATA_TASKS[name]
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
     return TASKS[name]

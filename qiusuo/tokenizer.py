@@ -191,7 +191,8 @@ class Tokenizer:
 
     def save(self, folder: Path) -> None:
         """tokenizer.json, tokenizer_config.json and chat_template.jinja when the template came from one;
-        stop ids from a generation_config.json are merged back into the folder's (written by `save_model`)."""
+        stop ids read from a generation_config.json are merged into the folder's (`save_model` writes one
+        with the model's single eos), so that the saved copy stops where this one does."""
         from .model import atomic_write_text
 
         folder = Path(folder)
@@ -201,7 +202,7 @@ class Tokenizer:
         if self.template_file is not None:
             atomic_write_text(folder / "chat_template.jinja", self.template_file)
         gen_path = folder / "generation_config.json"
-        if self.generation_eos and gen_path.exists():
+        if self.generation_eos:
             gen = _read_json(gen_path)
             eos = gen.get("eos_token_id")
             eos = [e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)]

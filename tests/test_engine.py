@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_model
-from qiusuo.engine import DecodeBatch, Engine, SamplingParams, sample_next, uniform
+from qiusuo.engine import DecodeBatch, Engine, NativeDecoder, SamplingParams, TorchDecoder, sample_next, uniform
 from qiusuo.model import save_model
 
 PROMPTS = ["4821+397", "reach 46 with 3 7 25 2", "12*7", "9"]
@@ -18,14 +18,27 @@ def engine(model, tok):
     return Engine(model, tok)
 
 
-def test_greedy_matches_transformers_generate(tmp_path, model, tok, engine):
-    save_model(model, tmp_path)
+@pytest.mark.parametrize("decoder", [NativeDecoder, TorchDecoder], ids=["native", "torch"])
+@pytest.mark.parametrize("kind", ["tiny", "bpe"])
+def test_greedy_matches_transformers_generate(tmp_path, model, tok, decoder, kind):
+    """Both decoders give `transformers.generate`'s greedy tokens, for a batch of prompts of different
+    lengths (each row decoded alongside the others), on the char-level model and a Qwen2.5-style
+    checkpoint with a BPE vocabulary and q/k/v bias."""
+    from hf_fixtures import qwen25_checkpoint
+    from qiusuo.model import load_model
+    from qiusuo.tokenizer import Tokenizer
+
+    if kind == "tiny":
+        save_model(model, tmp_path)
+    else:
+        qwen25_checkpoint(tmp_path, dims=dict(hidden_size=64, intermediate_size=128))
+        model, tok = load_model(tmp_path).eval(), Tokenizer.load(tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    prompts = [tok.prompt_ids(p) for p in PROMPTS]
-    ours = engine.generate(prompts, SamplingParams(max_new_tokens=24, temperature=0))
+    prompts = [tok.encode(p) for p in PROMPTS]
+    ours = Engine(model, None, decoder=decoder).generate(prompts, SamplingParams(max_new_tokens=24, temperature=0))
     for p, c in zip(prompts, ours):
-        ref = hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=list(tok.stop_ids),
-                          pad_token_id=tok.pad_id)
+        ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                          max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
         assert ref[0, len(p):].tolist() == c.token_ids
 
 
@@ -284,7 +297,7 @@ def test_scheduler_without_the_kernel_gives_the_same_tokens(tok, model, engine, 
     monkeypatch.setenv("QIUSUO_NATIVE", "0")
     sched = Scheduler(Engine(model, tok), max_running=2).start()
     try:
-        assert sched._batch.native is False
+        assert isinstance(sched._batch.decoder, TorchDecoder)
         reqs = [sched.submit(p, sp) for p, sp in zip(prompts, params)]
         got = [list(r) for r in reqs]
     finally:
@@ -322,7 +335,7 @@ def test_finished_batches_give_their_cache_to_the_next_and_results_do_not_change
     wrote itself, so the tokens equal a fresh engine's."""
     params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=5)
     engine, fresh = Engine(model, tok), Engine(model, tok)
-    if not DecodeBatch(engine, 32).native:
+    if engine.decoder_type is not NativeDecoder:
         pytest.skip("needs the C kernel")
 
     def ptrs():
@@ -348,12 +361,12 @@ def test_finished_batches_give_their_cache_to_the_next_and_results_do_not_change
         [list(first.submit(p, params)) for p in short]
     finally:
         first.stop()
-    assert first._batch.cache is None and len(ptrs()) == 2
+    assert first._batch.decoder.cache is None and len(ptrs()) == 2
     kept = ptrs()[-1]
     second = Scheduler(engine, max_running=4).start()
     try:
         got = [list(second.submit(p, params)) for p in short]
-        assert second._batch.cache.kv.data_ptr() == kept
+        assert second._batch.decoder.cache.kv.data_ptr() == kept
     finally:
         second.stop()
     assert got == [_alone(fresh, p, params) for p in short]
@@ -595,3 +608,19 @@ def test_a_failing_sink_ends_the_other_requests_and_a_stopped_scheduler_refuses_
         assert len(list(fine.submit(tok.prompt_ids("1+1"), SamplingParams(max_new_tokens=3, seed=1)))) <= 3
     finally:
         fine.stop()
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_end_to_end(tmp_path):
+    """bench/gpu_check.sh --smoke: every section runs and lands in the JSON (on the CPU here)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), str(tmp_path), "--smoke", "--device", "cpu"],
+                   check=True, capture_output=True, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [r["batch"] for r in result["generate"]] == [1, 4]
+    assert result["grpo_step"]["ratio"] > 0 and result["sft"]["tokens_s"] > 0 and result["memory"]

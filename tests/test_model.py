@@ -68,11 +68,12 @@ def test_fused_decode_step_matches_full_forward(tok, qkv_bias, kv_heads, native)
     give the logits of a full forward, for rows at different positions in one batch, with and without
     q/k/v bias and for every grouping of query heads."""
     from qiusuo.model import DecodeWeights
+    from qiusuo.native import NativeWeights
 
     model = tiny_model(tok, qkv_bias=qkv_bias, num_key_value_heads=kv_heads)
     rows = [tok.encode(TEXT), tok.encode(TEXT[::-1])[:31], tok.encode("12+34=46")]
     width = max(map(len, rows))
-    fast = DecodeWeights(model, width, native=native)
+    fast = NativeWeights(model, width) if native else DecodeWeights(model, width)
     with torch.no_grad():
         cache = model.new_cache(len(rows), width)
         prefix = 5
@@ -194,6 +195,14 @@ def test_rope_inv_freq_equals_transformers(rope):
         assert ratio[0] == 1 and ratio[-1] == pytest.approx(1 / 8) and ((ratio < 1) & (ratio > 1 / 8)).any()
 
 
+def test_missing_keys_take_transformers_defaults():
+    cfg = {k: v for k, v in _hf_config().items() if k not in ("tie_word_embeddings", "rope_theta", "rope_scaling")}
+    for model_type in ("qwen2", "llama"):
+        m = ModelConfig.from_hf({**cfg, "model_type": model_type})
+        assert (m.tie_word_embeddings, m.rope_theta, m.rope_scaling) == (False, 10000.0, None)
+        assert m.qkv_bias == (model_type == "qwen2")
+
+
 def test_rope_scaling_round_trips_and_drives_the_decode_tables(tmp_path, tok):
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 16}
@@ -206,6 +215,6 @@ def test_rope_scaling_round_trips_and_drives_the_decode_tables(tmp_path, tok):
     with torch.no_grad():
         assert (again(x) - hf(x).logits).abs().max().item() <= 1e-4
         # the decode step's rotary tables come from the same frequencies
-        dw = DecodeWeights(again, 128, native=False)
+        dw = DecodeWeights(again, 128)
         cos, _ = rope_cos_sin(torch.arange(128)[None], rope_inv_freq(again.config), torch.float32)
         assert torch.equal(dw.cos, cos[0, 0])

@@ -10,6 +10,7 @@ from conftest import tiny_model
 from qiusuo import native
 from qiusuo.engine import Engine, SamplingParams, sample_next, uniform
 from qiusuo.model import DecodeWeights
+from qiusuo.native import NativeWeights
 
 
 def test_the_kernel_builds_here():
@@ -19,7 +20,7 @@ def test_the_kernel_builds_here():
 
 def test_c_step_writes_the_same_cache_and_logits_as_the_torch_step(tok):
     model = tiny_model(tok)
-    c_step, torch_step = DecodeWeights(model, 48, native=True), DecodeWeights(model, 48, native=False)
+    c_step, torch_step = NativeWeights(model, 48), DecodeWeights(model, 48)
     a, b = model.new_cache(7, 48), model.new_cache(7, 48)    # room for 7 rows, 5 decoding
     torch.manual_seed(1)
     a.kv.normal_()
@@ -40,7 +41,7 @@ def test_a_row_gets_the_same_logits_alone_as_among_other_rows(tok):
     # request's logits do not depend on what else is in the batch, to the last bit (with row-major
     # weights the two once differed in the last columns of the LM head).
     model = tiny_model(tok)
-    step = DecodeWeights(model, 16, native=True)
+    step = NativeWeights(model, 16)
     out = {}
     for rows in (1, 7):
         cache = model.new_cache(rows, 16)
@@ -54,7 +55,7 @@ def test_c_step_matches_the_torch_step_when_widths_are_not_multiples_of_16(tok):
     # mod 16 (q|k|v is 56 wide here, o and down 40); the lone-row loop and the register tiles both read
     # it. Head dim 8 and 5 query heads per kv head also take the attention's odd-head path.
     model = tiny_model(tok, hidden_size=40, intermediate_size=72, num_attention_heads=5, num_key_value_heads=1)
-    c_step, torch_step = DecodeWeights(model, 16, native=True), DecodeWeights(model, 16, native=False)
+    c_step, torch_step = NativeWeights(model, 16), DecodeWeights(model, 16)
     for rows in (1, 7):
         a, b = model.new_cache(rows, 16), model.new_cache(rows, 16)
         for p in range(4):
@@ -66,7 +67,7 @@ def test_c_step_matches_the_torch_step_when_widths_are_not_multiples_of_16(tok):
 
 def test_c_step_rejects_positions_and_tokens_out_of_range(tok):
     model = tiny_model(tok)
-    step = DecodeWeights(model, 16, native=True)
+    step = NativeWeights(model, 16)
     cache = model.new_cache(2, 16)
     with pytest.raises(ValueError, match="position outside the cache"):
         step.step(torch.tensor([1, 2]), torch.tensor([3, 16]), cache)
@@ -79,7 +80,7 @@ def test_c_step_checks_each_new_array_and_remembers_only_live_ones(tok):
     every step): an array it has not seen is checked for type and layout, and a new array at a dead
     one's place is never taken for it."""
     model = tiny_model(tok)
-    step = DecodeWeights(model, 16, native=True)
+    step = NativeWeights(model, 16)
     cache = model.new_cache(2, 16)
     logits = np.zeros((2, step.vocab_padded), dtype=np.float32)
     tokens, positions = np.array([3, 4]), np.array([0, 0])
@@ -120,7 +121,7 @@ def test_engine_gives_the_same_tokens_with_and_without_the_kernel(tok, monkeypat
     params = SamplingParams(max_new_tokens=20, temperature=0.8, top_p=0.9, seed=5)
     fast = [c.token_ids for c in Engine(model, tok).generate(prompts, params, n=2)]
     monkeypatch.setenv("QIUSUO_NATIVE", "0")
-    assert DecodeWeights(model, 8).native is None
+    assert not native.applies(model)
     slow = [c.token_ids for c in Engine(model, tok).generate(prompts, params, n=2)]
     assert fast == slow
 
@@ -134,7 +135,7 @@ def test_without_a_compiler_the_engine_falls_back_with_a_warning(tok, tmp_path, 
     assert "could not build the C decode step" in caplog.text
     assert list(tmp_path.iterdir()) == []        # no half-written library left behind
     model = tiny_model(tok)
-    assert DecodeWeights(model, 8).native is None
+    assert not native.applies(model)
     out = Engine(model, tok).generate([tok.prompt_ids("1+1")], SamplingParams(max_new_tokens=5, temperature=0))
     assert len(out[0].token_ids) >= 1
 
@@ -143,7 +144,7 @@ def test_c_prefill_matches_a_full_forward_and_the_torch_prefill(tok):
     """Several prompts of different lengths prefilled in one call, each into its own cache row."""
     model = tiny_model(tok)
     prompts = [tok.prompt_ids("12+34"), tok.prompt_ids("reach 46 with 3 7 25 2"), [tok.eos_id]]
-    step = DecodeWeights(model, 64, native=True)
+    step = NativeWeights(model, 64)
     cache = model.new_cache(6, 64)
     logits = torch.from_numpy(step.prefill(prompts, [4, 0, 2], cache))[:, :tok.vocab_size]
     with torch.no_grad():
@@ -160,7 +161,7 @@ def test_c_step_and_prefill_with_a_vocabulary_wider_than_the_work_buffer(tok):
     matmul); here the vocabulary (112 padded) is wider than q|k|v and gate|up (32), so a lone row and
     a short prompt take a buffer of their own, sized for the logits they return."""
     model = tiny_model(tok, hidden_size=16, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1)
-    c_step, torch_step = DecodeWeights(model, 32, native=True), DecodeWeights(model, 32, native=False)
+    c_step, torch_step = NativeWeights(model, 32), DecodeWeights(model, 32)
     for rows in (1, 5):
         a, b = model.new_cache(rows, 32), model.new_cache(rows, 32)
         for p in range(3):
@@ -179,7 +180,7 @@ def test_c_prefill_computes_the_last_tokens_logits_only_and_the_same_bits(tok, t
     step computes when it writes every row's logits, in blocks and in team mode."""
     model = tiny_model(tok)
     prompts = [tok.prompt_ids("12+34"), [tok.eos_id], tok.prompt_ids("reach 46 with 3 7 25 2")]
-    step = DecodeWeights(model, 64, native=True)
+    step = NativeWeights(model, 64)
     step.team = team
     lengths = np.array([len(p) for p in prompts])
     bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
@@ -242,7 +243,7 @@ def test_c_step_is_the_same_on_any_number_of_threads_from_concurrent_callers_and
     import threading
 
     model = tiny_model(tok)
-    step = DecodeWeights(model, 48, native=True)
+    step = NativeWeights(model, 48)
     rows = 36    # split 36 / 18 / 12 / 8 rows per block
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, tok.vocab_size, rows).astype(np.int64)
@@ -300,7 +301,7 @@ def test_team_mode_gives_bit_identical_logits_and_caches_to_blocks(tok):
     import threading
 
     model = tiny_model(tok)
-    step = DecodeWeights(model, 48, native=True)
+    step = NativeWeights(model, 48)
     rng = np.random.default_rng(1)
     before = torch.get_num_threads()
     try:
@@ -348,9 +349,9 @@ def test_team_mode_gives_bit_identical_logits_and_caches_to_blocks(tok):
 
 
 def test_team_mode_is_picked_for_large_weights_and_a_long_lone_prompt(tok):
-    from qiusuo.model import TEAM_PREFILL_ROWS, TEAM_WEIGHT_BYTES
+    from qiusuo.native import TEAM_PREFILL_ROWS, TEAM_WEIGHT_BYTES
 
-    step = DecodeWeights(tiny_model(tok), 48, native=True)
+    step = NativeWeights(tiny_model(tok), 48)
     one_prompt, two_prompts = np.array([0, 60], dtype=np.int32), np.array([0, 30, 60], dtype=np.int32)
     assert step.weight_bytes < TEAM_WEIGHT_BYTES           # the demo's model: each thread its own rows
     assert not step._team(32, None, 2)
@@ -370,7 +371,7 @@ def test_narrow_panels_give_the_same_bits_alone_in_blocks_and_in_team_mode(tok):
     # to decide, the lone row's last 8 columns once differed in the last bit, so a request's logits
     # depended on its batch (3 rows on 2 threads: blocks of 2 and 1) and on the mode.
     model = tiny_model(tok, hidden_size=40, intermediate_size=72, num_attention_heads=5, num_key_value_heads=1)
-    step = DecodeWeights(model, 16, native=True)
+    step = NativeWeights(model, 16)
     tokens, positions = np.array([5, 9, 11], dtype=np.int64), np.array([3, 7, 2], dtype=np.int64)
     before = torch.get_num_threads()
     out = {}
@@ -397,7 +398,7 @@ def test_narrow_panels_give_the_same_bits_alone_in_blocks_and_in_team_mode(tok):
 
 def test_c_step_and_prefill_reject_short_slots_and_empty_prompts(tok):
     model = tiny_model(tok)
-    step = DecodeWeights(model, 16, native=True)
+    step = NativeWeights(model, 16)
     cache = model.new_cache(2, 16)
     logits = np.zeros((2, step.vocab_padded), dtype=np.float32)
     with pytest.raises(ValueError, match="slots of the wrong shape"):

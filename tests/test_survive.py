@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qiusuo.checkpoint import StageFolder, checkpoint_steps, verify_manifest
+from qiusuo.checkpoint import StageFolder, checkpoint_steps, load_checkpoint, verify_manifest
 from qiusuo.cli import main
 from qiusuo.model import CheckpointError
 from qiusuo.tokenizer import Tokenizer
@@ -48,6 +48,12 @@ def base(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
     run(*pretrain_args(corpus, out, 4, "--save-every", 2))
     return out
+
+
+def copy_of(base: Path, dst: Path) -> Path:
+    """A stage folder like `base` (4 steps, checkpoints at 2 and 4) without running it again."""
+    shutil.copytree(base, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
 
 
 def metrics(out: Path) -> list[dict]:
@@ -143,15 +149,18 @@ def kill_at(runs: Runs, pid: int, out: Path, step: int, rng: random.Random) -> N
         if runs.ended():
             pytest.fail(f"the run ended before step {step}: {runs.wait()}")
         time.sleep(0.005)
-    time.sleep(rng.uniform(0, 0.03))
+    time.sleep(rng.uniform(0, 0.02))
+    if runs.ended():
+        pytest.fail(f"the run ended before it could be killed: {runs.wait()}")
     os.kill(pid, signal.SIGKILL)
     rc, err = runs.wait()
     assert rc == -signal.SIGKILL, err
 
 
-def killed_and_resumed(runs: Runs, args: list, out: Path, steps: int, kills: int, seed: int) -> None:
+def killed_and_resumed(runs: Runs, args: list, out: Path, steps: int, kills: int, seed: int, margin: int) -> None:
+    """Kill the run `kills` times, after random steps that leave `margin` steps to go, then finish it."""
     rng = random.Random(seed)
-    targets = sorted(rng.sample(range(1, steps - 1), kills))
+    targets = sorted(rng.sample(range(1, steps - margin), kills))
     for i, target in enumerate(targets):
         kill_at(runs, runs.start(*args, *(["--resume"] if i else [])), out, target, rng)
     rc, err = runs.run(*args, "--resume")
@@ -166,7 +175,7 @@ def test_pretrain_killed_three_times_resumes_bit_identically(runs, corpus, tmp_p
     rc, err = runs.run(*pretrain_args(corpus, tmp_path / "ref", steps, "--save-every", 1))
     assert rc == 0, err
     args = pretrain_args(corpus, tmp_path / "k", steps, "--save-every", 1)
-    killed_and_resumed(runs, args, tmp_path / "k", steps, 3, seed=1)
+    killed_and_resumed(runs, args, tmp_path / "k", steps, 3, seed=1, margin=3)
     assert_same_run(tmp_path / "ref", tmp_path / "k")
     assert [p.name for _, p in checkpoint_steps(tmp_path / "k")] == ["step-000011", "step-000012"]
 
@@ -177,13 +186,14 @@ def test_dapo_killed_twice_resumes_bit_identically(runs, base, tmp_path):
 
     def args(out):
         return ["grpo", "--init", base, "--out", out, "--loss", "dapo", "--steps", steps, "--prompts-per-step", 2,
-                "--group-size", 2, "--max-new-tokens", 8, "--max-refills", 1, "--save-every", 1,
+                "--group-size", 2, "--max-new-tokens", 8, "--max-refills", 1, "--save-every", 1, "--sample-every", 1,
                 "--tasks", "{arith: [2]}"]
 
     rc, err = runs.run(*args(tmp_path / "ref"))
     assert rc == 0, err
-    killed_and_resumed(runs, args(tmp_path / "k"), tmp_path / "k", steps, 2, seed=2)
+    killed_and_resumed(runs, args(tmp_path / "k"), tmp_path / "k", steps, 2, seed=2, margin=1)
     assert_same_run(tmp_path / "ref", tmp_path / "k")
+    assert (tmp_path / "ref" / "samples.jsonl").read_text() == (tmp_path / "k" / "samples.jsonl").read_text()
 
 
 # --- checkpoints kept, checked, locked ------------------------------------------------------------
@@ -204,14 +214,11 @@ def test_keeps_last_k_with_manifest_and_top_level_export(corpus, tmp_path):
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
-def test_corrupt_newest_falls_back_with_a_warning(corpus, tmp_path, capsys):
-    run(*pretrain_args(corpus, tmp_path / "ref", 4, "--save-every", 2))
-    out = tmp_path / "b"
-    run(*pretrain_args(corpus, out, 4, "--save-every", 2))
+def test_corrupt_newest_falls_back_with_a_warning(corpus, base, tmp_path, capsys):
+    out = copy_of(base, tmp_path / "b")
     newest = out / "checkpoints" / "step-000004" / "model.safetensors"
     data = bytearray(newest.read_bytes())
-    data[-5] ^= 0xFF  # one flipped bit-pattern: same size, caught by the CRC
-    newest.unlink()   # the top-level file is a link to it: damage only the checkpoint's copy
+    data[-5] ^= 0xFF  # same size, caught by the CRC
     newest.write_bytes(bytes(data))
     capsys.readouterr()
     run(*pretrain_args(corpus, out, 4, "--save-every", 2, "--resume"))
@@ -219,12 +226,11 @@ def test_corrupt_newest_falls_back_with_a_warning(corpus, tmp_path, capsys):
     assert "checkpoints/step-000004 is corrupt (model.safetensors fails its CRC32 check)" in " ".join(err.split())
     assert "resumed" in err and "at step 2" in err
     assert (out / "checkpoints" / "step-000004.corrupt").is_dir()
-    assert_same_run(tmp_path / "ref", out)
+    assert_same_run(base, out)
 
 
-def test_truncated_state_falls_back_and_truncated_weights_are_one_line(corpus, tmp_path, capsys):
-    out = tmp_path / "b"
-    run(*pretrain_args(corpus, out, 4, "--save-every", 2))
+def test_truncated_state_falls_back_and_truncated_weights_are_one_line(corpus, base, tmp_path, capsys):
+    out = copy_of(base, tmp_path / "b")
     state = out / "checkpoints" / "step-000004" / "train_state.pt"
     state.write_bytes(state.read_bytes()[:100])
     assert main([str(a) for a in pretrain_args(corpus, out, 4, "--save-every", 2, "--resume")]) == 0
@@ -233,19 +239,16 @@ def test_truncated_state_falls_back_and_truncated_weights_are_one_line(corpus, t
     bad = tmp_path / "cut"
     shutil.copytree(out, bad, ignore=shutil.ignore_patterns("checkpoints", ".lock"))
     weights = bad / "model.safetensors"
-    cut = weights.read_bytes()[:weights.stat().st_size // 2]
-    weights.unlink()
-    weights.write_bytes(cut)
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
     assert main(["eval", "--checkpoint", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot read weights" in err and str(bad) in err
 
 
-def test_fresh_run_into_checkpoints_refused_and_lock_excludes(corpus, tmp_path, capsys):
-    out = tmp_path / "b"
-    run(*pretrain_args(corpus, out, 2, "--save-every", 2))
+def test_fresh_run_into_checkpoints_refused_and_lock_excludes(corpus, base, tmp_path, capsys):
+    out = copy_of(base, tmp_path / "b")
     assert main([str(a) for a in pretrain_args(corpus, out, 2)]) == 2
-    assert "already holds checkpoints (newest: step-000002); use --resume" in capsys.readouterr().err
+    assert "already holds checkpoints (newest: step-000004); use --resume" in capsys.readouterr().err
     run(*pretrain_args(corpus, out, 1, "--save-every", 1, "--overwrite"))
     assert [s for s, _ in checkpoint_steps(out)] == [1]
     held = StageFolder(out, resume=True)
@@ -255,9 +258,23 @@ def test_fresh_run_into_checkpoints_refused_and_lock_excludes(corpus, tmp_path, 
     StageFolder(out, resume=True).close()
 
 
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(runs, corpus, tmp_path):
-    out = tmp_path / "b"
-    run(*pretrain_args(corpus, out, 2, "--save-every", 2))
+def test_other_ranks_read_without_locking_or_renaming(base, tmp_path, capsys):
+    out = copy_of(base, tmp_path / "b")
+    state = out / "checkpoints" / "step-000004" / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    held = StageFolder(out, resume=True)  # rank 0 holds the lock
+    other = StageFolder(out, resume=True, primary=False)
+    model, _ = load_checkpoint(out)
+    _, found = other.newest(model)
+    assert found["step"] == 2 and (out / "checkpoints" / "step-000004").is_dir()  # only rank 0 renames
+    assert "step-000004 is corrupt" in capsys.readouterr().err
+    other.close()
+    held.close()
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(runs, corpus, base, tmp_path):
+    out = copy_of(base, tmp_path / "b")
+    shutil.rmtree(out / "checkpoints" / "step-000004")
     limit = (out / "model.safetensors").stat().st_size // 2
     rc, err = runs.run(*pretrain_args(corpus, out, 4, "--save-every", 2, "--resume"), fsize=limit)
     assert rc == 2, err
@@ -281,8 +298,7 @@ def test_unknown_keys_and_flags_suggest_the_right_name(tmp_path, capsys):
 
 
 def test_other_architecture_and_foreign_tokenizer_refused(corpus, base, tmp_path, capsys):
-    out = tmp_path / "b"
-    run(*pretrain_args(corpus, out, 2, "--save-every", 2))
+    out = copy_of(base, tmp_path / "b")
     wider = TINY_MODEL.replace("hidden_size: 32", "hidden_size: 64")
     args = [str(a) for a in pretrain_args(corpus, out, 4, "--resume")]
     capsys.readouterr()
@@ -295,7 +311,8 @@ def test_other_architecture_and_foreign_tokenizer_refused(corpus, base, tmp_path
     hf = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**hf, "model_type": "gpt2"}))
     assert main(["eval", "--checkpoint", str(other)]) == 2
-    assert "model_type 'gpt2' is not supported" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model_type 'gpt2' is not supported" in err
     # a tokenizer with more tokens than the model has embedding rows
     foreign = tmp_path / "foreign"
     shutil.copytree(base, foreign, ignore=shutil.ignore_patterns("checkpoints", ".lock"))

@@ -114,3 +114,13 @@ def test_reasoning_format_per_tokenizer(tok, checkpoints):
     assert (qwen.special, qwen.opens_think, qwen.strict) == (False, False, False)
     r1 = Tokenizer.load(checkpoints["r1-distill-jinja"]).reasoning
     assert (r1.special, r1.opens_think, r1.strict) == (True, True, False)
+
+
+def test_tools_render_as_transformers_renders_them(checkpoints):
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add two numbers <b>exactly</b>",
+                                               "parameters": {"type": "object", "properties": {"a": {"type": "number"}}}}}]
+    for name in ("qwen2.5-jinja", "llama33.1-jinja"):
+        tok, hf = Tokenizer.load(checkpoints[name]), AutoTokenizer.from_pretrained(checkpoints[name])
+        want = hf.apply_chat_template(CHAT[:2], tools=tools, tokenize=False, add_generation_prompt=True)
+        assert tok.render_chat(CHAT[:2], tools=tools) == want       # tojson without HTML escaping
+        assert "<b>exactly</b>" in want
