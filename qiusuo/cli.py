@@ -71,6 +71,21 @@ def grpo_flops(run: Path) -> float:
     return float(zero["flops"])
 
 
+def control_cap(run: Path) -> int:
+    """A step cap for the control: twice the steps the base's mean FLOPs per step would need (the FLOP
+    budget stops it first; the cap only keeps its progress line and eta meaningful)."""
+    import math
+
+    from .ledger import read_json
+
+    base = read_json(run / "base" / "ledger.json") or {}
+    metrics = run / "base" / "metrics.jsonl"   # one line per pretraining step
+    steps = sum(1 for line in metrics.open() if line.strip()) if metrics.exists() else 0
+    if not base.get("flops") or not steps:
+        return 1_000_000
+    return 2 * math.ceil(grpo_flops(run) / (base["flops"] / steps)) + 10
+
+
 def demo(run: Path, config: Path | None, resume: bool, price: float | None, overwrite: bool = False) -> None:
     """The whole tiny R1-Zero pipeline: corpus → pretrain (base) → grpo (zero) → control (the base
     pretrained further for GRPO's FLOPs) → eval of all three → report. Stages chain through explicit
@@ -91,7 +106,7 @@ def demo(run: Path, config: Path | None, resume: bool, price: float | None, over
         pre = cfg(SFTConfig, "pretrain")
         defaults = {"lr": pre.lr * pre.min_lr_ratio, "min_lr_ratio": 1.0, "warmup_steps": 0,
                     "batch_size": pre.batch_size, "max_len": pre.max_len, "seed": pre.seed + 1,
-                    "log_every": pre.log_every, "save_every": pre.save_every, "steps": 1_000_000}
+                    "log_every": pre.log_every, "save_every": pre.save_every, "steps": control_cap(run)}
         return build(SFTConfig, {**defaults, **(sections.get("control") or {}), "init": str(run / "base"),
                                  "data": str(run / "corpus"), "out": str(run / "control"),
                                  "flops_budget": grpo_flops(run), **price_kw})
