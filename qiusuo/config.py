@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import inspect
 import json
 import textwrap
@@ -83,7 +84,9 @@ def build(cls, file_values: dict | None = None, overrides: dict | None = None):
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ConfigError(f"unknown {cls.__name__} setting(s): {', '.join(unknown)}; known: {', '.join(known)}")
+        hints = [f"{u} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(u, known, n=1)) else u
+                 for u in unknown]
+        raise ConfigError(f"unknown {cls.__name__} setting(s): {', '.join(hints)}; known: {', '.join(known)}")
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
         values[name] = _coerce(name, value, hints.get(name))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .language import check_langs, localize, other, pose
 from .rewards import parse_completion
-from .tasks import format_completion, get_task
+from .tasks import STYLES, format_completion, get_task
 
 
 @dataclass
@@ -29,8 +29,10 @@ class CorpusConfig:
     """Task name → difficulties to draw from (uniformly)."""
     task_weights: dict = field(default_factory=lambda: {"arith": 0.6, "countdown": 0.4})
     """Task name → share of the examples."""
-    styles: dict = field(default_factory=lambda: {"direct": 0.5, "steps": 0.35, "flawed": 0.15})
-    """Completion style → share. Direct answers are guesses, steps are right, flawed traces hold one slip."""
+    styles: dict = field(default_factory=lambda: {"direct": 0.45, "steps": 0.3, "flawed": 0.17, "reflect": 0.08})
+    """Completion style → share. Direct answers are guesses, steps are right, flawed traces hold one
+    slip carried through to a wrong answer, reflect traces slip, notice it (`wait `), redo the step
+    and end right."""
     langs: dict = field(default_factory=dict)
     """Language → share of the questions posed in it (en, zh); empty: prompts as the tasks write them,
     traces without words. With languages, each trace opens and closes with a phrase in its language."""
@@ -54,8 +56,8 @@ class CorpusConfig:
         missing = set(self.tasks) - set(self.task_weights)
         if missing:
             raise ValueError(f"task_weights lacks {sorted(missing)}")
-        if set(self.styles) - {"direct", "steps", "flawed"}:
-            raise ValueError(f"unknown styles {sorted(set(self.styles) - {'direct', 'steps', 'flawed'})}")
+        if set(self.styles) - set(STYLES):
+            raise ValueError(f"unknown styles {sorted(set(self.styles) - set(STYLES))}; known: {', '.join(STYLES)}")
         check_langs(self.langs, "langs")
         if self.weak_lang is not None and self.weak_lang not in self.langs:
             raise ValueError(f"weak_lang {self.weak_lang!r} is not one of langs {sorted(self.langs)}")

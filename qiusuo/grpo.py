@@ -20,6 +20,7 @@ the trace skill RL is meant to sharpen.
 """
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -29,14 +30,16 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint, resume_training, save_stage, training_state
+from . import dist
+from .checkpoint import load_checkpoint
+from .data import DataOptions, problem_pool
 from .engine import Engine, SamplingParams
 from .language import check_langs, pose
 from .ledger import StageLedger, forward_flops, hardware, train_flops
-from .log import StepLog, console, warn
-from .rewards import RewardWeights, overlong_penalty, score_completion
+from .log import console, truncate_after, warn
+from .rewards import STRICT, ReasoningFormat, RewardWeights, overlong_penalty, parse_completion, score_completion
 from .sft import make_optimizer
-from .tasks import get_task
+from .tasks import get_task, reflects
 
 
 # --- the math, as small pure functions -------------------------------------------------------------
@@ -124,9 +127,8 @@ def token_logprobs(model, batch: "TrainBatch", temperature: float = 1.0):
     """log π of every completion token given what precedes it, and the entropy of π there, both in the
     per-sequence layout [S, T] of `batch.mask` (zero elsewhere). The LM head and softmax run only at
     the positions that predict a completion token; the entropy carries no gradient (it is a statistic)."""
-    h = model.hidden(batch.ids, batch.positions, doc_ids=batch.doc_ids)
-    h = h.reshape(-1, h.shape[-1]).index_select(0, batch.source)
-    logp_all = F.log_softmax(model.lm_head(h).float() / temperature, dim=-1)
+    logits = model(batch.ids, batch.positions, doc_ids=batch.doc_ids, select=batch.source)
+    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
     logp = logp_all.gather(-1, batch.target[:, None]).squeeze(-1)
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -184,6 +186,11 @@ class GRPOConfig:
     """Weight of R1's language-consistency reward (share of the CoT in the question's language)."""
     langs: dict = field(default_factory=dict)
     """Language → share of the training questions posed in it (en, zh); empty: prompts as the tasks write them."""
+    data: str | None = None
+    """Dataset file of math problems (JSONL, Parquet or a save_to_disk folder) to train on instead of
+    `tasks`; questions are drawn uniformly, with replacement."""
+    data_options: dict = field(default_factory=dict)
+    """How to read `data`: template, field names, on_bad_row, limit (qiusuo/data.py, DataOptions)."""
     dynamic_sampling: bool | None = None
     """Drop groups whose rewards are all equal and refill the batch; empty: the variant's (dapo: on)."""
     max_refills: int = 3
@@ -197,13 +204,21 @@ class GRPOConfig:
     sample_every: int = 5
     """Write the step's rollouts to samples.jsonl every this many steps."""
     save_every: int = 20
-    """Write checkpoint + train_state every this many steps."""
+    """Write a checkpoint (checkpoints/step-NNNNNN/) every this many steps."""
+    keep_last: int = 2
+    """Checkpoints kept in checkpoints/ (older ones are deleted)."""
     seed: int = 0
     """Seed of prompts and sampling."""
     device: str = "cpu"
-    """torch device."""
+    """torch device (under torchrun, `cuda` means this process's GPU, cuda:LOCAL_RANK)."""
     price_per_device_hour: float = 0.10
     """Dollars per device-hour for the cost ledger."""
+    parallel: str = "ddp"
+    """Under torchrun: ddp (replicated model) | fsdp (FSDP2, sharded parameters and optimizer state)."""
+    dtype: str = "float32"
+    """Training compute: float32 | bfloat16 (fp32 master weights and AdamW state; see qiusuo/dist.py)."""
+    grad_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass (less memory, ≈ 1/3 more compute)."""
 
     def __post_init__(self) -> None:
         if self.loss not in VARIANTS:
@@ -218,6 +233,8 @@ class GRPOConfig:
         for name in self.tasks:
             get_task(name)
         check_langs(self.langs, "langs")
+        if self.data:
+            DataOptions.of(self.data_options)
         if self.group_size < 2:
             raise ValueError("group_size must be ≥ 2: the advantage compares completions within a group")
         if self.beta < 0 or self.mu < 1 or self.minibatches < 1:
@@ -244,6 +261,9 @@ class Rollout:
 
 
 def draw_problems(cfg: GRPOConfig, rng: random.Random, n: int) -> list:
+    if cfg.data:
+        pool = problem_pool(cfg.data, json.dumps(cfg.data_options, sort_keys=True))
+        return [pool[rng.randrange(len(pool))] for _ in range(n)]
     names = list(cfg.tasks)
     out = []
     for _ in range(n):
@@ -262,7 +282,7 @@ def rollout_seed(cfg: GRPOConfig, step: int, round_: int) -> int:
 
 
 def rollout(engine: Engine, tok, problems: list, cfg: GRPOConfig, seed: int) -> Rollout:
-    prompt_ids = [tok.prompt_ids(p.prompt) for p in problems]
+    prompt_ids = [get_task(p.task).prompt_ids(p, tok) for p in problems]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
     completions = engine.generate(prompt_ids, params, n=cfg.group_size)
     weights = RewardWeights(accuracy=cfg.reward_accuracy, format=cfg.reward_format, language=cfg.reward_language)
@@ -272,7 +292,7 @@ def rollout(engine: Engine, tok, problems: list, cfg: GRPOConfig, seed: int) -> 
     for i, c in enumerate(completions):
         p, g = divmod(i, G)
         problem = problems[p]
-        total, detail = score_completion(get_task(problem.task), problem, c.text, weights)
+        total, detail = score_completion(get_task(problem.task), problem, c.text, weights, tok.reasoning)
         if cfg.overlong_buffer:
             pen = overlong_penalty(len(c.token_ids), cfg.max_new_tokens, cfg.overlong_buffer)
             parts["overlong"][p, g] = pen
@@ -281,6 +301,18 @@ def rollout(engine: Engine, tok, problems: list, cfg: GRPOConfig, seed: int) -> 
         for name, r in detail.items():
             parts[name][p, g] = r.value
     return Rollout(problems, prompt_ids, completions, rewards, parts)
+
+
+def rollout_all(engine, tok, problems: list, cfg: GRPOConfig, seed: int) -> Rollout:
+    """`rollout` of all `problems`; under torchrun each rank generates a contiguous share of the groups
+    and every rank gets the whole (rewards gathered, so advantages, dynamic sampling and metrics see
+    whole groups). Row streams are seed + global row, so the completions do not depend on the layout."""
+    G = cfg.group_size
+    parts = dist.gather_shards(len(problems), lambda a, b: rollout(engine, tok, problems[a:b], cfg, seed + a * G))
+    whole = parts[0]
+    for part in parts[1:]:
+        whole = merge(whole, part)
+    return whole
 
 
 def keep_groups(r: Rollout, groups: list[int], G: int) -> Rollout:
@@ -306,7 +338,7 @@ def collect(engine, tok, cfg: GRPOConfig, rng: random.Random, step: int) -> tupl
     drop them and sample more questions until the batch is full or the refill budget is spent.
     Returns (rollout, completions generated, fraction of zero-std groups in the first round)."""
     P, G = cfg.prompts_per_step, cfg.group_size
-    batch = rollout(engine, tok, draw_problems(cfg, rng, P), cfg, seed=rollout_seed(cfg, step, 0))
+    batch = rollout_all(engine, tok, draw_problems(cfg, rng, P), cfg, seed=rollout_seed(cfg, step, 0))
     generated, zero_std_frac = P * G, (batch.rewards.std(1) == 0).float().mean().item()
     if not cfg.dynamic_sampling:
         return batch, generated, zero_std_frac
@@ -314,7 +346,7 @@ def collect(engine, tok, cfg: GRPOConfig, rng: random.Random, step: int) -> tupl
     for refill in range(1, cfg.max_refills + 1):
         if len(kept.problems) >= P:
             break
-        more = rollout(engine, tok, draw_problems(cfg, rng, P), cfg, seed=rollout_seed(cfg, step, refill))
+        more = rollout_all(engine, tok, draw_problems(cfg, rng, P), cfg, seed=rollout_seed(cfg, step, refill))
         generated += P * G
         kept = merge(kept, informative(more, G))
     if len(kept.problems) == 0:
@@ -392,70 +424,97 @@ def training_batch(r: Rollout, pad_id: int, device) -> TrainBatch:
 
 # --- the loop ---------------------------------------------------------------------------------------
 
-def train(cfg: GRPOConfig, resume: bool = False) -> Path:
+def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Under torchrun the prompts of every rollout round are split over the ranks by whole groups
+    (`rollout_all`); after the rewards are gathered each rank trains on its share of the kept groups,
+    with the loss normalised by global counts (`dist.loss_scale`), so N processes step as one."""
+    world, device = dist.init(cfg.device)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = dist.stage_folder(out, cfg.keep_last, resume, overwrite)
     torch.manual_seed(cfg.seed)
     variant = VARIANTS[cfg.loss]
-    model, tok = load_checkpoint(cfg.init, cfg.device)
+    model, tok = load_checkpoint(cfg.init, device)
     ref = None
     if cfg.beta > 0:  # the frozen reference exists only when the KL term is used
-        ref, _ = load_checkpoint(cfg.init, cfg.device)
+        ref, _ = load_checkpoint(cfg.init, device)
         ref.eval().requires_grad_(False)
+    n_params, mc = model.num_params(), model.config
+    model = dist.wrap(model, cfg.parallel, cfg.dtype, cfg.grad_checkpointing)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    engine = Engine(model, tok)
     rng = random.Random(cfg.seed)
-    ledger = StageLedger(out.name, cfg.price_per_device_hour, hardware()["device"])
+    ledger = StageLedger(out.name, cfg.price_per_device_hour, hardware()["device"], dist.world().size)
     step = 0
+    state = dist.resume(folder, model, opt, ledger)
+    resume = state is not None
     if resume:
-        state = resume_training(out, model, opt, ledger)
         rng.setstate(state["prompt_rng"])
         step = state["step"]
-        console.print(f"resumed {out} at step {step}")
+        if dist.is_main():
+            console.print(f"resumed {out} at step {step}")
     samples_path = out / "samples.jsonl"
-    if not resume:
+    if not resume and dist.is_main():
         samples_path.unlink(missing_ok=True)
-    n_params, mc = model.num_params(), model.config
-    console.print(f"grpo ({cfg.loss}): {n_params / 1e6:.2f} M parameters, {cfg.prompts_per_step}×{cfg.group_size} "
-                  f"completions/step, β={cfg.beta}, ε=({cfg.eps_low}, {cfg.eps_high}), μ={cfg.mu}")
+    elif dist.is_main():
+        truncate_after(samples_path, step)
+    if dist.is_main():
+        console.print(f"grpo ({cfg.loss}): {n_params / 1e6:.2f} M parameters, {cfg.prompts_per_step}×{cfg.group_size} "
+                      f"completions/step, β={cfg.beta}, ε=({cfg.eps_low}, {cfg.eps_high}), μ={cfg.mu}"
+                      + (f", {world.size} processes ({cfg.parallel})" if world.size > 1 else ""))
     line = {"rollout/reward_mean": "reward", "rollout/accuracy": "acc", "rollout/len_mean": "len",
             "train/kl": "kl", "train/entropy": "ent", "perf/completions_per_s": "compl/s"}
-    with StepLog(out, cfg.steps, step, line, every=cfg.log_every, resume=resume) as log:
+    engine = None
+    with dist.step_log()(out, cfg.steps, step, line, every=cfg.log_every, resume=resume) as log:
         while step < cfg.steps:
             t0 = time.perf_counter()
             # 1. rollout with π_old (the current weights, no grad)
             model.eval()
-            r, generated, zero_std_frac = collect(engine, tok, cfg, rng, step)
-            engine.forget_weights()   # the update makes the packed copy stale: not held through it
+            with dist.full_weights(model) as whole:
+                if engine is None or dist.is_fsdp(model):   # FSDP's whole weights are new tensors each step
+                    engine = Engine(whole, tok)
+                r, generated, zero_std_frac = collect(engine, tok, cfg, rng, step)
+                engine.forget_weights()   # the update makes the packed copy stale: not held through it
             t_gen = time.perf_counter() - t0
             adv = group_advantages(r.rewards, variant.scale_by_std).flatten()  # [P*G]
-            batch = training_batch(r, tok.pad_id, cfg.device)
             gen_tokens = sum(len(c.token_ids) for c in r.completions)
+            # this rank's groups (a rank left without any trains on group 0 with weight 0, so that
+            # every rank takes part in the gradient all-reduce)
+            G = cfg.group_size
+            a, b = dist.shard_range(len(r.problems))
+            mine = keep_groups(r, list(range(a, b)) if b > a else [0], G)
+            batch = training_batch(mine, tok.pad_id, device)
+            adv_mine = adv[a * G:b * G] if b > a else torch.zeros(G)
             # 2. log-probs of π_old and π_ref (only needed when μ > 1 / β > 0)
-            with torch.no_grad():
+            with torch.no_grad(), dist.autocast(cfg.dtype, device):
                 logp_old = token_logprobs(model, batch, cfg.temperature)[0] if cfg.mu > 1 or cfg.minibatches > 1 else None
                 logp_ref = token_logprobs(ref, batch, cfg.temperature)[0] if ref is not None else None
             # 3. μ passes of minibatch updates
             model.train()
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-            stats = update(model, opt, batch, adv, logp_old, logp_ref, variant, cfg)
+            stats = update(model, opt, batch, adv_mine.to(device), logp_old, logp_ref, variant, cfg,
+                           weight=1.0 if b > a else 0.0, device=device)
             step += 1
             width = batch.ids.shape[1]
-            train_tokens = int(batch.ids.numel()) * cfg.mu * (2 if ref is not None else 1)
-            ledger.add(forward_flops(n_params, gen_tokens, mc.num_hidden_layers, mc.hidden_size, width)
+            # μ training passes (forward + backward) over every rank's rows, plus forwards only for π_old
+            # (when it is not the training pass itself) and for the reference model (when β > 0)
+            tokens_all = int(dist.all_sum([batch.ids.numel() if b > a else 0])[0])
+            train_tokens = tokens_all * cfg.mu
+            ref_tokens = tokens_all * ((ref is not None) + (logp_old is not None))
+            ledger.add(forward_flops(n_params, gen_tokens + ref_tokens, mc.num_hidden_layers, mc.hidden_size, width)
                        + train_flops(n_params, train_tokens, mc.num_hidden_layers, mc.hidden_size, width),
-                       gen_tokens + train_tokens)
+                       gen_tokens + train_tokens + ref_tokens)
             dt = time.perf_counter() - t0
-            metrics = step_metrics(r, zero_std_frac, stats, generated, gen_tokens, dt, t_gen)
-            warn_if_degenerate(step, metrics)
+            metrics = step_metrics(r, zero_std_frac, stats, generated, gen_tokens, dt, t_gen, tok.reasoning)
+            if dist.is_main():
+                warn_if_degenerate(step, metrics)
             log.log(step, metrics)
-            if step % cfg.sample_every == 0 or step == 1:
+            if dist.is_main() and (step % cfg.sample_every == 0 or step == 1):
                 write_samples(samples_path, step, r, adv)
             if step % cfg.save_every == 0 or step == cfg.steps:
-                save_stage(out, model, tok, cfg, training_state(model, opt, ledger, cfg, step=step,
-                                                                prompt_rng=rng.getstate()))
-    ledger.finish(out / "ledger.json")
+                dist.save(folder, model, opt, tok, cfg, ledger, step=step, prompt_rng=rng.getstate())
+    if dist.is_main():
+        ledger.finish(out / "ledger.json")
+    folder.close()
     return out
 
 
@@ -467,9 +526,13 @@ def minibatch_slices(n: int, minibatches: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def update(model, opt, batch: TrainBatch, adv, logp_old, logp_ref, variant: Variant, cfg: GRPOConfig) -> dict:
-    """μ passes over the rollout batch in `minibatches` optimizer steps each; returns mean stats."""
-    slices = minibatch_slices(len(batch), cfg.minibatches)
+def update(model, opt, batch: TrainBatch, adv, logp_old, logp_ref, variant: Variant, cfg: GRPOConfig,
+           weight: float = 1.0, device="cpu") -> dict:
+    """μ passes over the rollout batch in `minibatches` optimizer steps each; returns mean stats.
+    Under torchrun `batch` is this rank's share (`weight` 0: a stand-in for a rank with none) and each
+    minibatch's loss is rescaled to the global normaliser: tokens for DAPO's token mean, sequences else."""
+    # every rank takes the same number of optimizer steps (each is a collective): the fewest any can make
+    slices = minibatch_slices(len(batch), dist.all_min(min(cfg.minibatches, len(batch))))
     parts_of = {0: batch} if len(slices) == 1 else {}   # minibatch start → its packed sequences
     totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     n = 0
@@ -479,27 +542,37 @@ def update(model, opt, batch: TrainBatch, adv, logp_old, logp_ref, variant: Vari
                 parts_of[sl.start] = batch.subset(sl)
             part = parts_of[sl.start]
             mask = part.mask
-            logp, entropy = token_logprobs(model, part, cfg.temperature)
+            with dist.autocast(cfg.dtype, device):
+                logp, entropy = token_logprobs(model, part, cfg.temperature)
             # With μ = 1 and one minibatch π_old = π_θ: the ratio is 1 in value, its gradient the policy gradient.
             old = logp.detach() if logp_old is None else logp_old[sl]
             ref = None if logp_ref is None else logp_ref[sl]
             loss, parts = policy_loss(logp, old, ref, adv[sl], mask, variant, cfg.eps_low, cfg.eps_high,
                                       cfg.beta, cfg.max_new_tokens)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
             m = mask.float()
-            totals["loss"] += loss.item()
-            totals["kl"] += parts["kl"]
-            totals["clip_frac"] += parts["clip_frac"]
-            totals["entropy"] += ((entropy.detach() * m).sum() / m.sum().clamp_min(1)).item()
-            totals["grad_norm"] += grad_norm.item()
+            n_tok = float(m.sum()) * weight
+            scale = dist.loss_scale(n_tok if variant.aggregate is agg_token_mean else len(part) * weight, device)
+            opt.zero_grad(set_to_none=True)
+            (loss * scale if scale != 1.0 else loss).backward()
+            grad_norm = dist.grad_norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            opt.step()
+            local = {"kl": parts["kl"], "clip_frac": parts["clip_frac"],
+                     "entropy": float((entropy.detach() * m).sum() / m.sum().clamp_min(1))}
+            if dist.active():   # token-weighted means over the ranks; the loss is already a share
+                *sums, n_all = dist.all_sum([local[k] * n_tok for k in local] + [n_tok], device)
+                local = {k: v / n_all if n_all else 0.0 for k, v in zip(local, sums)}
+                local["loss"] = dist.all_sum([loss.item() * scale], device)[0] / dist.world().size
+            else:
+                local["loss"] = loss.item()
+            for k, v in local.items():
+                totals[k] += v
+            totals["grad_norm"] += grad_norm
             n += 1
     return {k: v / n for k, v in totals.items()}
 
 
-def step_metrics(r: Rollout, zero_std_frac: float, stats: dict, generated: int, gen_tokens: int, dt: float, t_gen: float) -> dict:
+def step_metrics(r: Rollout, zero_std_frac: float, stats: dict, generated: int, gen_tokens: int, dt: float, t_gen: float,
+                 fmt: ReasoningFormat = STRICT) -> dict:
     lengths = torch.tensor([len(c.token_ids) for c in r.completions], dtype=torch.float)
     m = {
         "rollout/reward_mean": r.rewards.mean().item(),
@@ -508,7 +581,13 @@ def step_metrics(r: Rollout, zero_std_frac: float, stats: dict, generated: int, 
         "rollout/len_mean": lengths.mean().item(),
         "rollout/len_max": int(lengths.max().item()),
         "rollout/truncated_frac": sum(c.finish_reason == "length" for c in r.completions) / len(r.completions),
+        "rollout/reflection_rate": sum(reflects(c.text) for c in r.completions) / len(r.completions),
     }
+    # Trace accuracy: correct answers among the completions that reason (non-empty <think>).
+    reasons = [bool((p := parse_completion(c.text, fmt)) and p[0]) for c in r.completions]
+    if any(reasons):
+        right = r.parts["accuracy"].flatten() > 0
+        m["rollout/trace_accuracy"] = sum(bool(ok) for ok, t in zip(right, reasons) if t) / sum(reasons)
     for name, values in r.parts.items():
         m[f"rollout/{name}"] = values.mean().item()
         m[f"rollout/{name}_std"] = values.std().item()

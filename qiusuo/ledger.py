@@ -164,11 +164,13 @@ class StageLedger:
 
     Wall time runs from construction to `finish`, so build the ledger when the stage starts;
     a resumed stage adds the time saved in its checkpoint (`snapshot` / `restore`).
-    A stage runs on one device, so device-hours equal wall-clock hours.
+    Device-hours are wall-clock hours times `devices` (the processes of a torchrun stage, one device
+    each; FLOPs and tokens are counted over all of them).
     """
 
-    def __init__(self, stage: str, price_per_device_hour: float, device: str) -> None:
+    def __init__(self, stage: str, price_per_device_hour: float, device: str, devices: int = 1) -> None:
         self.stage = stage
+        self.devices = devices
         self.price_per_device_hour = float(price_per_device_hour)
         self.device = device
         self.flops = 0.0
@@ -205,7 +207,7 @@ class StageLedger:
     def finish(self, path: str | Path) -> dict:
         """Stop the clock, write the totals as JSON to `path` and return them."""
         wall_s = self.elapsed()
-        device_hours = wall_s / 3600
+        device_hours = wall_s / 3600 * self.devices
         record = {
             "stage": self.stage,
             "wall_s": wall_s,
@@ -218,6 +220,8 @@ class StageLedger:
             "currency": CURRENCY,
             "achieved_flops_per_s": self.flops / wall_s if wall_s > 0 else 0.0,
         }
+        if self.devices > 1:   # torchrun: wall time on every process's device
+            record["devices"] = self.devices
         write_json_atomic(Path(path), record)
         return record
 

@@ -18,6 +18,21 @@ def warn(message: str) -> None:
     console.print(f"[yellow]warning:[/] {message}")
 
 
+def truncate_after(path: Path, step: int) -> None:
+    """On resume, drop the lines of a per-step JSONL file (and a half-written last line) after the
+    checkpoint's step: those steps will be run again."""
+    from .model import atomic_write_text
+
+    keep = []
+    for line in path.read_text().splitlines() if path.exists() else ():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue
+    atomic_write_text(path, "".join(k + "\n" for k in keep))  # a kill while rewriting loses nothing
+
+
 class StepLog:
     """Append metrics to `<folder>/metrics.jsonl` and show progress.
 
@@ -29,24 +44,13 @@ class StepLog:
         if not resume:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            self._truncate_after(start_step)
+            truncate_after(self.path, start_step)
         self.total, self.line_keys, self.every = total_steps, line_keys, max(1, every)
         self.t0, self.start_step = time.perf_counter(), start_step
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeRemainingColumn(), console=console, transient=True,
                                  disable=not sys.stderr.isatty())
         self.task = self.progress.add_task(Path(folder).name, total=total_steps, completed=start_step)
-
-    def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines of steps after the checkpoint: they will be run again."""
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                continue
-        self.path.write_text("".join(k + "\n" for k in keep))
 
     def __enter__(self):
         self.progress.start()

@@ -43,6 +43,9 @@ class ModelConfig:
     """Longest sequence the model is meant for (and the default KV-cache length)."""
     rope_theta: float = 10000.0
     """Base of the rotary frequencies."""
+    rope_scaling: dict | None = None
+    """Rotary frequency scaling as in config.json (`rope_type` "linear" or "llama3" with its keys), or
+    None; `rope_inv_freq` applies it."""
     rms_norm_eps: float = 1e-6
     """Epsilon inside RMSNorm."""
     qkv_bias: bool = True
@@ -76,7 +79,7 @@ class ModelConfig:
             "head_dim": self.head_dim,
             "max_position_embeddings": self.max_position_embeddings,
             "rope_theta": self.rope_theta,
-            "rope_scaling": None,
+            "rope_scaling": self.rope_scaling,
             "rms_norm_eps": self.rms_norm_eps,
             "tie_word_embeddings": self.tie_word_embeddings,
             "vocab_size": self.vocab_size,
@@ -96,26 +99,85 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelConfig":
-        model_type = cfg.get("model_type")
-        if model_type not in ("qwen2", "llama"):
-            raise ValueError(f"unsupported model_type {model_type!r}: qiusuo loads qwen2 and llama checkpoints")
-        if cfg.get("rope_scaling") not in (None, {}) and (cfg["rope_scaling"] or {}).get("rope_type", "default") != "default":
-            raise ValueError(f"rope_scaling {cfg['rope_scaling']!r} is not supported")
-        # transformers 5 moved rope_theta into rope_parameters.
-        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        """The config of a Qwen2 / Llama checkpoint; anything qiusuo does not implement is refused with a
+        ValueError naming the setting (`unsupported`), so a checkpoint never loads into a wrong model."""
+        problem = unsupported(cfg)
+        if problem:
+            raise ValueError(problem)
+        model_type = cfg["model_type"]
+        theta, scaling = _rope_settings(cfg)
         eos = cfg.get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0]
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in cfg.items() if k in known}
         kwargs.update(
-            rope_theta=float(theta),
+            rope_theta=theta,
+            rope_scaling=scaling,
             eos_token_id=eos,
-            qkv_bias=cfg.get("attention_bias", model_type == "qwen2"),
+            # Qwen2 always has the q/k/v bias (transformers ignores attention_bias there)
+            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias")),
             head_dim=cfg.get("head_dim") or 0,
-            tie_word_embeddings=cfg.get("tie_word_embeddings", model_type == "qwen2"),
+            # transformers' default for both families when config.json leaves it out
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         )
         return cls(**kwargs)
+
+
+ROPE_TYPES = ("default", "linear", "llama3")
+"""The `rope_type`s `rope_inv_freq` implements."""
+_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size", "num_experts_per_tok")
+
+
+def _rope_settings(cfg: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling or None) from either layout of config.json: `rope_theta` and
+    `rope_scaling` (transformers 4, older checkpoints) or `rope_parameters` holding both (transformers 5)."""
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = dict(cfg.get("rope_scaling") or params)
+    theta = params.get("rope_theta") or cfg.get("rope_theta") or scaling.get("rope_theta") or 10000.0
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return float(theta), None
+    scaling = {k: v for k, v in scaling.items() if k not in ("rope_theta", "type")}
+    scaling["rope_type"] = kind
+    return float(theta), scaling
+
+
+def unsupported(cfg: dict) -> str | None:
+    """One line naming the first setting of a Hugging Face config.json that qiusuo does not implement,
+    or None when it implements them all."""
+    model_type = cfg.get("model_type")
+    if model_type not in ("qwen2", "llama"):
+        return f"model_type {model_type!r} is not supported: qiusuo loads qwen2 and llama checkpoints"
+    if cfg.get("use_sliding_window"):
+        return "use_sliding_window: true is not supported (qiusuo implements full attention only)"
+    layer_types = cfg.get("layer_types") or []
+    if any(t != "full_attention" for t in layer_types):
+        return f"layer_types {sorted(set(layer_types))} are not supported (qiusuo implements full_attention only)"
+    for key in _MOE_KEYS:
+        if cfg.get(key):
+            return f"{key} = {cfg[key]!r}: mixture-of-experts models are not supported"
+    if cfg.get("hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg['hidden_act']!r} is not supported (qiusuo implements silu)"
+    if cfg.get("mlp_bias"):
+        return "mlp_bias: true is not supported"
+    if cfg.get("quantization_config"):
+        return "quantization_config: quantized checkpoints are not supported"
+    if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
+        return f"partial_rotary_factor {cfg['partial_rotary_factor']} is not supported"
+    if cfg.get("attention_bias") and model_type == "llama":
+        return "attention_bias: true is not supported for llama (it also puts a bias on o_proj)"
+    _, scaling = _rope_settings(cfg)
+    if scaling is not None:
+        kind = scaling["rope_type"]
+        if kind not in ROPE_TYPES:
+            return f"rope_scaling type {kind!r} is not supported (qiusuo implements {', '.join(ROPE_TYPES)})"
+        need = ("factor",) + (("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                              if kind == "llama3" else ())
+        missing = [k for k in need if scaling.get(k) is None]
+        if missing:
+            return f"rope_scaling {kind!r} lacks {', '.join(missing)}"
+    return None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -137,10 +199,36 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables for `positions` [B, T] → each [B, 1, T, head_dim] (HF's half-split layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float()[..., None] * inv_freq  # [B, T, head_dim/2]
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """The rotary inverse frequencies [head_dim / 2] (fp32) of `cfg`: θ^(−2i/d), then `rope_scaling`
+    as transformers applies it — "linear" divides every frequency by `factor`; "llama3" (Llama 3.1)
+    divides the low frequencies (wavelength above original_max_position_embeddings / low_freq_factor)
+    by `factor`, keeps the high ones (wavelength below original / high_freq_factor) and interpolates
+    smoothly in between. The one source of rotary frequencies, for training and decoding alike."""
+    D = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, device=device, dtype=torch.float32) / D))
+    s = cfg.rope_scaling
+    if not s:
+        return inv
+    kind, factor = s["rope_type"], float(s["factor"])
+    if kind == "linear":
+        return inv / factor
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (qiusuo implements {', '.join(ROPE_TYPES)})")
+    low, high = float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    original = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > original / low, inv / factor, inv)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos/sin tables for `positions` [B, T] → each [B, 1, T, head_dim] (HF's half-split layout), from
+    `rope_inv_freq`'s frequencies."""
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)  # [B, T, head_dim/2]
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -296,7 +384,7 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
         x = self.model.embed_tokens(ids)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config, ids.device), x.dtype)
         attn_mask = None
         if doc_ids is not None:
             # Packed training rows: causal attention within each document only.
@@ -310,8 +398,13 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, i, cache, attn_mask, positions)
         return self.model.norm(x)
 
-    def forward(self, ids, positions=None, cache: KVCache | None = None, doc_ids=None):
-        return self.lm_head(self.hidden(ids, positions, cache, doc_ids))
+    def forward(self, ids, positions=None, cache: KVCache | None = None, doc_ids=None, select=None):
+        """Logits [B, T, V]; with `select` (flat indices into the B·T outputs) only those, [n, V] — the
+        head runs where a loss needs it. Through `forward` so DDP / FSDP wrappers see the whole pass."""
+        h = self.hidden(ids, positions, cache, doc_ids)
+        if select is not None:
+            h = h.reshape(-1, h.shape[-1]).index_select(0, select)
+        return self.lm_head(h)
 
     def new_cache(self, batch: int, max_len: int | None = None, zeroed: bool = True) -> KVCache:
         p = self.lm_head.weight
@@ -341,8 +434,8 @@ def decode_rotary(cfg: ModelConfig, max_len: int, device, dtype) -> tuple[torch.
     """Rotary tables of the decode steps, [max_len, head_dim] each: rotate_half(y) = [−y₂, y₁] per head
     becomes y gathered by a fixed column permutation (`DecodeWeights.perm`) times a sin table that
     carries the sign."""
-    D, half = cfg.head_dim, cfg.head_dim // 2
-    cos, sin = rope_cos_sin(torch.arange(max_len, device=device)[None], D, cfg.rope_theta, dtype)
+    half = cfg.head_dim // 2
+    cos, sin = rope_cos_sin(torch.arange(max_len, device=device)[None], rope_inv_freq(cfg, device), dtype)
     return cos[0, 0], sin[0, 0] * torch.cat([-torch.ones(half), torch.ones(half)]).to(device, dtype)
 
 
@@ -467,6 +560,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder is missing, incomplete or corrupt."""
 
 
+class UnsupportedModel(ValueError):
+    """A well-formed checkpoint of an architecture or setting qiusuo does not implement."""
+
+
 def _read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -494,7 +591,10 @@ def load_model(ckpt: Path, device="cpu", dtype=torch.float32) -> Transformer:
         hf = json.loads((ckpt / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{ckpt}/config.json is not valid JSON: {e}") from e
-    cfg = ModelConfig.from_hf(hf)
+    try:
+        cfg = ModelConfig.from_hf(hf)
+    except ValueError as e:
+        raise UnsupportedModel(f"{ckpt}: {e}") from None
     state = _read_weights(ckpt)
     with torch.device("meta"):
         model = Transformer(cfg)

@@ -67,11 +67,6 @@ def ledger_flops(folder: Path) -> float:
     return float(ledger["flops"])
 
 
-def steps_per_flops(folder: Path, steps: int) -> float:
-    """FLOPs of one optimizer step of a finished training stage (its total over its steps)."""
-    return ledger_flops(folder) / steps
-
-
 class Plan:
     """The stages in order, built from a multi-section YAML (configs/paper.yaml). Stages whose size
     depends on an earlier one's FLOPs (the control, the RL-only student) are sized when they start."""
@@ -155,14 +150,12 @@ class Plan:
                                                         data=str(r / "sampled"), out=str(r / "student")),
                         r / "student" / "ledger.json")
         if name == "control":
+            # As in `qiusuo demo`: the base's pretraining continued at its final learning rate on a fresh
+            # shuffle of the same corpus until it has spent what the R1-Zero stage spent.
             base = self.cfg(SFTConfig, "pretrain")
-            per_step = steps_per_flops(r / "base", base.steps)
-            steps = max(1, round(ledger_flops(r / "zero") / per_step))
-            # The control continues the base's schedule at its final learning rate: a fresh warm-up
-            # and decay would be a different experiment from "more of the same pretraining".
-            cfg = self.cfg(SFTConfig, "pretrain", init=str(r / "base"), data=str(r / "corpus"), out=str(r / "control"),
-                           steps=steps, lr=base.lr * base.min_lr_ratio, warmup_steps=0, min_lr_ratio=1.0,
-                           seed=base.seed + 1)
+            cfg = self.cfg(SFTConfig, "pretrain", "control", init=str(r / "base"), data=str(r / "corpus"),
+                           out=str(r / "control"), steps=1_000_000, lr=base.lr * base.min_lr_ratio, warmup_steps=0,
+                           min_lr_ratio=1.0, seed=base.seed + 1, flops_budget=ledger_flops(r / "zero"))
             return Step("control", "pretrain", cfg, r / "control" / "ledger.json")
         # student_rl: at least the compute of the distillation fine-tuning (sampling + SFT), estimated
         # per step from the R1-Zero stage scaled by the models' sizes; the table shows what it spent.
@@ -199,6 +192,7 @@ def _params(folder: Path) -> int:
 def run_paper(run: Path, config: Path | None, resume: bool, price: float | None) -> Path:
     """Run every stage of the plan in order (with `resume`, finished ones are skipped and a stopped one
     continues), then write `<run>/report.md`."""
+    from .checkpoint import has_checkpoints
     from .cli import run_stage
 
     plan = Plan(run, read_yaml(config) if config else {}, price)
@@ -213,7 +207,7 @@ def run_paper(run: Path, config: Path | None, resume: bool, price: float | None)
             print(f"[{step.name}] already done ({step.done}), skipping")
             continue
         out = Path(getattr(step.cfg, "out", "") or "")
-        partial = resume and step.kind in ("pretrain", "grpo") and (out / "train_state.pt").exists()
+        partial = resume and step.kind in ("pretrain", "grpo") and has_checkpoints(out)
         print(f"[{step.name}] {'resuming' if partial else 'starting'}")
         run_stage(step.kind, step.cfg, resume=partial)
         if step.name == "student_rl":
@@ -244,7 +238,7 @@ def row_figures(run: Path, model: str, lineage: tuple[str, ...], price: float | 
     overall = result["overall"]
     solved = overall["pass@1"] * result["n_problems"]
     return {"pass@1": overall["pass@1"], "cons@k": overall["cons@k"], "k": result["k"],
-            "trace_acc": overall.get("trace_acc"), "reflection": overall.get("reflection"),
+            "trace_acc": overall.get("trace_accuracy"), "reflection": overall.get("reflection_rate"),
             "mean_len": overall.get("mean_len"), "lang": overall.get("lang_consistency"),
             "flops": flops, "cost": cost, "cost_per_solved": cost / solved if solved else None,
             "missing": missing}
@@ -323,8 +317,8 @@ def findings(fig: dict) -> list[str]:
 
 
 # (metrics key, panel title) of the summary figure; a key no stage logged leaves its panel out.
-CURVES = (("rollout/accuracy", "accuracy (training rollouts)"), ("rollout/trace_acc", "trace accuracy"),
-          ("rollout/reflection", "reflection rate"), ("rollout/len_mean", "mean response length (tokens)"),
+CURVES = (("rollout/accuracy", "accuracy (training rollouts)"), ("rollout/trace_accuracy", "trace accuracy"),
+          ("rollout/reflection_rate", "reflection rate"), ("rollout/len_mean", "mean response length (tokens)"),
           ("rollout/language", "language reward (0 if the format fails)"))
 RL_STAGES = ("zero", "r1", "r1_nolang", "student_rl")
 

@@ -21,7 +21,7 @@ from qiusuo.ledger import git_info, hardware, read_json
 log = logging.getLogger(__name__)
 
 # The pipeline runs stages in this order; stages the report does not know come after it.
-PREFERRED_ORDER = ("corpus", "base", "sft", "zero", "r1")
+PREFERRED_ORDER = ("corpus", "base", "control", "sft", "zero", "r1")
 # A sub-folder of a run is a stage when it holds one of these.
 STAGE_FILES = ("config.yaml", "metrics.jsonl", "ledger.json")
 # Sub-folders of a run that belong to the evaluator and to this report, not to a stage.
@@ -30,12 +30,17 @@ NOT_STAGES = ("eval", "plots")
 EVAL_METRICS = (
     ("pass@1", "pass@1", True),
     ("cons@k", "cons@k", True),
+    ("trace_accuracy", "trace accuracy", True),
+    ("trace_rate", "trace rate", True),
+    ("reflection_rate", "reflection rate", True),
     ("mean_len", "mean response length", False),
 )
 # (file suffix, metrics key, axis label) of the GRPO plots.
 GRPO_PLOTS = (
     ("reward", "rollout/reward_mean", "mean reward"),
     ("accuracy", "rollout/accuracy", "accuracy"),
+    ("trace_accuracy", "rollout/trace_accuracy", "trace accuracy"),
+    ("reflection", "rollout/reflection_rate", "reflection rate"),
     ("length", "rollout/len_mean", "mean response length (tokens)"),
     ("kl", "train/kl", "KL to reference"),
     ("entropy", "train/entropy", "entropy"),
@@ -43,6 +48,8 @@ GRPO_PLOTS = (
 # The trend line compares the mean of these metrics over this many first and last steps.
 TREND_METRICS = (
     ("rollout/accuracy", "accuracy", True),
+    ("rollout/trace_accuracy", "trace accuracy", True),
+    ("rollout/reflection_rate", "reflection rate", True),
     ("rollout/len_mean", "response length", False),
 )
 TREND_STEPS = 10
@@ -75,7 +82,7 @@ def write_report(run_dir: str | Path, price_per_device_hour: float | None = None
     evals = _load_evals(run_dir)
     lines = [
         *_header_section(run_dir),
-        *_summary_section(evals),
+        *_summary_section(evals, run_dir),
         *_cost_section(run_dir, stages, price_per_device_hour),
         *_grpo_section(metrics, plots_dir, plt),
         *_pretrain_section(run_dir, metrics, plots_dir, plt),
@@ -268,7 +275,19 @@ def _fmt_hardware(key: str, value: object) -> str:
 # ---------------------------------------------------------------------------- 2. summary
 
 
-def _summary_section(evals: dict[str, dict]) -> list[str]:
+def _stage_table(evals: dict[str, dict], overall: list[dict], run_dir: Path | None) -> list[str]:
+    """The paper-style table: a row per evaluated stage, a column per score, and the FLOPs its own
+    training took (from the stage's ledger; the control is meant to match the RL stage)."""
+    header = ["stage", *(_metric_label(k, label, evals) for k, label, _ in EVAL_METRICS), "training FLOPs"]
+    rows = []
+    for stage, o in zip(evals, overall):
+        ledger = read_json(run_dir / stage / "ledger.json") if run_dir is not None else None
+        flops = _num(ledger.get("flops")) if isinstance(ledger, dict) else None
+        rows.append([f"`{stage}`", *(_fmt_value(_num(o.get(k)), pct) for k, _, pct in EVAL_METRICS), _fmt_sci(flops)])
+    return _table(header, rows)
+
+
+def _summary_section(evals: dict[str, dict], run_dir: Path | None = None) -> list[str]:
     """Scores of every evaluated stage side by side, overall and per task and difficulty."""
     lines = ["## Summary", ""]
     if not evals:
@@ -279,12 +298,33 @@ def _summary_section(evals: dict[str, dict]) -> list[str]:
     if len(stages) == 1:
         lines += ["Only one stage was evaluated, so there is no delta.", ""]
     overall = [e["overall"] if isinstance(e.get("overall"), dict) else {} for e in evals.values()]
+    lines += _stage_table(evals, overall, run_dir)
     rows = [
         [_metric_label(key, label, evals), *_compare_cells([o.get(key) for o in overall], pct)]
         for key, label, pct in EVAL_METRICS
     ]
     lines += _table(["metric", *_compare_header(stages)], rows)
-    return lines + _per_task_tables(evals)
+    return lines + _comparison_lines(evals) + _per_task_tables(evals)
+
+
+# (later stage, earlier stage, metric key, label): the comparisons R1-Zero's claims rest on.
+COMPARISONS = (
+    ("zero", "base", "pass@1", "pass@1, RL over the base"),
+    ("zero", "control", "pass@1", "pass@1, RL over the equal-compute control (more pretraining)"),
+    ("zero", "base", "trace_accuracy", "trace accuracy, RL over the base"),
+    ("zero", "base", "reflection_rate", "reflection rate, RL over the base"),
+)
+
+
+def _comparison_lines(evals: dict[str, dict]) -> list[str]:
+    """One line per comparison whose two stages were both evaluated, in percentage points."""
+    lines = []
+    for later, earlier, key, label in COMPARISONS:
+        if later in evals and earlier in evals:
+            a = _num((evals[earlier].get("overall") or {}).get(key))
+            b = _num((evals[later].get("overall") or {}).get(key))
+            lines.append(f"- {label}: {_fmt_value(a, True)} → {_fmt_value(b, True)}, {_fmt_delta(a, b, True)}")
+    return lines + [""] if lines else []
 
 
 def _eval_settings(result: dict) -> str:
@@ -443,6 +483,9 @@ def _grpo_section(metrics: dict[str, list[dict]], plots_dir: Path, plt) -> list[
         return lines + ["No stage logged `rollout/reward_mean`.", ""]
     for stage in grpo:
         lines += [f"### `{stage}`", "", _trend_line(metrics[stage]), ""]
+        figure3 = _figure3(plt, metrics[stage], plots_dir / f"{stage}_reflection_length.png", stage)
+        if figure3:
+            lines += [f"![{stage} reflection rate and length per step](plots/{figure3.name})", ""]
         for name, key, label in GRPO_PLOTS:
             steps, values = _series(metrics[stage], key)
             if not values:
@@ -452,6 +495,29 @@ def _grpo_section(metrics: dict[str, list[dict]], plots_dir: Path, plt) -> list[
             _plot(plt, steps, values, path, f"{stage}: {label}", label)
             lines += [f"![{stage} {label}](plots/{path.name})", ""]
     return lines
+
+
+def _figure3(plt, rows: list[dict], path: Path, stage: str) -> Path | None:
+    """The R1 paper's Figure 3 measured: mean response length per RL step, and on a second axis the
+    share of rollouts that reflect (re-check a step) — the "aha moment" as a curve. None when neither
+    was logged."""
+    len_steps, lengths = _series(rows, "rollout/len_mean")
+    ref_steps, reflections = _series(rows, "rollout/reflection_rate")
+    if not lengths and not reflections:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(len_steps, lengths, color="tab:blue", linewidth=1.5, label="mean length")
+    ax.set(title=f"{stage}: response length and reflection per step", xlabel="step", ylabel="tokens")
+    ax.grid(alpha=0.3)
+    right = ax.twinx()
+    right.plot(ref_steps, [100 * v for v in reflections], color="tab:red", linewidth=1.5, label="reflection rate")
+    right.set_ylabel("reflection rate (%)")
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _trend_line(rows: list[dict]) -> str:

@@ -24,7 +24,7 @@ from .engine import Engine, SamplingParams
 from .ledger import StageLedger, forward_flops, hardware
 from .log import console
 from .language import check_langs, consistency, pose, question_lang
-from .rewards import parse_completion
+from .rewards import STRICT, ReasoningFormat, parse_completion
 from .tasks import get_task
 
 KEEP = ("all", "shortest")
@@ -96,12 +96,12 @@ def training_problems(cfg: SampleConfig) -> list:
     return [pose(p, lang) for p in out for lang in cfg.langs] if cfg.langs else out
 
 
-def judge(problem, text: str, finish_reason: str, min_consistency: float = 1.0) -> str:
+def judge(problem, text: str, finish_reason: str, min_consistency: float = 1.0, fmt: ReasoningFormat = STRICT) -> str:
     """Why a completion is rejected, or "ok": cut at the length cap, not in the exact format, wrong, or
     its chain of thought mixes languages (less than `min_consistency` in the question's language)."""
     if finish_reason != "stop":
         return "truncated"
-    parsed = parse_completion(text)
+    parsed = parse_completion(text, fmt)
     if parsed is None:
         return "format"
     value, _ = get_task(problem.task).score(problem, parsed[1])
@@ -121,14 +121,14 @@ def select(problem, texts: list[str], verdicts: list[str], keep: str) -> list[st
 
 
 def accept(problems: list, completions: list, k: int, keep: str, source: str,
-           min_consistency: float = 1.0) -> tuple[list[dict], dict]:
+           min_consistency: float = 1.0, fmt: ReasoningFormat = STRICT) -> tuple[list[dict], dict]:
     """The SFT rows kept from `k` completions per problem (prompt-major, as `Engine.generate` returns
     them) and the tallies per task and difficulty: samples by verdict, problems solved, rows kept."""
     rows, per = [], {}
     for i, p in enumerate(problems):
         group = completions[i * k:(i + 1) * k]
         texts = [c.text for c in group]
-        verdicts = [judge(p, c.text, c.finish_reason, min_consistency) for c in group]
+        verdicts = [judge(p, c.text, c.finish_reason, min_consistency, fmt) for c in group]
         kept = select(p, texts, verdicts, keep)
         s = per.setdefault(f"{p.task}/{p.difficulty}", {"task": p.task, "difficulty": p.difficulty, "problems": 0,
                                                         "samples": 0, "ok": 0, "wrong": 0, "format": 0,
@@ -164,7 +164,7 @@ def sample(cfg: SampleConfig) -> dict:
     completions = engine.generate(prompts, params, n=cfg.k)
 
     rows, per = accept(problems, completions, cfg.k, cfg.keep, source=f"sample:{Path(cfg.checkpoint).name}",
-                       min_consistency=cfg.min_consistency)
+                       min_consistency=cfg.min_consistency, fmt=tok.reasoning)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

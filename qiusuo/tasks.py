@@ -5,7 +5,7 @@ game ("countdown"). Each task can
 
 * generate random problems at a given difficulty,
 * sample problems deterministically from a train or held-out split,
-* write pretraining completions in three styles ("direct", "steps", "flawed"),
+* write pretraining completions in four styles ("direct", "steps", "flawed", "reflect"),
 * score a final answer strictly (the same scorer serves as the RL reward).
 
 Every completion has the exact shape ``<think>...</think><answer>...</answer>``.
@@ -24,8 +24,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-STYLES = ("direct", "steps", "flawed")
+STYLES = ("direct", "steps", "flawed", "reflect")
 SPLITS = ("train", "heldout")
+
+# What a trace writes when it re-checks a step it got wrong, before redoing the step correctly: the
+# reflection ("aha moment") that evaluation counts and that R1-Zero's RL makes more frequent.
+REFLECTION = "wait "
+REFLECTION_ZH = "等等 "
 
 # One bucket in eight is held out; hashing the canonical problem (not the seed, not the prompt
 # text) makes the split disjoint by construction, whichever seeds callers use, and keeps every
@@ -44,6 +49,12 @@ def heldout(problem_key: str) -> bool:
     """
     digest = hashlib.sha256(problem_key.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % HELDOUT_BUCKETS == 0
+
+
+def reflects(think: str) -> bool:
+    """Whether a reasoning trace re-checks one of its steps (holds the reflection marker, in English or
+    as a Chinese trace writes it: qiusuo/language.py translates `wait` to 等等)."""
+    return REFLECTION in think or REFLECTION_ZH in think
 
 
 def format_completion(think: str, answer: str) -> str:
@@ -92,6 +103,19 @@ class Task(ABC):
         the same answer and score the same. This default is the text itself; tasks override it."""
         return answer
 
+    def prompt_ids(self, problem: Problem, tok) -> list[int]:
+        """The prompt's token ids: the problem as the user turn of the checkpoint's chat template."""
+        return tok.prompt_ids(problem.prompt)
+
+    def answer_of(self, problem: Problem, text: str, fmt=None) -> str | None:
+        """The final answer of a completion, or None: here the answer field of the checkpoint's reasoning
+        format `fmt` (qiusuo/rewards.py; default the exact `<think>…</think><answer>…</answer>`, the
+        strict parser of DESIGN §4)."""
+        from .rewards import STRICT, parse_completion
+
+        parsed = parse_completion(text, fmt or STRICT)
+        return None if parsed is None else parsed[1]
+
     def sample(self, split: str, seed: int, difficulty: int) -> Problem:
         """Draw a problem from ``split``; deterministic for (split, seed, difficulty).
 
@@ -111,7 +135,8 @@ class Task(ABC):
 
     def completion(self, problem: Problem, style: str, rng: random.Random) -> str:
         """Write a pretraining completion for ``problem`` in the given style."""
-        writers = {"direct": self._direct, "steps": self._steps, "flawed": self._flawed}
+        writers = {"direct": self._direct, "steps": self._steps, "flawed": self._flawed,
+                   "reflect": self._reflect}
         if style not in writers:
             raise ValueError(f"unknown style {style!r}; expected one of {STYLES}")
         think, answer = writers[style](problem, rng)
@@ -136,6 +161,10 @@ class Task(ABC):
     @abstractmethod
     def _flawed(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
         """A step-by-step trace with one slip, ending in a wrong answer."""
+
+    @abstractmethod
+    def _reflect(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
+        """A trace that slips once, notices it (``wait ``), redoes the step and ends right."""
 
 
 # ---------------------------------------------------------------------------
@@ -200,13 +229,17 @@ def _column(op: str, x: int, y: int, carry: int, delta: int) -> tuple[str, int, 
     return f"{x}{op}{y}+{carry}={raw}", raw % 10, raw // 10
 
 
-def arith_trace(a: int, op: str, b: int, slip: Slip | None = None) -> tuple[str, str] | None:
+def arith_trace(a: int, op: str, b: int, slip: Slip | None = None,
+                reflect: bool = False) -> tuple[str, str] | None:
     """Right-to-left column trace of ``a op b`` as (think, answer).
 
     Each step shows the column arithmetic, then ``>`` and the result suffix built so
     far, so the answer is a copy of the last suffix (leading zeros stripped). With a
     ``slip`` the named column goes wrong and everything after follows from it;
-    returns None when that slip cannot happen in this column.
+    returns None when that slip cannot happen in this column. With ``reflect`` the
+    slipped step is followed by ``wait `` and the same column worked correctly, and the
+    trace goes on from the corrected value (only for slips of the column value, which
+    show in the slipped step itself).
     """
     bad_operands = a < 0 or b < 0 or (op == "-" and a < b) or (op == "*" and b > 9)
     if op not in ("+", "-", "*") or bad_operands:
@@ -222,9 +255,13 @@ def arith_trace(a: int, op: str, b: int, slip: Slip | None = None) -> tuple[str,
             return None
         text, digit, carry_out = worked
         if here and slip.drop_carry:
-            if carry_out == 0:
+            if carry_out == 0 or reflect:
                 return None
             carry_out = 0
+        if here and reflect:
+            steps.append(f"{text}>{digit}{suffix}")
+            text, digit, carry_out = _column(op, xs[i], ys[i], carry, 0)
+            text = REFLECTION + text
         suffix = f"{digit}{suffix}"
         steps.append(f"{text}>{suffix}")
         carry = carry_out
@@ -322,6 +359,21 @@ class ArithmeticTask(Task):
                     return traced
         raise RuntimeError(f"no flawed trace for {problem.prompt}")
 
+    def _reflect(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
+        """A column trace that slips by ±1 in a uniformly chosen column, re-checks that column at
+        once and finishes correctly."""
+        a, op, b = self._operands(problem)
+        columns = list(range(_column_count(a, op, b)))
+        rng.shuffle(columns)
+        for column in columns:
+            deltas = [1, -1]
+            rng.shuffle(deltas)
+            for delta in deltas:
+                traced = arith_trace(a, op, b, Slip(column, delta=delta), reflect=True)
+                if traced is not None:
+                    return traced
+        raise RuntimeError(f"no reflected trace for {problem.prompt}")
+
 
 # ---------------------------------------------------------------------------
 # Countdown
@@ -409,6 +461,23 @@ def attempt_text(chain: Chain, target: int, written: list[int] | None = None) ->
     left, parts = chain.start, []
     for (op, n), result in zip(chain.steps, results):
         parts.append(f"{left}{op}{n}={result}")
+        left = result
+    verdict = "yes" if results[-1] == target else "no"
+    return f"{','.join(parts)} {verdict}"
+
+
+def reflected_attempt_text(chain: Chain, target: int, index: int, wrong: int) -> str:
+    """An attempt whose step ``index`` first shows ``wrong``, then ``wait `` and the step redone
+    right; the chain goes on from the true value, and the verdict follows the true final value,
+    e.g. ``7+3=11,wait 7+3=10,10*2=20 no``."""
+    results = chain.values()
+    left, parts = chain.start, []
+    for i, ((op, n), result) in enumerate(zip(chain.steps, results)):
+        if i == index:
+            parts.append(f"{left}{op}{n}={wrong}")
+            parts.append(f"{REFLECTION}{left}{op}{n}={result}")
+        else:
+            parts.append(f"{left}{op}{n}={result}")
         left = result
     verdict = "yes" if results[-1] == target else "no"
     return f"{','.join(parts)} {verdict}"
@@ -617,6 +686,16 @@ class CountdownTask(Task):
             raise RuntimeError(f"flawed answer {answer} is correct")  # cannot happen
         return ";".join(attempts), answer
 
+    def _reflect(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
+        """Failed attempts, then the slipped chain of a flawed trace, but the slip is noticed and
+        redone (``wait ``), the chain then misses, and the reference chain follows with its ``yes``."""
+        attempts = self._wrong_attempts(problem, rng)
+        chain, shown = self._slipped_chain(problem, rng)
+        index = next(i for i, (s, t) in enumerate(zip(shown, chain.values())) if s != t)
+        attempts.append(reflected_attempt_text(chain, problem.data["target"], index, shown[index]))
+        attempts.append(attempt_text(problem.data["chain"], problem.data["target"]))
+        return ";".join(attempts), problem.answer
+
     def _slipped_chain(self, problem: Problem, rng: random.Random) -> tuple[Chain, list[int]]:
         """Pick the wrong chain and slip with the smallest error among a few candidates.
 
@@ -639,11 +718,73 @@ class CountdownTask(Task):
         return best
 
 
+# ---------------------------------------------------------------------------
+# Math problems from a dataset file
+# ---------------------------------------------------------------------------
+
+class MathTask(Task):
+    """Problems read from a dataset file (qiusuo/data.py: GSM8K, MATH, …), scored by math-verify
+    (qiusuo/answers.py). `Problem.data` holds the prompt template, the source and the level; the level
+    is the difficulty, the source the name its scores are reported under. Nothing is generated: the
+    problems, and which of them are held out, are the dataset's."""
+
+    name = "math"
+
+    def generate(self, rng: random.Random, difficulty: int) -> Problem:
+        raise ValueError("math problems come from a dataset file (--data), not a generator")
+
+    def prompt_ids(self, problem: Problem, tok) -> list[int]:
+        """Through the chat template (chat, chat_boxed, with the system prompt if any) or as plain text
+        (r1_zero, a custom template)."""
+        from .data import prompt_ids
+
+        return prompt_ids(tok, problem.prompt, problem.data["chat"], problem.data.get("system"))
+
+    def answer_of(self, problem: Problem, text: str, fmt=None) -> str | None:
+        """The `<answer>…</answer>` field, else the last `\\boxed{}`, else the last number
+        (`answers.model_answer`), read after the reasoning's closing tag when there is one (the tag of
+        `fmt`, default `</think>`); under the r1_zero template only the tagged answer counts."""
+        from .answers import model_answer
+
+        close = fmt.close if fmt is not None else "</think>"
+        after = text.rsplit(close, 1)[1] if close in text else text
+        found = model_answer(after, require_tags=problem.data.get("template") == "r1_zero")
+        return None if found is None else found[0]
+
+    def score(self, problem: Problem, answer: str) -> tuple[float, str]:
+        """math-verify against the reference answer, with a timeout."""
+        from .answers import check
+
+        ok, reason = check(problem.answer, answer)
+        return float(ok), reason
+
+    def vote_key(self, problem: Problem, answer: str) -> str:
+        """The answer's SymPy form (`answers.canonical`): 0.5, 1/2 and \\frac{1}{2} vote alike."""
+        from .answers import canonical
+
+        return canonical(answer)
+
+    def _no_writer(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
+        raise ValueError("a dataset problem has no synthetic completions; its file holds the solutions")
+
+    _direct = _steps = _flawed = _reflect = _no_writer
+
+
+def source_of(problem: Problem) -> str:
+    """The name a problem's scores are reported under: a dataset problem's source, else its task."""
+    return problem.data.get("source") or problem.task
+
+
 TASKS: dict[str, Task] = {"arith": ArithmeticTask(), "countdown": CountdownTask()}
+"""The synthetic tasks: they generate their problems."""
+DATA_TASKS: dict[str, Task] = {"math": MathTask()}
+"""Tasks whose problems come from a dataset file."""
 
 
 def get_task(name: str) -> Task:
     """Look a task up by name."""
+    if name in DATA_TASKS:
+        return DATA_TASKS[name]
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
     return TASKS[name]

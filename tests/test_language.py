@@ -44,6 +44,9 @@ def test_localize_writes_the_trace_in_its_language():
     zh = localize("7+4=11 no;4*7=28 yes", "zh")
     assert consistency(en, "en") == 1.0 and consistency(zh, "zh") == 1.0
     assert "对" in zh and "错" in zh and "yes" not in zh
+    # A Chinese trace that re-checks a step still counts as reflection.
+    from qiusuo.tasks import reflects
+    assert reflects(localize("3+4=8 wait 3+4=7", "zh")) and "wait" not in localize("3+4=8 wait 3+4=7", "zh")
 
 
 def test_language_reward_is_the_share_in_the_question_language():

@@ -1,12 +1,14 @@
 """The model matches `transformers` on checkpoints it writes, and bad checkpoints fail clearly."""
 import json
+import re
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import tiny_model
-from qiusuo.model import CheckpointError, load_model, save_model
+from qiusuo.model import (CheckpointError, DecodeWeights, ModelConfig, UnsupportedModel, load_model, rope_cos_sin,
+                          rope_inv_freq, save_model)
 
 TEXT = "<|user|>4821+397<|end|><|assistant|><think>1+7+0=8>8,2+9+0=11>18</think><answer>5218</answer><|end|>"
 
@@ -138,3 +140,81 @@ def test_sharded_checkpoint_loads(tmp_path, tok, model):
     x = torch.tensor([tok.encode(TEXT)])
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path)(x), model(x))
+
+
+def _hf_config(**over) -> dict:
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      qkv_bias=False).to_hf()
+    cfg.update(over)
+    return cfg
+
+
+@pytest.mark.parametrize("over,words", [
+    ({"model_type": "mistral"}, "model_type 'mistral'"),
+    ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+    ({"num_experts": 8}, "num_experts"),
+    ({"num_local_experts": 8}, "num_local_experts"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "'dynamic'"),
+    ({"rope_scaling": {"type": "llama3", "factor": 8.0}}, "lacks low_freq_factor"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
+])
+def test_unsupported_settings_are_refused_at_load_naming_them(tmp_path, over, words):
+    (tmp_path / "config.json").write_text(json.dumps(_hf_config(**over)))
+    with pytest.raises(UnsupportedModel, match=re.escape(words)) as e:
+        load_model(tmp_path)
+    assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64, "rope_theta": 500000.0},
+    {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+    {"rope_type": "default", "rope_theta": 1e6},
+])
+def test_rope_inv_freq_equals_transformers(rope):
+    """Both config layouts (transformers 5's rope_parameters; rope_theta + rope_scaling before it)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = LlamaConfig(hidden_size=128, num_attention_heads=4, rope_parameters=dict(rope))
+    fn = ROPE_INIT_FUNCTIONS.get(rope["rope_type"])
+    expected = fn(hf, "cpu")[0] if fn else 1.0 / (rope["rope_theta"] ** (torch.arange(0, 32, 2).float() / 32))
+    # older checkpoints: rope_theta apart, and the type under "type"
+    legacy = {"rope_theta": rope["rope_theta"],
+              "rope_scaling": {("type" if k == "rope_type" else k): v for k, v in rope.items() if k != "rope_theta"}}
+    for layout in ({"rope_parameters": rope}, legacy):
+        cfg = ModelConfig.from_hf(_hf_config(hidden_size=128, head_dim=32, **layout))
+        assert torch.equal(rope_inv_freq(cfg), expected), layout
+    if rope["rope_type"] == "llama3":   # the three bands are all present: kept, smoothed, divided
+        ratio = expected / (1.0 / (rope["rope_theta"] ** (torch.arange(0, 32, 2).float() / 32)))
+        assert ratio[0] == 1 and ratio[-1] == pytest.approx(1 / 8) and ((ratio < 1) & (ratio > 1 / 8)).any()
+
+
+def test_missing_keys_take_transformers_defaults():
+    cfg = {k: v for k, v in _hf_config().items() if k not in ("tie_word_embeddings", "rope_theta", "rope_scaling")}
+    for model_type in ("qwen2", "llama"):
+        m = ModelConfig.from_hf({**cfg, "model_type": model_type})
+        assert (m.tie_word_embeddings, m.rope_theta, m.rope_scaling) == (False, 10000.0, None)
+        assert m.qkv_bias == (model_type == "qwen2")
+
+
+def test_rope_scaling_round_trips_and_drives_the_decode_tables(tmp_path, tok):
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16}
+    model = tiny_model(tok, qkv_bias=False, rope_theta=500000.0, rope_scaling=rope)
+    save_model(model, tmp_path)
+    again = load_model(tmp_path)
+    assert again.config.rope_scaling == rope and again.config.rope_theta == 500000.0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    x = torch.tensor([tok.encode(TEXT * 2)])
+    with torch.no_grad():
+        assert (again(x) - hf(x).logits).abs().max().item() <= 1e-4
+        # the decode step's rotary tables come from the same frequencies
+        dw = DecodeWeights(again, 128)
+        cos, _ = rope_cos_sin(torch.arange(128)[None], rope_inv_freq(again.config), torch.float32)
+        assert torch.equal(dw.cos, cos[0, 0])

@@ -38,9 +38,9 @@ def test_every_stage_runs_and_the_report_has_the_table(tmp_path):
     for stage in ("corpus", "base", "control", "zero", "coldstart", "cold", "r1", "r1_nolang", "sampled", "student_base",
                   "student_rl"):
         assert (run / stage / "ledger.json").exists(), stage
-    # The control spent about the FLOPs of the R1-Zero stage (whole pretraining steps, so within one step).
+    # The control spent the FLOPs of the R1-Zero stage (whole pretraining steps: at most one step more).
     control, zero, base = (json.loads((run / s / "ledger.json").read_text())["flops"] for s in ("control", "zero", "base"))
-    assert abs(control - zero) <= base / 3 * 0.6 + 1
+    assert zero <= control <= zero + base / 3 * 1.5
     # The RL-only student spent at least what distillation did.
     rl = json.loads((run / "student_rl" / "ledger.json").read_text())["flops"]
     distill = json.loads((run / "sampled" / "ledger.json").read_text())["flops"]

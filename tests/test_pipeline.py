@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from qiusuo.cli import main
 
@@ -27,15 +28,17 @@ def tiny_run(tmp_path_factory):
 def test_corpus_mixes_styles_and_tasks(tiny_run):
     rows = [json.loads(line) for line in (tiny_run / "corpus" / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 400
-    assert {r["style"] for r in rows} == {"direct", "steps", "flawed"}
+    assert {r["style"] for r in rows} == {"direct", "steps", "flawed", "reflect"}
     assert {r["task"] for r in rows} == {"arith", "countdown"}
 
 
 def test_pretrain_writes_a_complete_stage(tiny_run):
     base = tiny_run / "base"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "generation_config.json", "train_state.pt", "metrics.jsonl", "config.yaml", "ledger.json"):
+                 "generation_config.json", "metrics.jsonl", "config.yaml", "ledger.json"):
         assert (base / name).exists(), name
+    assert sorted(p.name for p in (base / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
+    assert (base / "checkpoints" / "step-000006" / "train_state.pt").exists()
     lines = [json.loads(x) for x in (base / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 7))
     ledger = json.loads((base / "ledger.json").read_text())
@@ -48,8 +51,8 @@ def test_pretrain_resume_continues_exactly(tiny_run, tmp_path):
     run("pretrain", "--out", tmp_path / "a", "--steps", 6, *args)
     run("pretrain", "--out", tmp_path / "b", "--steps", 3, *args)
     run("pretrain", "--out", tmp_path / "b", "--steps", 6, "--resume", *args)
-    a = torch.load(tmp_path / "a" / "train_state.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)["model"]
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))
@@ -63,6 +66,7 @@ def test_grpo_eval_report(tiny_run, tmp_path, loss):
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2
     for key in ("rollout/reward_mean", "rollout/accuracy", "rollout/len_mean", "rollout/zero_std_frac",
+                "rollout/reflection_rate",
                 "train/kl", "train/entropy", "train/clip_frac", "train/grad_norm", "perf/tokens_per_s", "perf/step_s"):
         assert key in metrics[0], key
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
@@ -73,6 +77,7 @@ def test_grpo_eval_report(tiny_run, tmp_path, loss):
     assert result["k"] == 2 and result["overall"]["n"] == 4
     assert set(result["tasks"]) == {"arith", "countdown"}
     assert 0.0 <= result["overall"]["pass@1"] <= 1.0
+    assert 0.0 <= result["overall"]["reflection_rate"] <= 1.0 and "trace_accuracy" in result["overall"]
     run("report", tmp_path)
     report = (tmp_path / "report.md").read_text()
     assert "zero" in report and (tmp_path / "plots" / "zero_reward.png").exists()
@@ -109,20 +114,28 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
 
 def test_demo_runs_every_stage_and_resume_skips_them(tmp_path, capsys):
     cfg = tmp_path / "demo.yaml"
+    # One short row per pretraining step, so that the control's FLOPs can match GRPO's closely.
     cfg.write_text(f"""
 corpus: {{n_examples: 300}}
-pretrain: {{steps: 4, batch_size: 4, model: {TINY_MODEL}}}
+pretrain: {{steps: 4, batch_size: 1, max_len: 64, model: {TINY_MODEL}}}
 eval: {{n_per_difficulty: 2, k: 2, max_new_tokens: 12, tasks: {{arith: [2]}}}}
 grpo: {{steps: 2, prompts_per_step: 2, group_size: 2, max_new_tokens: 12, tasks: {{arith: [2]}}}}
 """)
-    run("demo", "--run", tmp_path / "r", "--config", cfg, "--price-per-device-hour", 2.0)
-    report = (tmp_path / "r" / "report.md").read_text()
-    assert "`base`" in report and "`zero`" in report and "pass@1" in report
-    assert json.loads((tmp_path / "r" / "zero" / "ledger.json").read_text())["price_per_device_hour"] == 2.0
+    r = tmp_path / "r"
+    run("demo", "--run", r, "--config", cfg, "--price-per-device-hour", 2.0)
+    report = (r / "report.md").read_text()
+    assert "`base`" in report and "`zero`" in report and "`control`" in report and "pass@1" in report
+    assert "- pass@1, RL over the equal-compute control" in report
+    assert json.loads((r / "zero" / "ledger.json").read_text())["price_per_device_hour"] == 2.0
+    # the control: the base pretrained further, for the FLOPs the GRPO stage spent
+    zero, control = (json.loads((r / s / "ledger.json").read_text())["flops"] for s in ("zero", "control"))
+    steps = [json.loads(x)["step"] for x in (r / "control" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) > 4 and zero <= control <= zero * (1 + 2 / len(steps))   # stops at the first step past it
+    assert (r / "eval" / "control.json").exists()
     capsys.readouterr()
-    run("demo", "--run", tmp_path / "r", "--config", cfg, "--resume")
+    run("demo", "--run", r, "--config", cfg, "--resume")
     out = capsys.readouterr().out
-    assert out.count("already done") == 5
+    assert out.count("already done") == 7
 
 
 @pytest.mark.parametrize("stage", ["corpus", "pretrain", "grpo", "eval", "demo", "report"])

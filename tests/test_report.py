@@ -22,7 +22,8 @@ LEDGERS = {
     "eval/base.ledger.json": (36.0, 2.0),
     "eval/zero.ledger.json": (72.0, 2.0),
 }
-GRPO_PNGS = [f"zero_{m}.png" for m in ("reward", "accuracy", "length", "kl", "entropy")]
+GRPO_PNGS = [f"zero_{m}.png" for m in ("reward", "accuracy", "trace_accuracy", "reflection", "length", "kl",
+                                       "entropy", "reflection_length")]
 
 
 def _write_ledger(path, wall_s, price):
@@ -47,7 +48,7 @@ def _write_ledger(path, wall_s, price):
     )
 
 
-def _eval_result(stage, overall_pass, arith3_pass):
+def _eval_result(stage, overall_pass, arith3_pass, trace_accuracy=0.6, reflection_rate=0.05):
     """An eval JSON with two tasks, two difficulties of arith and an "all" row per task."""
 
     def cell(pass_at_1, n):
@@ -64,6 +65,9 @@ def _eval_result(stage, overall_pass, arith3_pass):
             "cons@k": overall_pass + 0.04,
             "n": 50,
             "mean_len": 37.2,
+            "trace_accuracy": trace_accuracy,
+            "trace_rate": 0.5,
+            "reflection_rate": reflection_rate,
         },
         "tasks": {
             "arith": {"3": cell(arith3_pass, 10), "12": cell(0.1, 15), "all": cell(0.3, 25)},
@@ -94,6 +98,8 @@ def _make_run(root):
             "rollout/len_mean": 50.0 - s,
             "train/kl": 0.001 * s,
             "train/entropy": 2.0 - 0.01 * s,
+            "rollout/reflection_rate": 0.01 * s,
+            "rollout/trace_accuracy": 0.5 + 0.01 * s,
             "time_s": s,
         }
         for s in range(30)
@@ -102,7 +108,8 @@ def _make_run(root):
     torn = '{"step": 30, "rollout/rew'  # the run was killed mid-write
     (run / "zero" / "metrics.jsonl").write_text(text + torn)
     (run / "eval" / "base.json").write_text(json.dumps(_eval_result("base", 0.41, 0.5)))
-    (run / "eval" / "zero.json").write_text(json.dumps(_eval_result("zero", 0.55, 0.8)))
+    (run / "eval" / "zero.json").write_text(json.dumps(_eval_result("zero", 0.55, 0.8, 0.75, 0.2)))
+    (run / "eval" / "control.json").write_text(json.dumps(_eval_result("control", 0.3, 0.4, 0.55, 0.04)))
     for rel, (wall_s, price) in LEDGERS.items():
         _write_ledger(run / rel, wall_s, price)
     return run
@@ -146,16 +153,39 @@ def test_report_header_and_summary(priced):
     assert re.search(r"- Date: \d{4}-\d\d-\d\d \d\d:\d\d UTC", text)
     assert "| logical_cores |" in text
     # Overall scores side by side, with the delta in percentage points.
-    assert "| metric | `base` | `zero` | Δ zero − base |" in text
-    assert "| pass@1 | 41.0% | 55.0% | +14.0 pt |" in text
-    assert "| cons@8 | 45.0% | 59.0% | +14.0 pt |" in text
-    assert "| mean response length | 37.2 | 37.2 | +0.0 |" in text
+    assert "| metric | `base` | `control` | `zero` | Δ zero − base |" in text
+    assert "| pass@1 | 41.0% | 30.0% | 55.0% | +14.0 pt |" in text
+    assert "| cons@8 | 45.0% | 34.0% | 59.0% | +14.0 pt |" in text
+    assert "| trace accuracy | 60.0% | 55.0% | 75.0% | +15.0 pt |" in text
+    assert "| reflection rate | 5.0% | 4.0% | 20.0% | +15.0 pt |" in text
+    assert "| mean response length | 37.2 | 37.2 | 37.2 | +0.0 |" in text
+
+
+def test_report_compares_rl_with_base_and_equal_compute_control(priced):
+    _, text = priced
+    # the paper-style table: a row per stage, in pipeline order, with its training FLOPs
+    assert ("| stage | pass@1 | cons@8 | trace accuracy | trace rate | reflection rate | mean response length "
+            "| training FLOPs |") in text
+    assert "| `base` | 41.0% | 45.0% | 60.0% | 50.0% | 5.0% | 37.2 | 1.500e+15 |" in text
+    assert "| `control` | 30.0% | 34.0% | 55.0% | 50.0% | 4.0% | 37.2 | – |" in text
+    assert "| `zero` | 55.0% | 59.0% | 75.0% | 50.0% | 20.0% | 37.2 | 1.500e+15 |" in text
+    assert "- pass@1, RL over the base: 41.0% → 55.0%, +14.0 pt" in text
+    assert "- pass@1, RL over the equal-compute control (more pretraining): 30.0% → 55.0%, +25.0 pt" in text
+    assert "- trace accuracy, RL over the base: 60.0% → 75.0%, +15.0 pt" in text
+    assert "- reflection rate, RL over the base: 5.0% → 20.0%, +15.0 pt" in text
+
+
+def test_report_grpo_reflection_trend(priced):
+    _, text = priced
+    # reflection = step/100: 4.5% over steps 0-9 → 24.5% over steps 20-29
+    assert "reflection rate 4.5% (first 10 steps) → 24.5% (last 10 steps), +20.0 pt" in text
+    assert "![zero reflection rate and length per step](plots/zero_reflection_length.png)" in text
 
 
 def test_report_per_difficulty_rows(priced):
     _, text = priced
-    assert "| arith | 3 | 10 | 50.0% | 80.0% | +30.0 pt |" in text
-    assert "| countdown | all | 25 | 20.0% | 20.0% | +0.0 pt |" in text
+    assert "| arith | 3 | 10 | 50.0% | 40.0% | 80.0% | +30.0 pt |" in text
+    assert "| countdown | all | 25 | 20.0% | 20.0% | 20.0% | +0.0 pt |" in text
     # Difficulties in numeric order (3 before 12), the "all" row of a task last.
     pass_table = text.split("### pass@1 by task and difficulty")[1].split("###")[0]
     rows = [line.split(" | ")[:2] for line in pass_table.splitlines() if line.startswith("| arith")]
@@ -250,8 +280,10 @@ def test_report_ledger_without_price(tmp_path, fake_git):
 
 def test_report_one_eval_and_a_missing_ledger(run_dir, fake_git):
     (run_dir / "eval" / "zero.json").unlink()
+    (run_dir / "eval" / "control.json").unlink()
     (run_dir / "zero" / "ledger.json").unlink()
     text = write_report(run_dir, price_per_device_hour=PRICE).read_text()
+    assert "RL over the" not in text    # nothing to compare
     assert "Only one stage was evaluated, so there is no delta." in text
     assert "| pass@1 | 41.0% |" in text
     assert "- `zero`: no readable `zero/ledger.json`, so its cost is not counted." in text

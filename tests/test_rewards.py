@@ -3,7 +3,9 @@
 import pytest
 
 from qiusuo.rewards import (
+    LENIENT,
     THINK_RE,
+    ReasoningFormat,
     Reward,
     RewardWeights,
     accuracy_reward,
@@ -137,3 +139,41 @@ def test_score_completion_custom_weights():
     only_format = RewardWeights(accuracy=0.0, format=1.0)
     wrong = "<think></think><answer>7</answer>"
     assert score_completion(ARITH, PROBLEM, wrong, only_format)[0] == pytest.approx(1.0)
+
+
+R1 = ReasoningFormat(special=True, opens_think=True, strict=False)
+
+
+@pytest.mark.parametrize("fmt, text, parsed", [
+    (LENIENT, "<think>\n4821+397\n</think>\n\n<answer> 5218 </answer>\n", ("4821+397", "5218")),
+    (LENIENT, "  <think>a</think>\nThe answer is 5218.", ("a", "The answer is 5218.")),
+    (R1, "carry the one\n</think>\n\n<answer>5218</answer>", ("carry the one", "5218")),
+    (R1, "carry\n</think>\n\\boxed{5218}", ("carry", "\\boxed{5218}")),
+])
+def test_lenient_format_allows_whitespace_and_a_think_block_the_prompt_opened(fmt, text, parsed):
+    assert parse_completion(text, fmt) == parsed
+    assert format_reward(text, fmt) == Reward(1.0, "ok")
+    # the strict tiny-model format refuses all of these
+    assert parse_completion(text) is None
+
+
+@pytest.mark.parametrize("fmt, text, reason", [
+    (LENIENT, "no tags at all", "missing <think>"),
+    (LENIENT, "<think>a</think>  ", "empty answer"),
+    (LENIENT, "hello <think>a</think>5", "text before <think>"),
+    (LENIENT, "<think>a</think><think>b</think>5", "duplicate <think>"),
+    (LENIENT, "<think>a</think><answer>5</answer> more", "malformed answer tags"),
+    (R1, "<think>again</think>5", "duplicate <think>"),
+    (R1, "still thinking when cut off", "missing </think>"),
+])
+def test_lenient_format_names_the_defect(fmt, text, reason):
+    assert parse_completion(text, fmt) is None
+    assert format_reward(text, fmt) == Reward(0.0, reason)
+
+
+def test_rewards_follow_the_format_of_a_checkpoint_that_opens_the_think_block():
+    text = "4821+397: 1+7=8\n</think>\n\n<answer>5218</answer>"
+    total, parts = score_completion(ARITH, PROBLEM, text, fmt=R1)
+    assert parts["accuracy"] == Reward(1.0, "correct") and parts["format"] == Reward(1.0, "ok")
+    assert total == pytest.approx(1.2)
+    assert score_completion(ARITH, PROBLEM, text)[0] == 0.0   # the strict default sees no think block

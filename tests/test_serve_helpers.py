@@ -70,7 +70,7 @@ class LiveServer:
 
     def __enter__(self) -> "LiveServer":
         self.thread.start()
-        wait_for(lambda: self.server.started, what="server start")
+        wait_for(lambda: self.server.started, timeout=120, what="server start")  # a loaded machine is slow
         return self
 
     def __exit__(self, *exc) -> None:
@@ -93,3 +93,10 @@ def serve(tok: Tokenizer, model: Transformer, tmp_path, **settings) -> LiveServe
     settings.setdefault("db", str(tmp_path / "serve.sqlite"))
     settings.setdefault("model_name", "qiusuo-test")
     return LiveServer(create_app(ServeConfig(**settings), model=model, tokenizer=tok))
+
+
+def idle(svc) -> bool:
+    """Nothing held: no gate slot, engine sequence, key slot, reservation, preparation or pending bill."""
+    return (svc.gate.running == 0 and svc.gate.waiting == 0 and svc.scheduler.running == 0
+            and svc.scheduler.queue_depth == 0 and svc.limits.holds == 0 and not svc.limits._active
+            and svc.preparing == 0 and not svc.unsettled)

@@ -6,7 +6,7 @@ import pytest
 
 from qiusuo.cli import main
 from qiusuo.serve.keys import KeyStore, Usage, hash_key
-from qiusuo.serve.limits import Gate, KeyLimits, QueueFull, TokenBucket, retry_after_header
+from qiusuo.serve.limits import Gate, KeyLimits, QueueFull, Refused, TokenBucket, retry_after_header
 
 
 def test_keys_are_stored_hashed_and_authenticate(tmp_path):
@@ -80,34 +80,98 @@ def test_token_bucket_refills_continuously_and_caps_at_one_minute():
     assert b.wait_time(500) == 0  # a request larger than the bucket waits for a full one, not forever
 
 
+def admit(limits, key_id, rpm, tpm, tokens, max_concurrent=100, remaining=1.0):
+    """Both admission steps; returns 0 when admitted, else the wait the refusal asked for."""
+    try:
+        hold = limits.enter(key_id, rpm, tpm, max_concurrent, remaining)
+    except Refused as r:
+        return r.retry_after
+    try:
+        limits.reserve(hold, rpm, tpm, tokens, 0.0, remaining)
+    except Refused as r:
+        hold.release()
+        return r.retry_after
+    return 0
+
+
 def test_key_limits_requests_per_minute_then_retry_after():
     clock = Clock()
     limits = KeyLimits(clock)
-    assert limits.admit("k", rpm=2, tpm=10_000, tokens=10) == 0
-    assert limits.admit("k", rpm=2, tpm=10_000, tokens=10) == 0
-    wait = limits.admit("k", rpm=2, tpm=10_000, tokens=10)
+    assert admit(limits, "k", rpm=2, tpm=10_000, tokens=10) == 0
+    assert admit(limits, "k", rpm=2, tpm=10_000, tokens=10) == 0
+    wait = admit(limits, "k", rpm=2, tpm=10_000, tokens=10)
     assert wait == pytest.approx(30.0)  # 2/min: one request every 30 s
-    assert limits.admit("other", rpm=2, tpm=10_000, tokens=10) == 0  # keys are independent
+    assert admit(limits, "other", rpm=2, tpm=10_000, tokens=10) == 0  # keys are independent
     clock.t = 30
-    assert limits.admit("k", rpm=2, tpm=10_000, tokens=10) == 0
+    assert admit(limits, "k", rpm=2, tpm=10_000, tokens=10) == 0
 
 
-def test_key_limits_tokens_per_minute_with_refund():
+def test_key_limits_tokens_per_minute_settle_gives_back_the_unused():
     clock = Clock()
     limits = KeyLimits(clock)
-    assert limits.admit("k", rpm=100, tpm=600, tokens=500) == 0
-    assert limits.admit("k", rpm=100, tpm=600, tokens=200) == pytest.approx(10.0)  # 100 missing at 10/s
-    limits.refund("k", 400)  # the first request used 100 of its 500
-    assert limits.admit("k", rpm=100, tpm=600, tokens=200) == 0
+    first = limits.enter("k", 100, 600, 10, 1.0)
+    limits.reserve(first, 100, 600, 500, 0.0, 1.0)
+    assert admit(limits, "k", rpm=100, tpm=600, tokens=200) == pytest.approx(10.0)  # 100 missing at 10/s
+    first.settle(100)  # the first request used 100 of its 500
+    assert admit(limits, "k", rpm=100, tpm=600, tokens=200) == 0
+
+
+def test_a_settled_reservation_never_gives_back_more_than_it_took():
+    """The --tpm 300 bug: prompt + max_tokens 1024 took a full bucket (300), and settling gave back
+    1024 + prompt − used, refilling the bucket: five such requests in a row all passed."""
+    limits = KeyLimits(Clock())
+    passed = 0
+    for _ in range(5):
+        try:
+            hold = limits.enter("k", 100, 300, 10, 1.0)
+            limits.reserve(hold, 100, 300, 20 + 1024, 0.0, 1.0)
+        except Refused:
+            hold.release()
+            continue
+        passed += 1
+        hold.settle(20 + 9)   # used the prompt and 9 completion tokens
+    assert passed == 1
+    assert limits._buckets["k"][1].level == pytest.approx(300 - 29)
+
+
+def test_a_request_that_used_more_than_it_took_leaves_a_debt():
+    clock = Clock()
+    limits = KeyLimits(clock)
+    hold = limits.enter("k", 100, 300, 10, 1.0)
+    limits.reserve(hold, 100, 300, 1000, 0.0, 1.0)   # took 300 (a full bucket)
+    hold.settle(400)
+    assert limits._buckets["k"][1].level == pytest.approx(-100)
+    assert admit(limits, "k", rpm=100, tpm=300, tokens=10) == pytest.approx(22.0)  # 110 missing at 5/s
 
 
 def test_a_refused_request_takes_nothing():
     clock = Clock()
     limits = KeyLimits(clock)
-    limits.admit("k", rpm=1, tpm=1000, tokens=10)
-    assert limits.admit("k", rpm=1, tpm=1000, tokens=10) > 0
+    admit(limits, "k", rpm=1, tpm=1000, tokens=10)
+    assert admit(limits, "k", rpm=1, tpm=1000, tokens=10) > 0
     clock.t = 60
-    assert limits.admit("k", rpm=1, tpm=1000, tokens=990) == 0  # the refused one took no tokens
+    assert admit(limits, "k", rpm=1, tpm=1000, tokens=990) == 0  # the refused one took no tokens
+    assert limits.holds == 2 and limits.active("k") == 2
+
+
+def test_concurrency_cap_and_balance_holds_per_key():
+    limits = KeyLimits(Clock())
+    a = limits.enter("k", 100, 10_000, 2, 1.0)
+    limits.reserve(a, 100, 10_000, 10, 0.6, 1.0)
+    b = limits.enter("k", 100, 10_000, 2, 1.0)
+    with pytest.raises(Refused) as e:                       # a third at once: 429
+        limits.enter("k", 100, 10_000, 2, 1.0)
+    assert (e.value.status, e.value.code) == (429, "too_many_concurrent_requests")
+    with pytest.raises(Refused) as e:                       # 0.6 of 1.0 is held: 0.5 more does not fit
+        limits.reserve(b, 100, 10_000, 10, 0.5, 1.0)
+    assert e.value.status == 402
+    limits.reserve(b, 100, 10_000, 10, 0.4, 1.0)
+    assert limits.held("k") == pytest.approx(1.0)
+    a.settle(5)
+    a.release()                                             # twice: no effect
+    assert (limits.active("k"), limits.held("k"), limits.holds) == (1, pytest.approx(0.4), 1)
+    b.release()
+    assert (limits.active("k"), limits.held("k"), limits.holds) == (0, 0.0, 0)
 
 
 def test_retry_after_header_is_whole_seconds_between_1_and_60():

@@ -151,12 +151,14 @@ def test_a_generation_cancelled_before_it_first_runs_releases_everything(tok, lo
     its first step (so `run`'s finally never runs), the gate slot, the key reservation and the engine
     request are released all the same."""
     import asyncio
+    import json
 
     with serve(tok, looping, tmp_path, **settings()) as s:
         svc = s.service
 
         async def start_and_cancel():
-            job = svc.prepare({"messages": QUESTION, "stream": True, "max_tokens": LONG}, None)
+            body = json.dumps({"messages": QUESTION, "stream": True, "max_tokens": LONG}).encode()
+            job = await svc.prepare(svc.parse(body), None, None)
             task = svc.start(job, svc.admit(job))
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

@@ -1,6 +1,7 @@
 """The think/answer splitter and the incremental decoder, as pure functions."""
 import pytest
 
+from qiusuo.rewards import ReasoningFormat
 from qiusuo.serve.reasoning import CONTENT, REASONING, IncrementalDecoder, ReasoningSplitter
 
 
@@ -89,3 +90,44 @@ def test_incremental_decoder_holds_back_incomplete_characters():
     deltas = [dec.add(b) for b in data]
     assert "".join(deltas) == "é猫a"
     assert deltas == ["", "é", "", "", "猫", "a"]
+
+
+R1 = ReasoningFormat(special=True, opens_think=True, strict=False)
+BPE = ReasoningFormat(special=False, opens_think=False, strict=False)
+
+
+def test_a_prompt_that_opens_the_think_block_starts_inside_it():
+    # R1-distill: the template wrote "<think>\n"; the model continues the reasoning, closes it, answers
+    pieces = ["Let", " me", " add", ".\n", "</think>", "\n\n", "The", " answer", " is", " 5", "."]
+    reasoning, content, n, _, _ = split(pieces, fmt=R1)
+    assert (reasoning, content, n) == ("Let me add.\n", "The answer is 5.", 5)
+
+
+def test_text_tags_over_bpe_pieces_with_whitespace_around_them():
+    pieces = ["<", "think", ">\n", "S", "um", "\n</", "th", "ink", ">\n\n", "<answer", ">", "42", "</answer>"]
+    reasoning, content, n, _, out = split(pieces, fmt=BPE)
+    assert (reasoning, content, n) == ("Sum\n", "42", 9)
+    assert not any("<" in t for _, t in out)
+    # streamed one character at a time: the same message
+    chars = [c for p in pieces for c in p]
+    assert split(chars, fmt=BPE)[:2] == (reasoning, content)
+
+
+def test_the_strict_format_keeps_whitespace():
+    assert split(["<think>", "\n", "a", "</think>", "\n", "b"])[:2] == ("\na", "\nb")
+
+
+def test_reply_decoding_keeps_think_tags_that_are_special_tokens():
+    from tokenizers import AddedToken
+
+    import hf_fixtures
+    from qiusuo.tokenizer import Tokenizer
+
+    backend = hf_fixtures.bpe_tokenizer(("<|im_end|>",))
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<think>", "</think>")])
+    tok = Tokenizer(backend, {"eos_token": "<|im_end|>"})
+    ids = tok.encode("<think>a b</think>c<|im_end|>")
+    assert tok.decode(ids, skip_special_tokens=True) == "a bc"        # what hid the reasoning before
+    assert tok.decode_reply(ids) == "<think>a b</think>c"
+    dec = IncrementalDecoder(tok.decode_reply)
+    assert split([dec.add(i) for i in ids], fmt=BPE)[:2] == ("a b", "c")

@@ -16,6 +16,7 @@ from qiusuo.tasks import (
     Chain,
     CountdownTask,
     Problem,
+    REFLECTION,
     Slip,
     arith_trace,
     attempt_text,
@@ -23,6 +24,8 @@ from qiusuo.tasks import (
     get_task,
     heldout,
     random_chain,
+    reflected_attempt_text,
+    reflects,
     verify_countdown,
 )
 
@@ -217,7 +220,8 @@ def test_every_style_parses_and_scores_as_intended(name):
             assert parsed is not None, text
             think, answer = parsed
             value, reason = task.score(problem, answer)
-            if style == "steps":
+            assert reflects(think) == (style == "reflect"), text
+            if style in ("steps", "reflect"):
                 assert (value, reason) == (1.0, "correct"), text
             elif style == "flawed":
                 assert value == 0.0 and reason == "wrong value", text
@@ -236,6 +240,58 @@ def test_arith_steps_have_no_mistakes_and_flawed_exactly_one():
         # The answer is always a copy of the last suffix, as in a correct trace.
         think, answer = parse_completion(flawed)
         assert answer == str(int(think.rsplit(">", 1)[1]))
+
+
+def split_reflection(think: str) -> tuple[str, str]:
+    """(the trace as first written, the trace with the re-checked step in place of the slipped one)."""
+    steps = think.split(",")
+    at = next(i for i, step in enumerate(steps) if step.startswith(REFLECTION))
+    first = steps[:at]
+    redone = steps[:at - 1] + [steps[at].removeprefix(REFLECTION)] + steps[at + 1:]
+    return ",".join(first), ",".join(redone)
+
+
+def test_arith_reflect_slips_once_then_redoes_the_step_and_ends_right():
+    rng = random.Random(7)
+    for problem in all_problems(ARITH):
+        think, answer = parse_completion(ARITH.completion(problem, "reflect", rng))
+        assert think.count(REFLECTION) == 1
+        before, redone = split_reflection(think)
+        # With the re-checked step in place of the slip the trace is the correct one, answer included.
+        right, right_answer = arith_trace(*ARITH._operands(problem))
+        assert (redone, answer) == (right, right_answer)
+        # Before the marker: the correct steps, then one wrong step — the slip just noticed.
+        written, correct = before.split(","), right.split(",")
+        assert written[:-1] == correct[:len(written) - 1]
+        assert written[-1] != correct[len(written) - 1]
+
+
+def test_arith_reflect_example():
+    assert arith_trace(4821, "+", 397, Slip(1, delta=1), reflect=True) == (
+        "1+7+0=8>8,2+9+0=12>28,wait 2+9+0=11>18,8+3+1=12>218,4+0+1=5>5218", "5218")
+    # A dropped carry shows only in the next column: not a slip a reflect trace is written with.
+    assert arith_trace(4821, "+", 397, Slip(1, drop_carry=True), reflect=True) is None
+
+
+def test_countdown_reflect_redoes_the_slip_then_solves():
+    rng = random.Random(8)
+    for problem in all_problems(COUNTDOWN):
+        think, answer = parse_completion(COUNTDOWN.completion(problem, "reflect", rng))
+        assert think.count(REFLECTION) == 1 and answer == problem.answer
+        attempts = think.split(";")
+        reflected = next(a for a in attempts if REFLECTION in a)
+        before, redone = split_reflection(reflected)
+        wrong = CD_STEP.fullmatch(before.rsplit(",", 1)[-1])
+        assert true_result(int(wrong[1]), wrong[2], int(wrong[3])) != int(wrong[4])  # the slip
+        (steps, verdict), = countdown_attempts(redone)
+        assert all(true_result(x, op, y) == shown for x, op, y, shown in steps)  # redone right
+        assert verdict == "no" and steps[-1][3] != problem.data["target"]
+        assert attempts[-1] == attempt_text(problem.data["chain"], problem.data["target"])
+
+
+def test_countdown_reflect_example():
+    chain = Chain(7, (("+", 3), ("*", 2)))
+    assert reflected_attempt_text(chain, 22, 0, 11) == "7+3=11,wait 7+3=10,10*2=20 no"
 
 
 def test_countdown_steps_traces_are_correct_and_end_with_yes():
@@ -545,3 +601,31 @@ def test_equal_vote_keys_score_alike(name):
         for a in answers:
             by_key.setdefault(task.vote_key(problem, a), set()).add(task.score(problem, a)[0])
         assert all(len(scores) == 1 for scores in by_key.values()), by_key
+
+
+# ---------------------------------------------------------------------------
+# The corpus: styles at their configured rates
+# ---------------------------------------------------------------------------
+
+
+def test_corpus_holds_slips_and_reflections_at_the_configured_rates():
+    from qiusuo.corpus import CorpusConfig, examples
+
+    styles = {"direct": 0.4, "steps": 0.3, "flawed": 0.2, "reflect": 0.1}
+    cfg = CorpusConfig(n_examples=3000, styles=styles, seed=3)
+    rows = list(examples(cfg))
+    counts = Counter(r["style"] for r in rows)
+    for style, share in styles.items():
+        # 3000 draws: the binomial standard deviation is at most 0.9 points; allow 3 of them.
+        assert abs(counts[style] / len(rows) - share) < 0.027, (style, counts)
+    for i, r in enumerate(rows):
+        task = get_task(r["task"])
+        problem = task.sample("train", seed=cfg.seed * 1_000_003 + i, difficulty=r["difficulty"])
+        assert problem.prompt == r["prompt"]
+        think, answer = parse_completion(r["completion"])
+        correct = task.score(problem, answer)[0] == 1.0
+        assert reflects(think) == (r["style"] == "reflect")
+        if r["style"] in ("steps", "reflect"):
+            assert correct, r                      # a reflected slip is corrected: the answer is right
+        elif r["style"] == "flawed":
+            assert not correct and think, r        # a slip carried through to a wrong answer

@@ -58,7 +58,8 @@ def _child(conn, checkpoint: str, device: str, threads: int, kwargs: dict) -> No
             conn.send(msg)
 
     def sink(items) -> None:  # the scheduler thread, once per hand-over
-        out = [(req.tag, tokens, req.finish_reason if done else None) for req, tokens, done in items]
+        # `started`: the request reached the model (its prompt was prefilled), so it is billed
+        out = [(req.tag, tokens, req.finish_reason if done else None, req.started) for req, tokens, done in items]
         try:
             send(("out", out))
         except OSError:  # the server is gone; the main loop stops on EOF
@@ -205,11 +206,11 @@ class EngineProcess:
 
     def _apply(self, out: list) -> None:
         now = time.perf_counter()
-        for rid, tokens, finish in out:
+        for rid, tokens, finish, *started in out:
             req = self._requests.get(rid)
             if req is None:
                 continue
-            if rid not in self._started:
+            if rid not in self._started and (not started or started[0]):
                 self._started.add(rid)
                 req.started = True
             if tokens:

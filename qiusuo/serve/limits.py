@@ -1,5 +1,17 @@
-"""Admission control: per-key token buckets (→ 429) and a global concurrency gate with a bounded
-queue (→ 503). Both live in memory, so limits restart with the server (the ledger does not)."""
+"""Admission control: per-key limits (→ 429 / 402) and a global concurrency gate with a bounded queue
+(→ 503). Both live in memory, so limits restart with the server (the ledger and balances do not).
+
+A request is admitted in two steps, as a public LLM API must to stay cheap under abuse:
+
+1. `KeyLimits.enter`, before the body is read: one of the key's concurrent-request slots, one
+   request from its requests/minute bucket, and a balance above what its running requests hold.
+2. `KeyLimits.reserve`, once the prompt is tokenised: prompt + max_tokens from its tokens/minute
+   bucket, and a hold on its balance of what the request may cost at most.
+
+`Hold.settle(used_tokens)` at the end gives back the tokens the request did not use (never more than
+it took; a request that used more than it could take owes the difference) and drops the balance hold
+(the ledger row then carries the real cost). `Hold.release` is idempotent, so every path may call it.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -17,7 +29,8 @@ def retry_after_header(seconds: float) -> str:
 
 
 class TokenBucket:
-    """`per_minute` units refill continuously; the bucket holds at most one minute's worth."""
+    """`per_minute` units refill continuously; the bucket holds at most one minute's worth. The level
+    may go below zero when a settled request used more than it could take: that debt delays the next."""
 
     def __init__(self, per_minute: float, clock: Callable[[], float] = time.monotonic):
         self.capacity = float(per_minute)
@@ -38,25 +51,78 @@ class TokenBucket:
         need = min(n, self.capacity) - self.level
         return max(0.0, need / self.rate)
 
-    def take(self, n: float) -> None:
+    def take(self, n: float) -> float:
+        """Take `n` units, at most a full bucket; returns what was taken."""
         self._refill()
-        self.level -= min(n, self.capacity)
+        taken = min(n, self.capacity)
+        self.level -= taken
+        return taken
 
     def give(self, n: float) -> None:
-        """Return units reserved but not used (a completion shorter than its max_tokens)."""
+        """Return units taken but not used (a completion shorter than its max_tokens)."""
         self._refill()
         self.level = min(self.capacity, self.level + n)
 
+    def owe(self, n: float) -> None:
+        """Take units already used beyond what was taken, down to one minute of debt at most."""
+        self._refill()
+        self.level = max(-self.capacity, self.level - n)
+
+
+class Refused(Exception):
+    """A limit refused the request: answer `status` with `message`, `code` and maybe Retry-After."""
+
+    def __init__(self, status: int, message: str, code: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.retry_after = status, message, code, retry_after
+
+
+class Hold:
+    """What one request holds at its key: a concurrency slot, tokens taken from the tokens/minute
+    bucket and a balance hold (USD). `settle` or `release` gives them back, once."""
+
+    def __init__(self, limits: "KeyLimits", key_id: str):
+        self.limits, self.key_id = limits, key_id
+        self.tokens = 0.0
+        self.usd = 0.0
+        self.released = False
+
+    def settle(self, used_tokens: int) -> None:
+        """The request is over and used `used_tokens` (prompt + completion) of its reservation."""
+        if self.released:
+            return
+        bucket = self.limits._tokens_bucket(self.key_id)
+        if bucket is not None and self.tokens:
+            if used_tokens <= self.tokens:
+                bucket.give(self.tokens - used_tokens)  # never more than it took
+            else:
+                bucket.owe(used_tokens - self.tokens)
+        self._drop()
+
+    def release(self) -> None:
+        """The request ended before the model saw it: nothing was used."""
+        self.settle(0)
+
+    def _drop(self) -> None:
+        self.released = True
+        lim = self.limits
+        lim._active[self.key_id] -= 1
+        lim._held[self.key_id] -= self.usd
+        if lim._active[self.key_id] <= 0:
+            del lim._active[self.key_id], lim._held[self.key_id]
+        lim.holds -= 1
+
 
 class KeyLimits:
-    """Requests/minute and tokens/minute buckets per key id, created on first use.
-
-    Tokens are reserved up front as prompt + max_tokens (what the request *may* use) and the unused
-    part is given back when it finishes — otherwise a burst of long requests could all pass at once."""
+    """Per key id: requests/minute and tokens/minute buckets, concurrent requests and balance holds."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         self._buckets: dict[str, tuple[TokenBucket, TokenBucket, int, int]] = {}
+        self._active: dict[str, int] = {}
+        self._held: dict[str, float] = {}
+        self.holds = 0
+        """Holds not yet released (a /metrics gauge: 0 when idle)."""
 
     def _get(self, key_id: str, rpm: int, tpm: int) -> tuple[TokenBucket, TokenBucket]:
         entry = self._buckets.get(key_id)
@@ -65,20 +131,49 @@ class KeyLimits:
             self._buckets[key_id] = entry
         return entry[0], entry[1]
 
-    def admit(self, key_id: str, rpm: int, tpm: int, tokens: int) -> float:
-        """Take one request and `tokens` tokens and return 0, or take nothing and return the wait."""
-        requests, token_bucket = self._get(key_id, rpm, tpm)
-        wait = max(requests.wait_time(1), token_bucket.wait_time(tokens))
-        if wait > 0:
-            return wait
-        requests.take(1)
-        token_bucket.take(tokens)
-        return 0.0
-
-    def refund(self, key_id: str, tokens: int) -> None:
+    def _tokens_bucket(self, key_id: str) -> TokenBucket | None:
         entry = self._buckets.get(key_id)
-        if entry is not None and tokens > 0:
-            entry[1].give(tokens)
+        return None if entry is None else entry[1]
+
+    def active(self, key_id: str) -> int:
+        return self._active.get(key_id, 0)
+
+    def held(self, key_id: str) -> float:
+        return self._held.get(key_id, 0.0)
+
+    def enter(self, key_id: str, rpm: int, tpm: int, max_concurrent: int, remaining: float) -> Hold:
+        """Step 1, before the body is read: a concurrency slot, one request/minute, a balance left.
+        Takes nothing when it refuses."""
+        if self.active(key_id) >= max_concurrent:
+            raise Refused(429, f"key {key_id} already has {max_concurrent} requests in flight; wait for one to "
+                               "finish", "too_many_concurrent_requests", retry_after=1)
+        if remaining - self.held(key_id) <= 0:
+            raise Refused(402, "insufficient balance", "insufficient_balance")
+        requests, _ = self._get(key_id, rpm, tpm)
+        wait = requests.wait_time(1)
+        if wait > 0:
+            raise Refused(429, f"rate limit of key {key_id} reached ({rpm} requests per minute)",
+                          "rate_limit_exceeded", retry_after=wait)
+        requests.take(1)
+        self._active[key_id] = self.active(key_id) + 1
+        self._held.setdefault(key_id, 0.0)
+        self.holds += 1
+        return Hold(self, key_id)
+
+    def reserve(self, hold: Hold, rpm: int, tpm: int, tokens: int, usd: float, remaining: float) -> None:
+        """Step 2, after tokenisation: `tokens` (prompt + max_tokens) from the tokens/minute bucket
+        and `usd` (the most the request may cost) from the balance. Takes nothing when it refuses."""
+        if remaining - self.held(hold.key_id) < usd:
+            raise Refused(402, f"insufficient balance for this request (it may cost up to ${usd:.6f}); "
+                               "lower max_tokens or top up", "insufficient_balance")
+        _, bucket = self._get(hold.key_id, rpm, tpm)
+        wait = bucket.wait_time(tokens)
+        if wait > 0:
+            raise Refused(429, f"rate limit of key {hold.key_id} reached ({tpm} tokens per minute)",
+                          "rate_limit_exceeded", retry_after=wait)
+        hold.tokens = bucket.take(tokens)
+        hold.usd = usd
+        self._held[hold.key_id] += usd
 
 
 class QueueFull(Exception):

@@ -1,13 +1,19 @@
 """Turn a stream of generated token ids into `reasoning_content` and `content` text pieces.
 
-The models write `<think>REASONING</think><answer>ANSWER</answer>`. The split works on *text*, not on
-tag token ids, so it holds for any tokenizer (a tag split over several BPE tokens included):
+The models write `<think>REASONING</think><answer>ANSWER</answer>` (a real checkpoint: the tags of its
+`ReasoningFormat`, answer tags optional). The split works on *text*, not on tag token ids, so it holds
+for any tokenizer: a tag that is one special token (decoded as its text: `Tokenizer.decode_reply`) or
+text spread over several BPE tokens, split anywhere:
 
 - phase START: whitespace before `<think>` is dropped; `<think>` enters THINK; any other text means
   the model skipped the think block, so everything is content (phase ANSWER).
 - phase THINK: text is reasoning until `</think>`.
 - phase ANSWER: text is content; `<answer>` / `</answer>` are dropped (for a checkpoint without
   answer tags the content is simply everything after `</think>`).
+- a checkpoint whose template opens the think block in the prompt (R1-distill, `opens_think`) starts
+  in THINK.
+- in the lenient format of a real checkpoint, whitespace at the start of the reasoning and of the
+  content (`<think>\n…</think>\n\nanswer`) is dropped.
 - stop strings cut the visible text, reasoning or content, where they first appear — the same text the
   engine's stop-string check looks at — and nothing after them is emitted.
 
@@ -18,6 +24,8 @@ non-streamed message.
 from __future__ import annotations
 
 from typing import Callable, Sequence
+
+from ..rewards import STRICT, ReasoningFormat
 
 THINK, THINK_END, ANSWER, ANSWER_END = "<think>", "</think>", "<answer>", "</answer>"
 START, IN_THINK, IN_ANSWER = "start", "think", "answer"
@@ -30,7 +38,11 @@ class ReasoningSplitter:
     `reasoning_tokens` counts the tokens up to and including the one that closed the think block
     (all tokens while still thinking) — DeepSeek's `completion_tokens_details.reasoning_tokens`."""
 
-    def __init__(self, stop_strings: Sequence[str] = (), in_think: bool = False):
+    def __init__(self, stop_strings: Sequence[str] = (), in_think: bool | None = None,
+                 fmt: ReasoningFormat = STRICT):
+        """`in_think`: the prompt opened the think block (default: `fmt.opens_think`)."""
+        in_think = fmt.opens_think if in_think is None else in_think
+        self.open, self.close, self.lenient = fmt.open, fmt.close, not fmt.strict
         self.stop_strings = tuple(s for s in stop_strings if s)
         self.phase = IN_THINK if in_think else START
         self.saw_think = in_think
@@ -38,6 +50,7 @@ class ReasoningSplitter:
         self.tokens = 0
         self.reasoning_tokens = 0
         self._held = ""
+        self._field_started = False   # lenient: leading whitespace of the current field is dropped
 
     def feed(self, text: str) -> list[tuple[str, str]]:
         """The decoded text of the next token (possibly empty) → pieces that are now final."""
@@ -45,7 +58,8 @@ class ReasoningSplitter:
         was_thinking = self.phase in (START, IN_THINK)
         if self.stopped:
             pieces = []
-        elif self.phase != START and not self._held and not self.stop_strings and "<" not in text:
+        elif (self.phase != START and not self._held and not self.stop_strings and "<" not in text
+              and (self._field_started or not self.lenient) and self.open[0] == self.close[0] == "<"):
             # the common token: every marker starts with "<", so none can start or end in this text
             pieces = [(REASONING if self.phase == IN_THINK else CONTENT, text)] if text else []
         else:
@@ -59,8 +73,11 @@ class ReasoningSplitter:
         return [] if self.stopped else self._consume(self._held, final=True)
 
     # --- internals -------------------------------------------------------------------------------
+    def _tags(self) -> tuple[str, ...]:
+        return {START: (self.open,), IN_THINK: (self.close,), IN_ANSWER: (ANSWER, ANSWER_END)}[self.phase]
+
     def _markers(self) -> tuple[str, ...]:
-        return _tags_of(self.phase) + self.stop_strings
+        return self._tags() + self.stop_strings
 
     def _consume(self, buf: str, final: bool) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
@@ -80,25 +97,28 @@ class ReasoningSplitter:
                 return out
             self._emit(out, buf[:pos])
             buf = buf[pos + len(marker):]
-            if marker not in _tags_of(self.phase):  # a stop string
+            if marker not in self._tags():  # a stop string
                 self.stopped = True
                 return out
-            if marker == THINK_END:
-                self.phase = IN_ANSWER
+            if marker == self.close and self.phase == IN_THINK:
+                self.phase, self._field_started = IN_ANSWER, False
             # <answer> / </answer> are dropped and change nothing
         return out
 
     def _start(self, buf: str, final: bool) -> str:
         """Phase START: skip leading whitespace, enter THINK on `<think>`, else the answer begins."""
         text = buf.lstrip()
-        if text.startswith(THINK):
+        if text.startswith(self.open):
             self.phase, self.saw_think = IN_THINK, True
-            return text[len(THINK):]
-        if final or (text and not THINK.startswith(text)):
+            return text[len(self.open):]
+        if final or (text and not self.open.startswith(text)):
             self.phase = IN_ANSWER  # no think block: everything is the answer
         return text if self.phase == IN_ANSWER else buf
 
     def _emit(self, out: list, text: str) -> None:
+        if self.lenient and not self._field_started:
+            text = text.lstrip()
+            self._field_started = bool(text)
         if not text:
             return
         field = REASONING if self.phase == IN_THINK else CONTENT
@@ -106,10 +126,6 @@ class ReasoningSplitter:
             out[-1] = (field, out[-1][1] + text)
         else:
             out.append((field, text))
-
-
-def _tags_of(phase: str) -> tuple[str, ...]:
-    return {START: (THINK,), IN_THINK: (THINK_END,), IN_ANSWER: (ANSWER, ANSWER_END)}[phase]
 
 
 def _first_marker(buf: str, markers: Sequence[str]) -> tuple[int, str | None]:
