@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="skip finished stages, continue a stopped one")
     p.add_argument("--overwrite", action="store_true", help="start every stage over (deletes their checkpoints)")
     p.add_argument("--price-per-device-hour", type=float, default=None, help="dollars per device-hour")
-    # ==== serving (DESIGN §5): `qiusuo serve | keys | chat` — the one block the serving layer owns ====
+    # ==== serving (docs/design.md §5): `qiusuo serve | keys | chat` — the one block the serving layer owns ====
     from .serve.keys import DEFAULT_DB
 
     try:

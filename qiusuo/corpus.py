@@ -1,6 +1,6 @@
 """The synthetic pretraining corpus that leaves the tiny base model an *imperfect* reasoner.
 
-DESIGN §4: for the same problem families, mix short direct answers (cheap, often wrong on hard
+docs/design.md §4: for the same problem families, mix short direct answers (cheap, often wrong on hard
 instances) with step-by-step traces (longer, right) and some flawed traces. The base model then holds a
 weak, inconsistent ability — sampled at R1's T = 0.6 it mostly answers directly and is often wrong — that
 GRPO can sharpen into choosing, and executing, the trace.

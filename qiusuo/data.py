@@ -1,6 +1,6 @@
 """Dataset files for `--data`: JSONL (or a JSON array), Parquet, a `datasets.save_to_disk` folder or a
 folder of `<split>-*.parquet` shards (a Hub dataset repository as downloaded) → math problems (for
-`grpo` and `eval`) or prompt → response pairs (for `sft`). DESIGN §6.
+`grpo` and `eval`) or prompt → response pairs (for `sft`). docs/design.md §6.
 
 Rows are dicts; which fields hold what is configurable (`DataOptions`), with defaults that read GSM8K
 (`question`, `answer` with `#### 42`), MATH (`problem`, `solution` with `\\boxed{}`, `level`), MATH-500
@@ -10,7 +10,7 @@ template is
 - `chat`: the checkpoint's chat template, the question as the user turn;
 - `chat_boxed`: the same, plus "put your final answer within \\boxed{}" (the Qwen2.5-Math and
   DeepSeek-R1 evaluation prompt);
-- `r1_zero`: the R1-Zero template of the paper (DESIGN §3) as plain text, no chat template — for base
+- `r1_zero`: the R1-Zero template of the paper (docs/design.md §3) as plain text, no chat template — for base
   models; an answer then counts only inside `<answer>…</answer>`;
 - any other string: a plain-text template with `{question}`.
 

@@ -5,7 +5,7 @@ One step: sample P prompts → G completions each with the shared engine (π_old
 with a k3 KL penalty against a frozen reference → update. Written as small pure functions plus one
 visible loop (`train`).
 
-Objective per token (DESIGN §3):
+Objective per token (docs/design.md §3):
     ρ = π_θ / π_old,   term = min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A) − β·KL_k3,
     KL_k3 = π_ref/π_θ − log(π_ref/π_θ) − 1.
 Aggregations (`VARIANTS`): grpo = mean over each completion's tokens then over completions;

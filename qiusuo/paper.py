@@ -1,6 +1,6 @@
 """`qiusuo paper`: the whole DeepSeek-R1 recipe in miniature, and the paper's comparison as one table.
 
-The stages (DESIGN §8), each a folder of `runs/paper/`:
+The stages (docs/design.md §8), each a folder of `runs/paper/`:
 
 - `corpus`, `base` — the synthetic corpus and the pretrained tiny base (as in `make demo`);
 - `control` — the base trained further on its own corpus for the FLOPs the R1-Zero stage spent: does RL

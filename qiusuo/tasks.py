@@ -110,7 +110,7 @@ class Task(ABC):
     def answer_of(self, problem: Problem, text: str, fmt=None) -> str | None:
         """The final answer of a completion, or None: here the answer field of the checkpoint's reasoning
         format `fmt` (qiusuo/rewards.py; default the exact `<think>…</think><answer>…</answer>`, the
-        strict parser of DESIGN §4)."""
+        strict parser of docs/design.md §4)."""
         from .rewards import STRICT, parse_completion
 
         parsed = parse_completion(text, fmt or STRICT)

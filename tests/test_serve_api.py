@@ -1,4 +1,4 @@
-"""DESIGN §5 end to end: a real uvicorn server on loopback, the official `openai` client, a real
+"""docs/design.md §5 end to end: a real uvicorn server on loopback, the official `openai` client, a real
 SQLite ledger, and a scripted model that writes `<think>Sum 1+3</think><answer>4</answer>`."""
 import httpx
 import openai

@@ -1,4 +1,4 @@
-"""The OpenAI / DeepSeek-compatible HTTP server (DESIGN §5): `create_app(cfg)` returns a FastAPI app.
+"""The OpenAI / DeepSeek-compatible HTTP server (docs/design.md §5): `create_app(cfg)` returns a FastAPI app.
 
 A chat request goes: authenticate (401) → the key's concurrent requests, requests per minute and
 balance (429 / 402) → read the body within its size limit (413) → parse it strictly (400 / 422) →

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from typing import Callable
 
-MAX_RETRY_AFTER = 60  # seconds; DESIGN §5 promises clients a Retry-After of at most this
+MAX_RETRY_AFTER = 60  # seconds; docs/design.md §5 promises clients a Retry-After of at most this
 
 
 def retry_after_header(seconds: float) -> str:
