@@ -86,6 +86,19 @@ def control_cap(run: Path) -> int:
     return 2 * math.ceil(grpo_flops(run) / (base["flops"] / steps)) + 10
 
 
+def control_config(run: Path, sections: dict, price_kw: dict) -> SFTConfig:
+    """The equal-compute control of a run: the base's pretraining continued at its final learning rate
+    (constant), on a fresh shuffle of the same corpus, until it has spent GRPO's FLOPs (`<run>/zero`'s
+    ledger); the `control` section can change any of it."""
+    pre = build(SFTConfig, {**(sections.get("pretrain") or {}), **price_kw})
+    defaults = {"lr": pre.lr * pre.min_lr_ratio, "min_lr_ratio": 1.0, "warmup_steps": 0,
+                "batch_size": pre.batch_size, "max_len": pre.max_len, "seed": pre.seed + 1,
+                "log_every": pre.log_every, "save_every": pre.save_every, "steps": control_cap(run)}
+    return build(SFTConfig, {**defaults, **(sections.get("control") or {}), "init": str(run / "base"),
+                             "data": str(run / "corpus"), "out": str(run / "control"),
+                             "flops_budget": grpo_flops(run), **price_kw})
+
+
 def demo(run: Path, config: Path | None, resume: bool, price: float | None, overwrite: bool = False) -> None:
     """The whole tiny R1-Zero pipeline: corpus → pretrain (base) → grpo (zero) → control (the base
     pretrained further for GRPO's FLOPs) → eval of all three → report. Stages chain through explicit
@@ -101,15 +114,7 @@ def demo(run: Path, config: Path | None, resume: bool, price: float | None, over
         return build(cls, {**(sections.get(section) or {}), **wiring, **price_kw})
 
     def control():
-        # The base's pretraining continued at its final learning rate (constant), on a fresh shuffle of
-        # the same corpus, until it has spent GRPO's FLOPs; the `control` section can change any of it.
-        pre = cfg(SFTConfig, "pretrain")
-        defaults = {"lr": pre.lr * pre.min_lr_ratio, "min_lr_ratio": 1.0, "warmup_steps": 0,
-                    "batch_size": pre.batch_size, "max_len": pre.max_len, "seed": pre.seed + 1,
-                    "log_every": pre.log_every, "save_every": pre.save_every, "steps": control_cap(run)}
-        return build(SFTConfig, {**defaults, **(sections.get("control") or {}), "init": str(run / "base"),
-                                 "data": str(run / "corpus"), "out": str(run / "control"),
-                                 "flops_budget": grpo_flops(run), **price_kw})
+        return control_config(run, sections, price_kw)
 
     plan = [
         ("corpus", lambda: cfg(CorpusConfig, "corpus", out=str(run / "corpus")), run / "corpus" / "ledger.json"),

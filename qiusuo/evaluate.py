@@ -94,19 +94,20 @@ class EvalConfig:
 DRAWS_PER_PROBLEM = 50
 
 
-def distinct_heldout(task, difficulty: int, n: int, seed: int) -> list:
-    """`n` distinct held-out problems of one task and difficulty, deterministic in `seed`.
-    Duplicates (by canonical key) are skipped; a difficulty whose held-out split holds fewer than
-    `n` problems is an error naming it, not a silently shorter or repeated list."""
+def distinct_problems(task, split: str, difficulty: int, n: int, first_seed: int) -> list:
+    """`n` distinct problems of one task, split and difficulty, drawn with seeds first_seed, first_seed + 1, ….
+    Duplicates (by canonical key) are skipped; a difficulty whose split holds fewer than `n` problems
+    is an error naming it, not a silently shorter or repeated list."""
     seen, out = set(), []
     for i in range(n * DRAWS_PER_PROBLEM):
-        p = task.sample("heldout", seed=seed * 10_007 + i, difficulty=difficulty)
+        p = task.sample(split, seed=first_seed + i, difficulty=difficulty)
         if p.key() not in seen:
             seen.add(p.key())
             out.append(p)
             if len(out) == n:
                 return out
-    raise ValueError(f"{task.name} difficulty {difficulty}: found only {len(out)} distinct held-out problems "
+    label = "held-out" if split == "heldout" else split
+    raise ValueError(f"{task.name} difficulty {difficulty}: found only {len(out)} distinct {label} problems "
                      f"in {n * DRAWS_PER_PROBLEM} draws, {n} asked (n_per_difficulty)")
 
 
@@ -115,7 +116,7 @@ def heldout_problems(cfg: EvalConfig) -> list:
     if cfg.data:
         return load_problems(cfg.data, DataOptions.of(cfg.data_options))
     problems = [p for name, diffs in cfg.tasks.items() for d in diffs
-                for p in distinct_heldout(get_task(name), d, cfg.n_per_difficulty, cfg.seed)]
+                for p in distinct_problems(get_task(name), "heldout", d, cfg.n_per_difficulty, cfg.seed * 10_007)]
     return [pose(p, lang) for p in problems for lang in cfg.langs] if cfg.langs else problems
 
 

@@ -150,13 +150,10 @@ class Plan:
                                                         data=str(r / "sampled"), out=str(r / "student")),
                         r / "student" / "ledger.json")
         if name == "control":
-            # As in `qiusuo demo`: the base's pretraining continued at its final learning rate on a fresh
-            # shuffle of the same corpus until it has spent what the R1-Zero stage spent.
-            base = self.cfg(SFTConfig, "pretrain")
-            cfg = self.cfg(SFTConfig, "pretrain", "control", init=str(r / "base"), data=str(r / "corpus"),
-                           out=str(r / "control"), steps=1_000_000, lr=base.lr * base.min_lr_ratio, warmup_steps=0,
-                           min_lr_ratio=1.0, seed=base.seed + 1, flops_budget=ledger_flops(r / "zero"))
-            return Step("control", "pretrain", cfg, r / "control" / "ledger.json")
+            from .cli import control_config   # the same control as `qiusuo demo`'s
+
+            return Step("control", "pretrain", control_config(r, self.sections, self.price_kw),
+                        r / "control" / "ledger.json")
         # student_rl: at least the compute of the distillation fine-tuning (sampling + SFT), estimated
         # per step from the R1-Zero stage scaled by the models' sizes; the table shows what it spent.
         zero = self.cfg(GRPOConfig, "grpo")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .checkpoint import load_checkpoint
 from .engine import Engine, SamplingParams
+from .evaluate import distinct_problems
 from .ledger import StageLedger, forward_flops, hardware
 from .log import console
 from .language import check_langs, consistency, pose, question_lang
@@ -77,22 +78,10 @@ class SampleConfig:
 
 
 def training_problems(cfg: SampleConfig) -> list:
-    """Distinct train-split problems, `n_per_difficulty` per task and difficulty, deterministic in the seed."""
-    out = []
-    for name, diffs in cfg.tasks.items():
-        task = get_task(name)
-        for d in diffs:
-            seen: set = set()
-            for i in range(cfg.n_per_difficulty * 50):
-                p = task.sample("train", seed=cfg.seed * 1_000_033 + i, difficulty=d)
-                if p.key() not in seen:
-                    seen.add(p.key())
-                    out.append(p)
-                    if len(seen) == cfg.n_per_difficulty:
-                        break
-            else:
-                raise ValueError(f"{name} difficulty {d}: only {len(seen)} distinct training problems found, "
-                                 f"{cfg.n_per_difficulty} asked (n_per_difficulty)")
+    """Distinct train-split problems, `n_per_difficulty` per task and difficulty, deterministic in the seed;
+    with `langs`, each once per language."""
+    out = [p for name, diffs in cfg.tasks.items() for d in diffs
+           for p in distinct_problems(get_task(name), "train", d, cfg.n_per_difficulty, cfg.seed * 1_000_033)]
     return [pose(p, lang) for p in out for lang in cfg.langs] if cfg.langs else out
 
 
