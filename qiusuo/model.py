@@ -288,6 +288,74 @@ class KVCache:
         return T
 
 
+try:  # flash attention over variable-length sequences (CUDA, fp16 / bf16); absent in older torch
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+
+class Documents:
+    """Where the documents of packed training rows lie, from `doc_ids` [B, T] (−1: padding; each
+    document, and the padding, a contiguous run of a row). Worked out once per forward and shared
+    by every layer, so the one host sync (whether any row holds several documents; the longest run)
+    happens once, and the mask or the run boundaries are built once, on first use."""
+
+    def __init__(self, doc_ids: torch.Tensor):
+        self.doc_ids = doc_ids
+        doc = doc_ids
+        # a row holds one document when no token starts a document after the row's first token
+        # (padding may follow it: a causal query never sees the keys after it)
+        self.single = not bool(((doc[:, 1:] != doc[:, :-1]) & (doc[:, 1:] >= 0)).any())
+        self._mask = self._runs = None
+
+    def mask(self) -> torch.Tensor:
+        """Block-diagonal causal mask [B, 1, T, T]: query t sees key s ≤ t of its own document."""
+        if self._mask is None:
+            doc, T = self.doc_ids, self.doc_ids.shape[1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+            self._mask = (causal[None] & (doc[:, :, None] == doc[:, None, :]))[:, None]
+        return self._mask
+
+    def runs(self) -> tuple[torch.Tensor, int]:
+        """(cumulative run starts [N + 1] int32 over the B·T tokens flattened row by row, longest run):
+        each document — and each stretch of padding — is one sequence of `varlen_attn`."""
+        if self._runs is None:
+            doc = self.doc_ids
+            start = torch.ones_like(doc, dtype=torch.bool)
+            start[:, 1:] = doc[:, 1:] != doc[:, :-1]
+            starts = start.flatten().nonzero().squeeze(-1)
+            cu = torch.cat([starts, starts.new_tensor([doc.numel()])]).to(torch.int32)
+            self._runs = (cu, int((cu[1:] - cu[:-1]).max()))
+        return self._runs
+
+
+def flash_varlen_applies(q: torch.Tensor) -> bool:
+    """Whether `varlen_attn` (flash attention over packed sequences) takes these queries: torch has
+    it, they are on CUDA in fp16 / bf16, and the head width is one the flash kernels support."""
+    return (varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+
+
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents | None) -> torch.Tensor:
+    """Causal attention within each document: q [B, H, T, D], k/v [B, KV, T, D] → [B, H, T, D].
+
+    Three ways to the same outputs at every document token (padding outputs are never read):
+    - no `docs`, or one document per row: SDPA with `is_causal` — no mask, so the flash kernel on CUDA;
+    - several documents per row, on CUDA in fp16 / bf16: `varlen_attn`, each document (and each
+      stretch of padding) a sequence of its own — flash attention with no T × T mask;
+    - otherwise: SDPA with the boolean block-diagonal mask (`Documents.mask`)."""
+    B, H, T, D = q.shape
+    gqa = k.shape[1] != H
+    if docs is None or docs.single:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+    if flash_varlen_applies(q):
+        cu, longest = docs.runs()
+        flat = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], D)   # [B·T, heads, D]
+        y = varlen_attn(flat(q), flat(k), flat(v), cu, cu, longest, longest, window_size=(-1, 0), enable_gqa=gqa)
+        return y.view(B, T, H, D).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask(), enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -297,20 +365,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache | None, attn_mask, positions):
+    def forward(self, x, cos, sin, layer: int, cache: KVCache | None, attn_mask, positions, docs=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # under autocast the projections are bf16 but the rotary tables fp32: one dtype for the kernels
+        # (what autocast would cast SDPA's inputs to; varlen_attn is not on its lists)
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         if cache is not None:
             S = cache.write(layer, k, v, positions)
             k, v = cache.k[layer, :, :, :S], cache.v[layer, :, :, :S]
-        gqa = self.n_kv != self.n_heads
         if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+            y = document_attention(q, k, v, docs)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -333,8 +402,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, layer, cache, attn_mask, positions):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, attn_mask, positions)
+    def forward(self, x, cos, sin, layer, cache, attn_mask, positions, docs=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, attn_mask, positions, docs)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -351,7 +420,7 @@ class Transformer(nn.Module):
 
     - Training / scoring: `ids` right-padded [B, T], no cache; causal attention from position 0.
     - Packed training: several documents per row; `doc_ids` [B, T] keeps attention inside each
-      document and `positions` restart at 0 for each.
+      document (`document_attention`) and `positions` restart at 0 for each.
     - Generation with a `KVCache`: a prefill writes right-padded prompts [B, T] from position 0
       (padding keys are overwritten by later tokens before any real query can see them); a decode
       step feeds one token per row at that row's own position `positions` [B, 1]."""
@@ -385,17 +454,15 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=ids.device).expand(B, T)
         x = self.model.embed_tokens(ids)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config, ids.device), x.dtype)
-        attn_mask = None
+        attn_mask = docs = None
         if doc_ids is not None:
-            # Packed training rows: causal attention within each document only.
-            causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
-            attn_mask = (causal[None] & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+            docs = Documents(doc_ids)   # packed training rows: causal attention within each document
         elif cache is not None and T == 1:
             # Decode: each row sees its keys up to and including its own position.
             S = int(positions.max()) + 1
             attn_mask = (torch.arange(S, device=ids.device)[None, :] <= positions)[:, None, None, :]
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, i, cache, attn_mask, positions)
+            x = layer(x, cos, sin, i, cache, attn_mask, positions, docs)
         return self.model.norm(x)
 
     def forward(self, ids, positions=None, cache: KVCache | None = None, doc_ids=None, select=None):

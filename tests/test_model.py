@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import tiny_model
@@ -218,3 +219,96 @@ def test_rope_scaling_round_trips_and_drives_the_decode_tables(tmp_path, tok):
         dw = DecodeWeights(again, 128)
         cos, _ = rope_cos_sin(torch.arange(128)[None], rope_inv_freq(again.config), torch.float32)
         assert torch.equal(dw.cos, cos[0, 0])
+
+
+# --- attention over packed documents ------------------------------------------------------------
+
+def _packed_docs() -> torch.Tensor:
+    """doc_ids [3, 12]: several documents per row, one row of a single document, padding (−1) at the ends."""
+    return torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, -1, -1, -1],
+                         [3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3],
+                         [4, 5, 5, 5, 5, 5, 6, 6, -1, -1, -1, -1]])
+
+
+def _qkv(B, T, H=4, KV=2, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, T, D, generator=g), torch.randn(B, KV, T, D, generator=g),
+            torch.randn(B, KV, T, D, generator=g))
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size, enable_gqa):
+    """`varlen_attn`'s contract in plain PyTorch (the real one runs on CUDA only): tokens [N, heads, D],
+    sequences at cu_q[i]:cu_q[i+1], causal for window_size (−1, 0)."""
+    assert window_size == (-1, 0) and cu_q is cu_k and cu_q.dtype == torch.int32
+    assert max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+    out = torch.empty_like(q)
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        seq = lambda x: x[a:b].transpose(0, 1)[None]
+        out[a:b] = F.scaled_dot_product_attention(seq(q), seq(k), seq(v), is_causal=True,
+                                                  enable_gqa=enable_gqa)[0].transpose(0, 1)
+    return out
+
+
+def test_document_attention_paths_agree_with_each_document_alone(monkeypatch):
+    """The mask path, the flash varlen path (its layout code, with the kernel replaced by its contract
+    in PyTorch — the kernel itself is CUDA-only) and plain causal attention for one-document rows all
+    give each document token what causal attention over its document alone gives."""
+    from qiusuo import model as m
+
+    doc = _packed_docs()
+    q, k, v = _qkv(*doc.shape)
+    docs = m.Documents(doc)
+    assert not docs.single
+    cu, longest = docs.runs()
+    assert cu.tolist() == [0, 3, 5, 9, 12, 24, 25, 30, 32, 36] and longest == 12
+
+    def alone(r, d, doc=doc):
+        at = (doc[r] == d).nonzero().squeeze(-1)
+        return at, F.scaled_dot_product_attention(q[r:r + 1, :, at], k[r:r + 1, :, at], v[r:r + 1, :, at],
+                                                  is_causal=True, enable_gqa=True)[0]
+
+    masked = m.document_attention(q, k, v, docs)
+    monkeypatch.setattr(m, "varlen_attn", _reference_varlen)
+    monkeypatch.setattr(m, "flash_varlen_applies", lambda q: True)
+    varlen = m.document_attention(q, k, v, m.Documents(doc))
+    for r in range(doc.shape[0]):
+        for d in set(doc[r].tolist()) - {-1}:
+            at, want = alone(r, d)
+            assert torch.allclose(masked[:, :, at][r], want, atol=1e-6)
+            assert torch.allclose(varlen[:, :, at][r], want, atol=1e-6)
+
+    one = torch.tensor([[0] * 9 + [-1] * 3, [1] * 12])     # one document per row, padding after it
+    single = m.Documents(one)
+    assert single.single
+    causal = m.document_attention(q[:2], k[:2], v[:2], single)
+    assert torch.allclose(causal[0, :, :9], alone(0, 0, one)[1], atol=1e-6)
+    assert torch.allclose(causal[1], m.document_attention(q[1:2], k[1:2], v[1:2], None)[0])
+    monkeypatch.undo()
+    assert not m.flash_varlen_applies(q) and not m.flash_varlen_applies(q.bfloat16())   # CPU: never
+
+
+def test_packed_logits_are_those_of_the_block_diagonal_mask(tok, model, monkeypatch):
+    """Whichever way `document_attention` goes, the model's logits at every document token are those of
+    SDPA with the block-diagonal causal mask (the one path every device has; what the model computed
+    before the other paths existed), in fp32 and under bf16 autocast."""
+    from qiusuo import model as m
+
+    doc = _packed_docs()
+    ids = torch.randint(0, tok.vocab_size, doc.shape, generator=torch.Generator().manual_seed(1))
+    pos = torch.zeros_like(doc)
+    for r in range(doc.shape[0]):
+        for d in set(doc[r].tolist()):
+            at = (doc[r] == d).nonzero().squeeze(-1)
+            pos[r, at] = torch.arange(len(at))
+    real = doc >= 0
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got = model(ids, pos, doc_ids=doc)
+            one = model(ids[1:2], pos[1:2], doc_ids=doc[1:2])      # one document: plain causal SDPA
+            with monkeypatch.context() as mp:                      # the mask path, for every row
+                init = m.Documents.__init__
+                mp.setattr(m.Documents, "__init__", lambda self, d: (init(self, d), setattr(self, "single", False))[0])
+                want = model(ids, pos, doc_ids=doc)
+                assert not m.Documents(doc[1:2]).single
+        assert torch.equal(got[real], want[real])
+        assert torch.allclose(one[0], want[1], atol=3e-2 if autocast else 1e-5)
