@@ -24,8 +24,9 @@ mantissa bits, so updates of lr·g ≈ 1e-6 relative to a weight would round to 
 and backward run in bf16 — by `torch.autocast` for a single process and DDP, by FSDP2's
 `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)` under FSDP, which gathers bf16 copies of
 the shards and reduces gradients in fp32. Log-probabilities, softmax and losses are computed in fp32
-(the GRPO ratio exp(logπ − logπ_old) is sensitive to bf16 rounding of logits). Rollouts use the engine
-in its own dtype.
+(the GRPO ratio exp(logπ − logπ_old) is sensitive to bf16 rounding of logits). Rollouts on CUDA decode in
+`dtype` too (`Engine(dtype=…)`: bf16 packed weights and KV cache made from the fp32 master); on the CPU the
+C decode step runs in fp32.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@
 - `Decoder`: what a batch asks of the model — prefill prompts into cache rows, one step for every
   row, copy rows (a prompt's prefix to its samples; a running row into a finished one's place), sample
   — with two implementations, picked once per engine (`pick_decoder`): `NativeDecoder` (the C kernel
-  of `native.py`: CPU, fp32) and `TorchDecoder` (PyTorch ops: any device, any dtype).
+  of `native.py`: CPU, fp32) and `TorchDecoder` (PyTorch ops: any device, any dtype; its step runs on
+  static buffers, captured as CUDA graphs on a GPU: `StepRunner`).
 - Sampling: temperature, top-k, top-p, per row; every row draws from its own counter-based random
   stream, so a row's tokens depend on its seed only — the same seed gives the same tokens alone or in
   any batch.
@@ -18,9 +19,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import ClassVar, Iterator, Protocol, Sequence
 
@@ -101,20 +104,29 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return pick.clamp_max(probs.shape[-1] - 1).squeeze(-1)
 
 
+def sampling_plan(temperature, top_p, top_k) -> tuple[bool, bool, bool, bool]:
+    """(all greedy, any greedy, any top-p / top-k cut, all cut) of per-row settings — numpy arrays or
+    tensors; a caller holding the settings on the host passes this to `sample_next`, which then asks
+    the device nothing before its result."""
+    greedy, cut = temperature == 0, (top_p < 1) | (top_k > 0)
+    return bool(greedy.all()), bool(greedy.any()), bool(cut.any()), bool(cut.all())
+
+
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-                u: torch.Tensor) -> torch.Tensor:
+                u: torch.Tensor, plan: tuple[bool, bool, bool, bool] | None = None) -> torch.Tensor:
     """One token per row from `logits` [B, V] with per-row temperature / top-p / top-k [B] and one
-    uniform draw per row `u` [B] (inverse-CDF sampling) → ids [B].
+    uniform draw per row `u` [B] (inverse-CDF sampling) → ids [B]. `plan`: `sampling_plan` of the
+    settings (computed here when not given).
 
     A row without a top-p / top-k cut samples in vocabulary order and skips the sort; a row with one
     samples in descending-probability order. Which order a row uses depends on its own settings
     only, so a row draws the same token whatever batch it is in."""
-    greedy = temperature == 0
-    if bool(greedy.all()):
+    all_greedy, any_greedy, any_cut, all_cut = plan or sampling_plan(temperature, top_p, top_k)
+    if all_greedy:
         return logits.argmax(-1)
+    greedy = temperature == 0
     logits = logits.float() / torch.where(greedy, 1.0, temperature)[:, None]
     cut = (top_p < 1) | (top_k > 0)
-    any_cut, all_cut = bool(cut.any()), bool(cut.all())
     token = None
     if not all_cut:
         token = _inverse_cdf(logits.softmax(-1), u)
@@ -127,7 +139,7 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], 0.0)
         truncated = order.gather(-1, _inverse_cdf(probs, u)[:, None]).squeeze(-1)
         token = truncated if token is None else torch.where(cut, truncated, token)
-    if bool(greedy.any()):
+    if any_greedy:
         token = torch.where(greedy, logits.argmax(-1), token)
     return token
 
@@ -213,8 +225,6 @@ class NativeDecoder:
     would give up the GIL to the event loop and wait to get it back. The cache is uninitialised (the
     kernel never reads past a row's own positions) and comes from the engine's spare caches."""
 
-    weights_type = native.NativeWeights
-
     def __init__(self, engine: "Engine", max_len: int):
         self.engine, self.max_len = engine, max_len
         self.weights: native.NativeWeights = engine.decode_weights(max_len)
@@ -222,6 +232,10 @@ class NativeDecoder:
         self.capacity = 0
         self.logits = np.zeros((0, self.weights.vocab_padded), dtype=np.float32)   # [capacity, vocab padded]
         self._sampler = native.Sampler(self.weights.lib, self.weights.vocab)
+
+    @staticmethod
+    def pack(engine: "Engine", max_len: int) -> native.NativeWeights:
+        return native.NativeWeights(engine.model, max_len)
 
     def reserve(self, rows: int, keep: int, upto: int) -> None:
         if rows <= self.capacity:
@@ -255,31 +269,132 @@ class NativeDecoder:
         self.cache, self.capacity = None, 0
 
 
-class TorchDecoder:
-    """A `Decoder` in PyTorch on the model's device and dtype: prefill is `Transformer.hidden` with a
-    cache (SDPA, causal), the step is `DecodeWeights.step`, sampling `sample_next`. The cache is
-    zeroed (the step masks rather than skips the positions past a row: 0 · NaN would poison it) and
-    the logits are a preallocated fp32 buffer [capacity, V] on the device."""
+def _bucket(n: int) -> int:
+    """The power of two at or above n (n ≥ 1)."""
+    return 1 << (n - 1).bit_length()
 
-    weights_type = DecodeWeights
+
+class StepRunner:
+    """The `TorchDecoder`'s decode step over static buffers, so that it can be captured as CUDA graphs
+    and replayed: a step of a 0.5 B model is ~300 small kernels, whose launches from Python cost more
+    than their arithmetic at small batches.
+
+    The KV cache (zeroed once, `capacity` rows, a power of two) and the step's inputs (a token and a
+    position per row) live at fixed addresses for the runner's life, and a runner outlives its batch:
+    the engine keeps the last one for the next batch (`Engine._take_runner`). A step of B rows runs
+    as `_bucket(B)` rows — the rows past B are idle cache rows, fed token 0 at position 0, harmless
+    since a row's cache is rewritten from position 0 before it is used again — over `span` keys
+    rounded up to a power of two (at least `MIN_SPAN`, at most the cache length): a few shapes cover
+    every step. Keys a row has not written are masked, never skipped; what a cache holds past a row's
+    position is zeros or an earlier row's finite values, so the mask's zero weights keep it out.
+
+    With `graphs` (CUDA) each shape is captured once into one memory pool and replayed; the graphs
+    read the runner's own copy of the weights (`DecodeWeights.clone`), refreshed in place when the
+    engine's packed weights change (`copy_`), so a GRPO step's new weights cost a copy, not a new
+    capture. Without, the same step runs eagerly on the same buffers — what the CPU runs and tests."""
+
+    MIN_SPAN = 128
+    """Fewest keys a step attends over (shorter spans are rounded up to it)."""
+
+    def __init__(self, engine: "Engine", rows: int, max_len: int, graphs: bool):
+        cfg, device = engine.model.config, engine.device
+        self.cache = KVCache(cfg, _bucket(rows), max_len, device, engine.dtype)
+        self.tokens = torch.zeros(self.capacity, dtype=torch.long, device=device)
+        self.positions = torch.zeros(self.capacity, dtype=torch.long, device=device)
+        self.graphs: dict[tuple[int, int], tuple] | None = {} if graphs else None   # (rows, span) → (graph, logits)
+        self._weights: DecodeWeights | None = None    # what the graphs read (a copy of `_source`)
+        self._source = None                           # weakref to the packed weights copied last
+        self._pool = None
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.batch
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def shape(self, B: int, span: int) -> tuple[int, int]:
+        """(rows, keys) a step of B rows attending over `span` keys runs as."""
+        return _bucket(B), min(self.max_len, max(self.MIN_SPAN, _bucket(span)))
+
+    @torch.no_grad()
+    def step(self, weights: DecodeWeights, tokens: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+        """`DecodeWeights.step` for rows 0..B−1 of the runner's cache → logits [B, V] (in a buffer the
+        next step overwrites)."""
+        B = len(tokens)
+        rows, span = self.shape(B, int(positions.max()) + 1)   # from the host's copy: no wait on the device
+        host = np.zeros((2, rows), dtype=np.int64)
+        host[0, :B], host[1, :B] = tokens, positions
+        host = torch.from_numpy(host)
+        self.tokens[:rows].copy_(host[0], non_blocking=True)
+        self.positions[:rows].copy_(host[1], non_blocking=True)
+        if self.graphs is None:
+            return weights.step(self.tokens[:rows], self.positions[:rows], self.cache, span)[:B]
+        self._hold(weights)
+        captured = self.graphs.get((rows, span)) or self._capture(rows, span)
+        captured[0].replay()
+        return captured[1][:B]
+
+    def _hold(self, weights: DecodeWeights) -> None:
+        """Make the graphs' copy of the weights equal `weights` (a copy in place; a new copy, and new
+        graphs, only when the shapes differ)."""
+        if self._source is not None and self._source() is weights:
+            return
+        if self._weights is None or not self._weights.fits(weights):
+            self.graphs.clear()
+            self._weights = None    # the old copy goes before the new one is made
+            self._weights = weights.clone()
+        else:
+            self._weights.copy_(weights)
+        self._source = weakref.ref(weights)
+
+    def _capture(self, rows: int, span: int) -> tuple:
+        """Capture the step of `rows` rows over `span` keys (after one warm-up run on a side stream, as
+        CUDA graphs need; it writes the cache entries the replay writes next, with the same values)."""
+        run = lambda: self._weights.step(self.tokens[:rows], self.positions[:rows], self.cache, span)
+        side = torch.cuda.Stream(device=self.cache.kv.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = run()
+        self._pool = graph.pool()
+        self.graphs[(rows, span)] = (graph, logits)
+        return graph, logits
+
+
+class TorchDecoder:
+    """A `Decoder` in PyTorch on the model's device, in the engine's dtype: prefill is
+    `Transformer.hidden` with a cache (SDPA, causal; under autocast when the engine's dtype is not
+    the model's), the step is `DecodeWeights.step` through a `StepRunner` (static buffers, CUDA graphs
+    when the engine has them), sampling `sample_next`. The cache is the runner's; the logits are a
+    preallocated fp32 buffer [capacity, V] on the device."""
 
     def __init__(self, engine: "Engine", max_len: int):
         self.engine, self.model, self.max_len = engine, engine.model, max_len
         self.device = engine.device
         self.weights: DecodeWeights = engine.decode_weights(max_len)
+        self.runner: StepRunner | None = None
         self.cache: KVCache | None = None
         self.capacity = 0
         self.logits = torch.zeros(0, self.model.config.vocab_size, device=self.device)
 
+    @staticmethod
+    def pack(engine: "Engine", max_len: int) -> DecodeWeights:
+        return DecodeWeights(engine.model, max_len, engine.dtype)
+
     def reserve(self, rows: int, keep: int, upto: int) -> None:
         if rows <= self.capacity:
             return
-        grown = self.engine._cache(max(rows, 2 * self.capacity), self.max_len, zeroed=True)
-        logits = self.logits.new_zeros(grown.batch, self.logits.shape[1])
+        grown = self.engine._take_runner(max(rows, 2 * self.capacity), self.max_len)
+        logits = self.logits.new_zeros(grown.capacity, self.logits.shape[1])
         if keep:
-            grown.kv[:, :, :keep, :, :upto] = self.cache.kv[:, :, :keep, :, :upto]
+            grown.cache.kv[:, :, :keep, :, :upto] = self.cache.kv[:, :, :keep, :, :upto]
             logits[:keep] = self.logits[:keep]
-        self.cache, self.logits, self.capacity = grown, logits, grown.batch
+        self.runner, self.cache, self.logits, self.capacity = grown, grown.cache, logits, grown.capacity
 
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]], rows: list[int]) -> torch.Tensor:
@@ -288,21 +403,19 @@ class TorchDecoder:
         ids = torch.full((len(prompts), width), self.engine.pad_id, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.tensor(p)
-        scratch = self.model.new_cache(len(prompts), width)
-        hidden = self.model.hidden(ids.to(self.device), cache=scratch)
-        last = hidden[torch.arange(len(prompts)), torch.tensor(lengths) - 1]
-        rows_t = torch.tensor(rows, device=self.device)
-        self.cache.kv[:, :, rows_t, :, :width] = scratch.kv
-        self.logits[rows_t] = self.model.lm_head(last).float()
+        scratch = KVCache(self.model.config, len(prompts), width, self.device, self.engine.dtype)
+        with self.engine.autocast():
+            hidden = self.model.hidden(ids.to(self.device), cache=scratch)
+            last = hidden[torch.arange(len(prompts)), torch.tensor(lengths) - 1]
+            rows_t = torch.tensor(rows, device=self.device)
+            self.cache.kv[:, :, rows_t, :, :width] = scratch.kv
+            self.logits[rows_t] = self.model.lm_head(last).float()
         return self.logits[rows_t]
 
     @torch.no_grad()
     def step(self, tokens: np.ndarray, positions: np.ndarray) -> torch.Tensor:
         B = len(tokens)
-        span = int(positions.max()) + 1      # from the host's copy: no wait on the device
-        logits = self.weights.step(torch.from_numpy(tokens).to(self.device, non_blocking=True),
-                                   torch.from_numpy(positions).to(self.device, non_blocking=True), self.cache, span)
-        self.logits[:B] = logits
+        self.logits[:B] = self.runner.step(self.weights, tokens, positions)
         return self.logits[:B]
 
     def copy_rows(self, src: list[int], dst: list[int], upto: int) -> None:
@@ -312,17 +425,27 @@ class TorchDecoder:
 
     @torch.no_grad()
     def sample(self, state: dict[str, np.ndarray], n: int) -> np.ndarray:
-        t = {k: torch.from_numpy(state[k]).to(self.device) for k in ("key", "drawn", "temperature", "top_p", "top_k")}
-        u = uniform(t["key"], t["drawn"])
-        return sample_next(self.logits[:n], t["temperature"], t["top_p"], t["top_k"], u).cpu().numpy()
+        # the branches are decided on the host's copy of the settings, and the settings travel in two
+        # copies, so the device is waited for once, for the tokens
+        plan = sampling_plan(state["temperature"][:n], state["top_p"][:n], state["top_k"][:n])
+        if plan[0]:
+            return self.logits[:n].argmax(-1).cpu().numpy()
+        ints = torch.from_numpy(np.stack([state["key"][:n], state["drawn"][:n], state["top_k"][:n]])).to(self.device)
+        floats = torch.from_numpy(np.stack([state["temperature"][:n], state["top_p"][:n]])).to(self.device)
+        u = uniform(ints[0], ints[1])
+        return sample_next(self.logits[:n], floats[0], floats[1], ints[2], u, plan).cpu().numpy()
 
     def close(self) -> None:
-        self.cache, self.capacity = None, 0
+        self.engine._give_back_runner(self.runner)
+        self.runner, self.cache, self.capacity = None, None, 0
 
 
-def pick_decoder(model: Transformer) -> type:
+def pick_decoder(model: Transformer, dtype: torch.dtype | None = None) -> type:
     """`NativeDecoder` where the C kernel runs the model (`native.applies`: CPU, fp32, a compiler, not
-    `QIUSUO_NATIVE=0`), else `TorchDecoder`. Both give the same tokens up to float rounding."""
+    `QIUSUO_NATIVE=0`) and the engine decodes in the model's fp32, else `TorchDecoder`. Both give the
+    same tokens up to float rounding."""
+    if dtype not in (None, model.lm_head.weight.dtype):
+        return TorchDecoder
     return NativeDecoder if native.applies(model) else TorchDecoder
 
 
@@ -501,11 +624,23 @@ class Engine:
     """Sampling from a `Transformer`. `tokenizer` (optional) decodes texts and stop strings."""
 
     def __init__(self, model: Transformer, tokenizer=None, eos_ids: Sequence[int] = (), max_batch: int = 256,
-                 decoder: type | None = None):
-        """`decoder`: `NativeDecoder` or `TorchDecoder`; by default `pick_decoder(model)`, decided here
-        once for every batch of this engine (move the model to its device and dtype before)."""
+                 decoder: type | None = None, dtype: torch.dtype | None = None, cuda_graphs: bool | None = None):
+        """`decoder`: `NativeDecoder` or `TorchDecoder`; by default `pick_decoder(model, dtype)`, decided
+        here once for every batch of this engine (move the model to its device before). `dtype`: what
+        the engine decodes in, by default the model's — GRPO on a GPU rolls out in bf16 over its fp32
+        master weights (the packed weights and the cache are bf16, the prefill runs under autocast).
+        `cuda_graphs`: capture the decode step as CUDA graphs (`StepRunner`); None means yes on a CUDA
+        device unless QIUSUO_CUDA_GRAPHS=0."""
         self.model = model
-        self.decoder_type = decoder or pick_decoder(model)
+        self.dtype = dtype or model.lm_head.weight.dtype
+        self.decoder_type = decoder or pick_decoder(model, self.dtype)
+        if self.decoder_type is NativeDecoder and self.dtype != torch.float32:
+            raise ValueError("the C decoder runs fp32 only")
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and os.environ.get("QIUSUO_CUDA_GRAPHS", "1") != "0"
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, not {self.device}")
+        self.cuda_graphs = cuda_graphs
         self.tokenizer = tokenizer
         ids = set(eos_ids)
         if tokenizer is not None:
@@ -515,6 +650,7 @@ class Engine:
         self.pad_id = tokenizer.pad_id if tokenizer is not None else (self.eos_ids[0] if self.eos_ids else 0)
         self._spare: list[KVCache] = []      # caches of finished batches, most recent last (`_cache`)
         self._spare_lock = threading.Lock()
+        self._runner: StepRunner | None = None   # a finished batch's step runner, for the next (`_take_runner`)
         self._packed: tuple | None = None    # (what the weights were, DecodeWeights): `decode_weights`
         self._packed_lock = threading.Lock()
 
@@ -530,9 +666,15 @@ class Engine:
     """Positions the packed weights' rotary tables cover at least (up to the model's context), so
     batches of different lengths share one packing."""
 
+    def autocast(self):
+        """The prefill's precision: autocast to the engine's dtype when it is not the model's."""
+        if self.dtype == self.model.lm_head.weight.dtype:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
     def decode_weights(self, max_len: int):
-        """The model's weights in the decoder's layout (`decoder_type.weights_type`: `DecodeWeights` or
-        `native.NativeWeights`), for positions below `max_len`. Packing them is a pass over all the
+        """The model's weights in the decoder's layout (`decoder_type.pack`: `DecodeWeights` in the
+        engine's dtype or `native.NativeWeights`), for positions below `max_len`. Packing them is a pass over all the
         weights, so the packed copy is kept and made again only when the weights have changed (not
         at every `stream` or `generate` call). A change is seen from each parameter's storage and
         version counter, which in-place updates bump (`load_state_dict`, `copy_` under no_grad, the
@@ -545,7 +687,7 @@ class Engine:
             if self._packed is None or self._packed[0] != key or self._packed[1].max_len < max_len:
                 span = max(max_len, min(self.model.config.max_position_embeddings, self.PACKED_MIN_LEN))
                 self._packed = None   # the old copy goes before the new one is made
-                self._packed = (key, self.decoder_type.weights_type(self.model, span))
+                self._packed = (key, self.decoder_type.pack(self, span))
             return self._packed[1]
 
     def forget_weights(self) -> None:
@@ -556,13 +698,32 @@ class Engine:
     SPARE_BYTES = 256 << 20
     """How much memory the caches of finished batches may keep for the next ones (`_cache`)."""
 
+    def _take_runner(self, rows: int, max_len: int) -> StepRunner:
+        """A `StepRunner` with room for `rows` rows of `max_len` positions, for one batch at a time:
+        the one a finished batch gave back when it is big enough (its cache, buffers and captured
+        graphs carry over; GRPO's rollout batch of every step reuses them), else a new one whose
+        length is rounded up to a power of two (up to the model's context), so the next batches of
+        about the same length fit it too."""
+        with self._spare_lock:
+            runner, self._runner = self._runner, None
+        if runner is not None and runner.capacity >= rows and runner.max_len >= max_len:
+            return runner
+        del runner   # too small: its memory goes before the new one is made
+        length = max(max_len, min(_bucket(max_len), self.model.config.max_position_embeddings))
+        return StepRunner(self, rows, length, self.cuda_graphs)
+
+    def _give_back_runner(self, runner: StepRunner | None) -> None:
+        """Keep a finished batch's runner for the next batch (the latest one only)."""
+        if runner is not None:
+            with self._spare_lock:
+                self._runner = runner
+
     def _cache(self, rows: int, max_len: int, zeroed: bool) -> KVCache:
         """A KV cache with room for `rows` rows of `max_len` positions. The C step's caches
         (uninitialised, on the CPU) come from those that finished batches gave back when one is big
         enough: the first write to each 4 KiB page of a fresh buffer is a page fault, and a 32-row
         batch of 128 tokens took 2,600 of them, ~10 % of its time (GRPO starts such a batch every
-        step). A GPU's caching allocator reuses memory by itself, and a zeroed cache needs a memset
-        anyway, so neither is kept."""
+        step). (The PyTorch step's caches belong to its `StepRunner`s, kept by `_take_runner`.)"""
         if not zeroed and self.device.type == "cpu":
             dtype = self.model.lm_head.weight.dtype
             with self._spare_lock:

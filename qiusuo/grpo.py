@@ -470,7 +470,9 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> Pat
             model.eval()
             with dist.full_weights(model) as whole:
                 if engine is None or dist.is_fsdp(model):   # FSDP's whole weights are new tensors each step
-                    engine = Engine(whole, tok)
+                    # on a GPU the rollouts decode in the training dtype (bf16 copies of the fp32
+                    # master weights); on the CPU the C step decodes in fp32
+                    engine = Engine(whole, tok, dtype=dist.DTYPES[cfg.dtype] if str(device).startswith("cuda") else None)
                 r, generated, zero_std_frac = collect(engine, tok, cfg, rng, step)
                 engine.forget_weights()   # the update makes the packed copy stale: not held through it
             t_gen = time.perf_counter() - t0

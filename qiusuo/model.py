@@ -521,29 +521,59 @@ class DecodeWeights:
       than SDPA's kernels for one query row over keys of several lengths), grouped-query heads
       sharing their kv head.
 
-    Built from the live parameters (a copy, one pass over the weights): rebuild after the weights
-    change (`Engine.decode_weights` does, and reuses it while they do not). Positions up to
-    `max_len`. Logits equal `Transformer.forward`'s up to float rounding. The C kernel's layout of the
-    same weights is `native.NativeWeights`."""
+    Built from the live parameters (a copy, one pass over the weights), in the model's dtype or
+    `dtype` (bf16 decoding over an fp32 master model: the norms are folded in before the cast):
+    rebuild after the weights change (`Engine.decode_weights` does, and reuses it while they do
+    not). Positions up to `max_len`. Logits equal `Transformer.forward`'s up to float rounding. The
+    C kernel's layout of the same weights is `native.NativeWeights`.
+
+    A step issues no host synchronisation when the caller gives `span`, so a CUDA graph can capture
+    it (`engine.StepRunner`, which keeps its own copy at fixed addresses: `clone`, `copy_`)."""
 
     @torch.no_grad()
-    def __init__(self, model: "Transformer", max_len: int):
+    def __init__(self, model: "Transformer", max_len: int, dtype: torch.dtype | None = None):
         cfg = model.config
         self.cfg, self.max_len = cfg, max_len
         H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        dtype = dtype or model.model.embed_tokens.weight.dtype
         # a copy like every other weight here, so a copy kept past a weight change is the old model
         # in full rather than old layers behind a new embedding
-        self.embed = model.model.embed_tokens.weight.detach().clone()
+        self.embed = model.model.embed_tokens.weight.detach().to(dtype, copy=True)
         device = self.embed.device
         fused, head = fused_decode_layers(model)
-        self.cos, self.sin = decode_rotary(cfg, max_len, device, self.embed.dtype)
+        self.cos, self.sin = decode_rotary(cfg, max_len, device, dtype)
         half = D // 2
         within = torch.cat([torch.arange(half, D), torch.arange(half)])
         self.perm = (torch.arange(H + 2 * KV)[:, None] * D + within).flatten().to(device)
         self.eps = torch.tensor(cfg.rms_norm_eps, dtype=torch.float32, device=device)
-        self.layers = [(q.t().contiguous(), b, o.t().contiguous(), g.t().contiguous(), d.t().contiguous())
+        self.layers = [tuple(w.to(dtype) for w in (q.t().contiguous(), b, o.t().contiguous(), g.t().contiguous(),
+                                                   d.t().contiguous()))
                        for q, b, o, g, d in fused]
-        self.head = head.t().contiguous()
+        self.head = head.t().contiguous().to(dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor a step reads, in a fixed order."""
+        return [self.embed, self.cos, self.sin, self.perm, self.eps, self.head, *(t for l in self.layers for t in l)]
+
+    def clone(self) -> "DecodeWeights":
+        """A copy in new memory (for a holder that needs the weights at addresses of its own)."""
+        twin = object.__new__(DecodeWeights)
+        twin.__dict__.update(self.__dict__)
+        twin.embed, twin.cos, twin.sin, twin.perm, twin.eps, twin.head = (
+            t.clone() for t in (self.embed, self.cos, self.sin, self.perm, self.eps, self.head))
+        twin.layers = [tuple(t.clone() for t in layer) for layer in self.layers]
+        return twin
+
+    def fits(self, other: "DecodeWeights") -> bool:
+        """Whether `copy_(other)` can take `other`: the same tensors' shapes and dtypes."""
+        return [(t.shape, t.dtype) for t in self.tensors()] == [(t.shape, t.dtype) for t in other.tensors()]
+
+    @torch.no_grad()
+    def copy_(self, other: "DecodeWeights") -> "DecodeWeights":
+        """Take `other`'s values in place (the addresses stay: a captured step reads the new weights)."""
+        for mine, theirs in zip(self.tensors(), other.tensors()):
+            mine.copy_(theirs)
+        return self
 
     def _inv_rms(self, x: torch.Tensor) -> torch.Tensor:
         """1 / rms(x) per row [B, 1] (statistics in fp32, as transformers computes them)."""
@@ -567,7 +597,7 @@ class DecodeWeights:
         sin = torch.cat([self.sin.index_select(0, positions)[:, None].expand(B, H + KV, D), zero], 1).view(B, N * D)
         # The keys a row may see, its positions up to the current one: additive mask [B·KV, 1, S].
         hide = torch.arange(S, device=tokens.device)[None] > positions[:, None]
-        bias = self.cos.new_zeros(B, S).masked_fill_(hide, float("-inf")).repeat_interleave(KV, dim=0)[:, None]
+        bias = self.cos.new_zeros(B, S).masked_fill_(hide, float("-inf"))[:, None].expand(B, KV, S).reshape(B * KV, 1, S)
         # Where each row's new key and value go in a layer's cache, viewed as [2·B·KV·L, D] rows.
         b, c, h = torch.arange(B, device=tokens.device), torch.arange(2, device=tokens.device), torch.arange(KV, device=tokens.device)
         slot = (((c[None, :, None] * capacity + b[:, None, None]) * KV + h[None, None, :]) * L

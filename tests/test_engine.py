@@ -625,3 +625,113 @@ def test_gpu_check_smoke_runs_end_to_end(tmp_path):
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [r["batch"] for r in result["generate"]] == [1, 4]
     assert result["grpo_step"]["ratio"] > 0 and result["sft"]["tokens_s"] > 0 and result["memory"]
+
+
+# --- the PyTorch step over static buffers (CUDA graphs on a GPU) -----------------------------------
+
+def test_the_static_step_gives_the_tokens_of_the_c_step_across_batches(tok, model):
+    """`TorchDecoder` steps through a `StepRunner`: rows padded to a power of two, keys to a power-of-two
+    span, over a cache a finished batch hands on (with its stale rows) — the tokens are those of the C
+    step for batches of every width, rows ending at different times, and a second batch on the reused
+    runner."""
+    prompts = [tok.prompt_ids(p) for p in PROMPTS[:3]]              # 3 prompts × 3 samples: 9 rows → 16
+    params = SamplingParams(max_new_tokens=40, temperature=1.0, top_p=0.95, seed=5)
+    native = Engine(model, tok, decoder=NativeDecoder)
+    static = Engine(model, tok, decoder=TorchDecoder)
+    assert static.cuda_graphs is False and static.dtype == torch.float32
+    for n in (3, 1):
+        want = native.generate(prompts, params, n=n)
+        got = static.generate(prompts, params, n=n)
+        assert [c.token_ids for c in got] == [c.token_ids for c in want]
+        assert len({len(c.token_ids) for c in got}) > 1                # rows ended at different steps
+    runner = static._runner
+    assert runner.capacity == 16 and runner.graphs is None
+    static.generate(prompts[:1], params)
+    assert static._runner is runner                                     # the next batch reused it
+
+
+def test_step_runner_pads_rows_and_span_to_a_few_shapes(tok, model):
+    """A step's logits for B rows at their own positions equal the exact-shape step's, whatever rows and
+    keys the runner pads it to; the shapes are powers of two within the cache."""
+    from qiusuo.engine import StepRunner
+    from qiusuo.model import DecodeWeights
+
+    engine = Engine(model, tok, decoder=TorchDecoder)
+    runner = StepRunner(engine, 5, 200, graphs=False)
+    assert runner.capacity == 8 and runner.max_len == 200
+    assert runner.shape(5, 40) == (8, 128) and runner.shape(1, 130) == (1, 200) and runner.shape(8, 128) == (8, 128)
+    weights = DecodeWeights(model, 200)
+    exact = model.new_cache(5, 200)
+    prompt = tok.prompt_ids(PROMPTS[1])
+    with torch.no_grad():
+        model(torch.tensor([prompt] * 5), cache=exact)
+    runner.cache.kv[:, :, :5] = exact.kv
+    runner.cache.kv[:, :, 5:] = 7.0                                     # stale rows: finite garbage
+    tokens = torch.tensor([3, 9, 4, 4, 11])
+    positions = torch.tensor([len(prompt) + d for d in (0, 3, 1, 0, 2)])  # rows at their own positions
+    for i in range(1, 4):                                               # fill the skipped positions
+        weights.step(tokens, torch.minimum(positions, torch.tensor(len(prompt) + i - 1)), exact)
+        runner.cache.kv[:, :, :5] = exact.kv
+    want = weights.step(tokens, positions, exact)
+    got = runner.step(weights, tokens.numpy(), positions.numpy())
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+    assert torch.equal(runner.cache.kv[:, :, :5], exact.kv)             # the same cache writes
+
+
+def test_step_runner_refreshes_its_weights_in_place(tok, model):
+    """A runner with graphs reads its own copy of the packed weights; new weights are copied into it
+    (same addresses, so the captured graphs see them) unless their shapes differ. (The capture itself
+    needs CUDA; this is the bookkeeping around it.)"""
+    from qiusuo.engine import StepRunner
+    from qiusuo.model import DecodeWeights
+
+    runner = StepRunner(Engine(model, tok, decoder=TorchDecoder), 2, 64, graphs=False)
+    runner.graphs = {}
+    first = DecodeWeights(model, 64)
+    runner._hold(first)
+    held = runner._weights
+    assert held is not first and all(torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+                                     for a, b in zip(held.tensors(), first.tensors()))
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(2)
+    second = DecodeWeights(model, 64)
+    runner.graphs[(1, 64)] = "captured"
+    runner._hold(second)
+    assert runner._weights is held and runner.graphs == {(1, 64): "captured"}
+    assert all(torch.equal(a, b) for a, b in zip(held.tensors(), second.tensors()))
+    runner._hold(DecodeWeights(model, 128))                             # longer rotary tables: a new copy
+    assert runner._weights is not held and runner.graphs == {}
+
+
+def test_engine_decodes_in_bf16_over_an_fp32_model(tok, model):
+    """`Engine(dtype=bfloat16)` over an fp32 model (GRPO's rollouts on a GPU): the packed weights and
+    the cache are bf16, the prefill runs under autocast, the model keeps its fp32 weights, and the
+    logits stay within bf16 rounding of fp32's."""
+    prompts = [tok.prompt_ids(p) for p in PROMPTS]
+    engine = Engine(model, tok, dtype=torch.bfloat16)
+    assert engine.decoder_type is TorchDecoder                  # the C step is fp32 only
+    assert Engine(model, tok).decoder_type is NativeDecoder     # the default on the CPU stays the C step
+    batch, ref = DecodeBatch(engine, 64), DecodeBatch(Engine(model, tok, decoder=TorchDecoder), 64)
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    try:
+        for b in (batch, ref):
+            b.admit(prompts, [b.engine.new_row(None, params, 0) for _ in prompts])
+        assert batch.decoder.cache.kv.dtype == torch.bfloat16 and batch.decoder.weights.head.dtype == torch.bfloat16
+        for _ in range(3):
+            for b in (batch, ref):
+                b.step()
+            a, r = batch.decoder.logits[:4], ref.decoder.logits[:4]
+            assert a.dtype == torch.float32 and (a - r).abs().max() < 0.05 * r.abs().max()
+    finally:
+        batch.close()
+        ref.close()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert len(engine.generate(prompts, SamplingParams(max_new_tokens=6, seed=1))) == 4
+
+
+def test_cuda_graphs_are_a_cuda_setting(tok, model):
+    assert Engine(model, tok).cuda_graphs is False                      # None: on for CUDA only
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
+        Engine(model, tok, cuda_graphs=True)
+    with pytest.raises(ValueError, match="C decoder runs fp32 only"):
+        Engine(model, tok, decoder=NativeDecoder, dtype=torch.bfloat16)
