@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The issue-15 GPU figures in one run (see bench/gpu_check.py): engine vs transformers.generate,
-# GRPO step vs TRL, SFT tokens/s and MFU, peak memory, for a random Qwen2.5-0.5B-shaped bf16 model.
-#   bench/gpu_check.sh OUT_DIR [--smoke]      (--smoke: tiny model, runs anywhere, measures nothing)
+# The issue-15 GPU figures in one run (see bench/gpu_check.py): engine (eager and CUDA graphs) vs
+# transformers.generate, GRPO step vs TRL, SFT tokens/s and MFU, peak memory, for a random
+# Qwen2.5-0.5B-shaped bf16 model. OUT_DIR/gpu_check.json is rewritten after every part.
+#   bench/gpu_check.sh OUT_DIR [--smoke] [--parts generate grpo sft]   (--smoke: tiny model, runs anywhere)
 set -euo pipefail
 if [ $# -lt 1 ]; then
-  echo "usage: bench/gpu_check.sh OUT_DIR [--smoke]" >&2
+  echo "usage: bench/gpu_check.sh OUT_DIR [--smoke] [--parts generate grpo sft]" >&2
   exit 2
 fi
 cd "$(dirname "$0")/.."

@@ -359,7 +359,8 @@ class StepRunner:
             run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the server captures on its scheduler thread while others may touch CUDA
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             logits = run()
         self._pool = graph.pool()
         self.graphs[(rows, span)] = (graph, logits)

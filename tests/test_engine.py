@@ -623,8 +623,13 @@ def test_gpu_check_smoke_runs_end_to_end(tmp_path):
     subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), str(tmp_path), "--smoke", "--device", "cpu"],
                    check=True, capture_output=True, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
     result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["complete"] and result["dtype"] == "torch.bfloat16"
     assert [r["batch"] for r in result["generate"]] == [1, 4]
+    # bf16 on the CPU too: the PyTorch decode step on its static buffers, as on a GPU (without graphs)
+    assert all(r["decoder"] == "TorchDecoder" and r["eager_vs_hf"] > 0 and "graphs_tok_s" not in r
+               for r in result["generate"])
     assert result["grpo_step"]["ratio"] > 0 and result["sft"]["tokens_s"] > 0 and result["memory"]
+    assert result["sft"]["attention"] == "SDPA block-diagonal mask" and result["sft"]["loss"] > 0
 
 
 # --- the PyTorch step over static buffers (CUDA graphs on a GPU) -----------------------------------
