@@ -293,7 +293,7 @@ class StepRunner:
     engine's packed weights change (`copy_`), so a GRPO step's new weights cost a copy, not a new
     capture. Without, the same step runs eagerly on the same buffers — what the CPU runs and tests."""
 
-    MIN_SPAN = 128
+    MIN_SPAN = 64
     """Fewest keys a step attends over (shorter spans are rounded up to it)."""
 
     def __init__(self, engine: "Engine", rows: int, max_len: int, graphs: bool):

@@ -664,7 +664,7 @@ def test_step_runner_pads_rows_and_span_to_a_few_shapes(tok, model):
     engine = Engine(model, tok, decoder=TorchDecoder)
     runner = StepRunner(engine, 5, 200, graphs=False)
     assert runner.capacity == 8 and runner.max_len == 200
-    assert runner.shape(5, 40) == (8, 128) and runner.shape(1, 130) == (1, 200) and runner.shape(8, 128) == (8, 128)
+    assert runner.shape(5, 40) == (8, 64) and runner.shape(1, 130) == (1, 200) and runner.shape(8, 128) == (8, 128)
     weights = DecodeWeights(model, 200)
     exact = model.new_cache(5, 200)
     prompt = tok.prompt_ids(PROMPTS[1])
