@@ -312,3 +312,24 @@ def test_packed_logits_are_those_of_the_block_diagonal_mask(tok, model, monkeypa
                 assert not m.Documents(doc[1:2]).single
         assert torch.equal(got[real], want[real])
         assert torch.allclose(one[0], want[1], atol=3e-2 if autocast else 1e-5)
+
+
+def test_the_varlen_call_is_well_formed_forward_and_backward(monkeypatch):
+    """`document_attention`'s call of torch's `varlen_attn` (CUDA-only) passes torch's own shape checks of
+    the op, forward and backward, with grouped-query heads: run on meta tensors, where the op's
+    registered fake kernels stand in for the flash ones."""
+    from qiusuo import model as m
+
+    if m.varlen_attn is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    monkeypatch.setattr(m, "flash_varlen_applies", lambda q: True)
+    doc = _packed_docs()
+    B, T = doc.shape
+    docs = m.Documents(doc)
+    cu, longest = docs.runs()
+    docs._runs = (cu.to("meta"), longest)
+    q, k, v = (torch.randn(B, h, T, 64, device="meta", dtype=torch.bfloat16, requires_grad=True) for h in (14, 2, 2))
+    y = m.document_attention(q, k, v, docs)
+    assert (y.shape, y.dtype) == (q.shape, torch.bfloat16)
+    y.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
