@@ -740,3 +740,16 @@ def test_cuda_graphs_are_a_cuda_setting(tok, model):
         Engine(model, tok, cuda_graphs=True)
     with pytest.raises(ValueError, match="C decoder runs fp32 only"):
         Engine(model, tok, decoder=NativeDecoder, dtype=torch.bfloat16)
+
+
+def test_the_runner_step_reads_nothing_back_from_the_device(tok):
+    """The step a graph captures (`StepRunner.step` on its static buffers) runs on meta tensors, where any
+    op whose value the host needs would fail: nothing in it waits on the device."""
+    import numpy as np
+
+    from qiusuo.engine import StepRunner
+
+    engine = Engine(tiny_model(tok).to("meta"), tok, decoder=TorchDecoder)
+    runner = StepRunner(engine, 3, 128, graphs=False)
+    logits = runner.step(engine.decode_weights(128), np.array([1, 2, 3]), np.array([5, 9, 70]))
+    assert logits.shape == (3, tok.vocab_size) and logits.device.type == "meta"

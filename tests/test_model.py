@@ -333,3 +333,16 @@ def test_the_varlen_call_is_well_formed_forward_and_backward(monkeypatch):
     assert (y.shape, y.dtype) == (q.shape, torch.bfloat16)
     y.sum().backward()
     assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+def test_the_decode_step_reads_nothing_back_when_given_its_span(tok):
+    """What a CUDA graph needs of `DecodeWeights.step`: no op whose result the host waits for. On meta
+    tensors (shapes, no values) any such op fails — as the step without `span` does, which reads the
+    longest position back — so a step that runs there with `span` given is capturable."""
+    model = tiny_model(tok).to("meta")
+    weights = DecodeWeights(model, 128)
+    cache = model.new_cache(4, 128)
+    tokens = positions = torch.zeros(4, dtype=torch.long, device="meta")
+    assert weights.step(tokens, positions, cache, 64).shape == (4, tok.vocab_size)
+    with pytest.raises(Exception):
+        weights.step(tokens, positions, cache)
