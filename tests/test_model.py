@@ -287,31 +287,44 @@ def test_document_attention_paths_agree_with_each_document_alone(monkeypatch):
     assert not m.flash_varlen_applies(q) and not m.flash_varlen_applies(q.bfloat16())   # CPU: never
 
 
-def test_packed_logits_are_those_of_the_block_diagonal_mask(tok, model, monkeypatch):
+def test_logits_of_every_attention_path_are_those_of_the_block_diagonal_mask(tok, model, monkeypatch):
     """Whichever way `document_attention` goes, the model's logits at every document token are those of
-    SDPA with the block-diagonal causal mask (the one path every device has; what the model computed
-    before the other paths existed), in fp32 and under bf16 autocast."""
+    SDPA with the block-diagonal causal mask (the one path every device has, and what the model computed
+    before the others existed), in fp32 and under bf16 autocast: plain causal SDPA for rows of one
+    document each, and the varlen path's layout (its kernel replaced by its contract) for packed rows."""
     from qiusuo import model as m
 
-    doc = _packed_docs()
-    ids = torch.randint(0, tok.vocab_size, doc.shape, generator=torch.Generator().manual_seed(1))
-    pos = torch.zeros_like(doc)
-    for r in range(doc.shape[0]):
-        for d in set(doc[r].tolist()):
-            at = (doc[r] == d).nonzero().squeeze(-1)
-            pos[r, at] = torch.arange(len(at))
-    real = doc >= 0
+    packed = _packed_docs()
+    single = torch.tensor([[0] * 9 + [-1] * 3, [1] * 12, [2] * 8 + [-1] * 4])
+    ids = torch.randint(0, tok.vocab_size, packed.shape, generator=torch.Generator().manual_seed(1))
+
+    def positions(doc):
+        pos = torch.zeros_like(doc)
+        for r in range(doc.shape[0]):
+            for d in set(doc[r].tolist()):
+                at = (doc[r] == d).nonzero().squeeze(-1)
+                pos[r, at] = torch.arange(len(at))
+        return pos
+
+    def masked(doc):                                   # the mask path, forced
+        with monkeypatch.context() as mp:
+            init = m.Documents.__init__
+            mp.setattr(m.Documents, "__init__", lambda self, d: (init(self, d), setattr(self, "single", False))[0])
+            return model(ids, positions(doc), doc_ids=doc)
+
+    def varlen(doc):
+        with monkeypatch.context() as mp:
+            mp.setattr(m, "varlen_attn", _reference_varlen)
+            mp.setattr(m, "flash_varlen_applies", lambda q: True)
+            return model(ids, positions(doc), doc_ids=doc)
+
+    assert m.Documents(single).single and not m.Documents(packed).single
     for autocast in (False, True):
+        tol = dict(atol=3e-2, rtol=0) if autocast else dict(atol=1e-5, rtol=0)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            got = model(ids, pos, doc_ids=doc)
-            one = model(ids[1:2], pos[1:2], doc_ids=doc[1:2])      # one document: plain causal SDPA
-            with monkeypatch.context() as mp:                      # the mask path, for every row
-                init = m.Documents.__init__
-                mp.setattr(m.Documents, "__init__", lambda self, d: (init(self, d), setattr(self, "single", False))[0])
-                want = model(ids, pos, doc_ids=doc)
-                assert not m.Documents(doc[1:2]).single
-        assert torch.equal(got[real], want[real])
-        assert torch.allclose(one[0], want[1], atol=3e-2 if autocast else 1e-5)
+            causal = model(ids, positions(single), doc_ids=single)
+            assert torch.allclose(causal[single >= 0], masked(single)[single >= 0], **tol)
+            assert torch.allclose(varlen(packed)[packed >= 0], masked(packed)[packed >= 0], **tol)
 
 
 def test_the_varlen_call_is_well_formed_forward_and_backward(monkeypatch):
