@@ -12,6 +12,7 @@ The model knows nothing of text or data: it maps token ids (and an optional KV c
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -331,9 +332,15 @@ class Documents:
 
 def flash_varlen_applies(q: torch.Tensor) -> bool:
     """Whether `varlen_attn` (flash attention over packed sequences) takes these queries: torch has
-    it, they are on CUDA in fp16 / bf16, and the head width is one the flash kernels support."""
+    it, they are on a CUDA device of compute capability 8.0 or later (Ampere on: the flash kernels'
+    floor) in fp16 / bf16, and the head width is one the flash kernels support."""
     return (varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and _capability(q.device.index or 0) >= (8, 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents | None) -> torch.Tensor:
