@@ -2,12 +2,13 @@
 ≤ 6 min on the 2-core machine; held-out pass@1 of the RL checkpoint ≥ base + 25 points and ≥ the
 equal-compute control + 20 points; trace accuracy ≥ base + 10 points.
 
-    .venv/bin/python bench/demo_time.py [--runs 1] [--config configs/demo.yaml]
+    .venv/bin/python bench/demo_time.py [--runs 1] [--config configs/demo.yaml] [--check]
 
 Each run starts from an empty run folder; the script prints, per run, the scores of base / control /
 zero (pass@1, trace accuracy, reflection rate, mean length), the wall time and FLOPs of every stage and
 the host's load average before and after (the machine may be shared: a load above the core count
-slows every stage), then the medians over the runs."""
+slows every stage), then the medians over the runs. With `--check`, each run's checkpoints are also
+re-measured by bench/demo_check.py (transformers sampling, its own problems and strict checker)."""
 from __future__ import annotations
 
 import argparse
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "demo")
+    ap.add_argument("--check", action="store_true", help="re-measure each run with bench/demo_check.py")
     args = ap.parse_args()
     results = []
     for i in range(args.runs):
@@ -74,6 +76,9 @@ def main() -> None:
             print(f"    GRPO {key}: {a:.3f} (first fifth of the steps) → {b:.3f} (last fifth)")
         for stage, (s, flops) in r["stages"].items():
             print(f"    {stage:<28} {s:7.1f} s  {flops:.3e} FLOPs")
+        if args.check:   # after the timing: the check's own time is not the pipeline's
+            subprocess.run([sys.executable, str(ROOT / "bench" / "demo_check.py"), "--run", str(args.out / f"run{i}"),
+                            "--json", str(args.out / f"run{i}" / "check.json")], check=True, cwd=ROOT)
     med = {k: statistics.median(r[k] for r in results)
            for k in ("wall_s", "rl_vs_base", "rl_vs_control", "trace_vs_base")}
     print(f"\nmedian of {len(results)}: pipeline {med['wall_s']:.0f} s (target ≤ {TARGET_S} s), pass@1 RL − base "
