@@ -5,7 +5,8 @@ distilled student beating the same-size student trained with RL alone (held-out 
 
 Without --read it runs the whole pipeline from an empty folder (bench/out/paper) and times it; with
 --read it reports on a finished run. Prints wall time per stage (from the ledgers), the main table's
-pass@1 per model, the target checks and the machine's load; writes the same as JSON next to the run."""
+pass@1 and language consistency (per question language and overall) per model, the target checks
+and the machine's load; writes the same as JSON next to the run."""
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,10 @@ def summarise(run: Path, wall: float | None) -> dict:
     return {"run": str(run), "wall_s": round(total, 1), "measured_by": "clock" if wall is not None else "ledgers",
             "target_s": TARGET_S, "load_avg": os.getloadavg(), "stages": stages,
             "pass@1": {label: None if f is None else round(100 * f["pass@1"], 1) for label, f in rows.items()},
+            "lang_consistency": {label: None if f is None else
+                                 {lang: None if x["lang"] is None else round(100 * x["lang"], 1)
+                                  for lang, x in {**f["langs"], "all": {"lang": f["lang"]}}.items()}
+                                 for label, f in rows.items()},
             "distilled_beats_rl_only": None if not (distilled and rl_only) else distilled["pass@1"] > rl_only["pass@1"]}
 
 
@@ -56,7 +61,8 @@ def main() -> None:
     for stage, s in r["stages"].items():
         print(f"    {stage:<32} {s:7.1f} s")
     for label, p in r["pass@1"].items():
-        print(f"    {label:<34} pass@1 {'—' if p is None else f'{p:.1f} %'}")
+        lang = ", ".join(f"{x} {'—' if c is None else f'{c:.1f}'}" for x, c in (r["lang_consistency"][label] or {}).items())
+        print(f"    {label:<34} pass@1 {'—' if p is None else f'{p:.1f} %'}   language consistency: {lang or '—'}")
     print(f"pipeline {r['wall_s']:.0f} s ({r['measured_by']}; target ≤ {TARGET_S} s, ratio {r['wall_s'] / TARGET_S:.2f}); "
           f"distilled student beats RL-only student: {r['distilled_beats_rl_only']}; "
           f"load average {', '.join(f'{x:.1f}' for x in r['load_avg'])}")

@@ -149,7 +149,7 @@ def score_samples(problem, texts: list[str], fmt: ReasoningFormat = STRICT) -> d
         if parsed and parsed[0]:
             traces += 1
             traces_correct += int(correct[-1] == 1.0)
-        if question_lang(problem) and parsed:
+        if question_lang(problem) and parsed and parsed[0]:   # a direct answer has no CoT to measure
             lang.append(consistency(parsed[0], question_lang(problem)))
     row = {"pass@1": sum(correct) / len(texts), "cons@k": majority_correct(task, problem, answers),
            "samples": len(texts), "traces": traces, "traces_correct": traces_correct, "reflections": reflections}

@@ -8,9 +8,11 @@ the paper notes a slight loss of performance in exchange for readability.
 
 Here a *word* is a run of Latin letters (English) or one CJK character (Chinese, which has no spaces);
 digits and symbols belong to no language. Consistency is the share of the CoT's words that are in the
-question's language. A CoT with no words at all (a bare column trace) is consistent by definition: it
-mixes nothing. The synthetic tasks' traces are mostly symbols, so a trace carries its language in an
-opening and a closing phrase (`localize`) — enough words for mixing to show and to be measured.
+question's language. A CoT with no words at all (a bare column of digits and symbols) is in no language,
+so it is not consistent: it scores 0, else a model could satisfy the reward by dropping every word. The
+synthetic tasks' traces are mostly symbols, so a trace carries its language in an opening and a closing
+phrase (`localize`), and a Chinese trace says its operators in words (`OPS_ZH`) — enough words for
+mixing to show and to be measured in every step.
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ QUESTION = {
 # The English words the tasks' traces use, in Chinese; a word not listed stays English (and counts as mixing).
 TRACE_WORDS_ZH = {"yes": "对", "no": "错", "c": "进", "b": "借", "wait": "等等", "check": "检查", "recheck": "再查",
                   "so": "所以", "fix": "改"}
+# Chinese traces read the operators out (8乘2加0得16), as a Chinese chain of thought would.
+OPS_ZH = {"+": "加", "-": "减", "*": "乘", "=": "得"}
+_OPS = re.compile("[" + re.escape("".join(OPS_ZH)) + "]")
 _LATIN = re.compile(r"[A-Za-z]+")
 _WORD = re.compile(r"[A-Za-z]+|[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
@@ -69,19 +74,21 @@ def words(text: str) -> dict[str, int]:
 
 
 def consistency(think: str, lang: str) -> float:
-    """Share of the CoT's words in `lang`; 1.0 for a CoT without words."""
+    """Share of the CoT's words in `lang`; 0.0 for a CoT without words (it is in no language)."""
     counts = words(think)
     total = sum(counts.values())
-    return counts[lang] / total if total else 1.0
+    return counts[lang] / total if total else 0.0
 
 
 def localize(think: str, lang: str) -> str:
-    """A trace written in `lang`: its steps (their words translated, `TRACE_WORDS_ZH`) between the
-    language's opening and closing phrases. An empty trace (a direct answer) stays empty."""
+    """A trace written in `lang`: its steps (in Chinese, words translated by `TRACE_WORDS_ZH` and
+    operators read out by `OPS_ZH`) between the language's opening and closing phrases. An empty trace
+    (a direct answer) stays empty."""
     if not think:
         return think
     if lang == "zh":
         think = _LATIN.sub(lambda m: TRACE_WORDS_ZH.get(m.group(), m.group()), think)
+        think = _OPS.sub(lambda m: OPS_ZH[m.group()], think)
     start, end = TRACE_PHRASES[lang]
     return f"{start}{think}{end}"
 

@@ -41,6 +41,7 @@ ROWS = (
     ("base", "base", ("corpus", "base")),
     ("equal-compute control", "control", ("corpus", "base", "control")),
     ("R1-Zero (RL from base)", "zero", ("corpus", "base", "zero")),
+    ("cold start (SFT, before RL)", "cold", ("corpus", "base", "coldstart", "cold")),
     ("R1 (cold start + RL)", "r1", ("corpus", "base", "coldstart", "cold", "r1")),
     ("R1 without the language reward", "r1_nolang", ("corpus", "base", "coldstart", "cold", "r1_nolang")),
     ("distilled student", "student", ("corpus", "base", "coldstart", "cold", "r1", "sampled", "student_base",
@@ -102,6 +103,7 @@ class Plan:
                  r / "coldstart" / "ledger.json"),
             Step("cold", "pretrain", self.cfg(SFTConfig, "cold", init=str(r / "base"), data=str(r / "coldstart"),
                                               out=str(r / "cold")), r / "cold" / "ledger.json"),
+            self.eval_step("cold"),
             Step("r1", "grpo", self.cfg(GRPOConfig, "grpo", "r1", init=str(r / "cold"), out=str(r / "r1")),
                  r / "r1" / "ledger.json"),
             self.eval_step("r1"),
@@ -237,6 +239,8 @@ def row_figures(run: Path, model: str, lineage: tuple[str, ...], price: float | 
     return {"pass@1": overall["pass@1"], "cons@k": overall["cons@k"], "k": result["k"],
             "trace_acc": overall.get("trace_accuracy"), "reflection": overall.get("reflection_rate"),
             "mean_len": overall.get("mean_len"), "lang": overall.get("lang_consistency"),
+            "langs": {lang: {"pass@1": x["pass@1"], "lang": x.get("lang_consistency")}
+                      for lang, x in result.get("langs", {}).items()},
             "flops": flops, "cost": cost, "cost_per_solved": cost / solved if solved else None,
             "missing": missing}
 
@@ -261,6 +265,24 @@ def main_table(run: Path, price: float | None) -> tuple[list[str], dict]:
         lines.append(f"| {label} | {_pct(f['pass@1'])} | {_pct(f['cons@k'])} | {_pct(f['trace_acc'])} | "
                      f"{_pct(f['reflection'])} | {mean_len} | {_pct(f['lang'])} | {flops} | ${f['cost']:.4f} | {per} |")
     return lines, figures
+
+
+def lang_table(figures: dict) -> list[str]:
+    """pass@1 and language consistency of each model by the language its questions were asked in; []
+    when no model was evaluated in more than one language."""
+    langs = sorted({lang for f in figures.values() if f for lang in f.get("langs", {})})
+    if len(langs) < 2:
+        return []
+    lines = ["| model | " + " | ".join(f"pass@1 {x}" for x in langs) + " | "
+             + " | ".join(f"consistency {x}" for x in langs) + " |",
+             "| --- |" + " ---: |" * (2 * len(langs))]
+    for label, f in figures.items():
+        if not f:
+            continue
+        by = f.get("langs", {})
+        cells = [_pct(by.get(x, {}).get("pass@1")) for x in langs] + [_pct(by.get(x, {}).get("lang")) for x in langs]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # A change in language consistency smaller than this (1 point) is noise at these sample sizes.
@@ -294,11 +316,19 @@ def findings(fig: dict) -> list[str]:
     claim("distilling the RL model beats RL on the small model itself (distilled vs RL-only student)",
           get("distilled student"), get("student, RL only"))
     r1, nolang = fig.get("R1 (cold start + RL)"), fig.get("R1 without the language reward")
-    base_lang, zero_lang = get("base", "lang"), get("R1-Zero (RL from base)", "lang")
-    if base_lang is not None and zero_lang is not None:
-        out.append(f"- without a language reward, RL drifts into language mixing: "
-                   f"**{'reproduced' if zero_lang < base_lang - LANG_MARGIN else 'not reproduced'}** (language "
-                   f"consistency {100 * base_lang:.1f} base → {100 * zero_lang:.1f} R1-Zero).")
+    # Mixing is checked from both starting points of RL without the reward: the base (R1-Zero) and the
+    # cold start (R1 without the language reward), on all questions and on the weaker language's.
+    for start, label, end, end_label in (("base", "base", "R1-Zero (RL from base)", "R1-Zero"),
+                                        ("cold start (SFT, before RL)", "cold start",
+                                         "R1 without the language reward", "R1 without the reward")):
+        a, b = get(start, "lang"), get(end, "lang")
+        if a is None or b is None:
+            continue
+        zh = [(fig[x].get("langs") or {}).get("zh", {}).get("lang") for x in (start, end)]
+        per = "" if None in zh else f"; Chinese questions {100 * zh[0]:.1f} → {100 * zh[1]:.1f}"
+        out.append(f"- without a language reward, RL drifts into language mixing (from the {label}): "
+                   f"**{'reproduced' if b < a - LANG_MARGIN else 'not reproduced'}** (language "
+                   f"consistency {100 * a:.1f} {label} → {100 * b:.1f} {end_label}{per}).")
     if r1 and nolang and r1.get("lang") is not None and nolang.get("lang") is not None:
         cost = nolang["pass@1"] - r1["pass@1"]
         out.append(f"- the language reward keeps the chain of thought in the question's language: "
@@ -316,7 +346,7 @@ def findings(fig: dict) -> list[str]:
 # (metrics key, panel title) of the summary figure; a key no stage logged leaves its panel out.
 CURVES = (("rollout/accuracy", "accuracy (training rollouts)"), ("rollout/trace_accuracy", "trace accuracy"),
           ("rollout/reflection_rate", "reflection rate"), ("rollout/len_mean", "mean response length (tokens)"),
-          ("rollout/language", "language reward (0 if the format fails)"))
+          ("rollout/language", "language consistency (training rollouts)"))
 RL_STAGES = ("zero", "r1", "r1_nolang", "student_rl")
 
 
@@ -356,6 +386,17 @@ def curves_figure(run: Path, path: Path) -> Path | None:
     return path
 
 
+def _lang_section(fig: dict) -> list[str]:
+    table = lang_table(fig)
+    if not table:
+        return []
+    return ["## By question language", "",
+            "Language consistency is the share of a chain of thought's words in the question's language, "
+            "averaged over the samples that reason (a CoT of bare digits and symbols scores 0; a direct "
+            "answer is not counted). The training curve of the same measure is the last panel below.", "",
+            *table, ""]
+
+
 def write_paper_report(run: Path, price: float | None = None) -> Path:
     """`<run>/report.md`: the paper's table and findings first, then the run report every pipeline gets
     (per-task tables, cost per stage, the curves of every RL stage, the configs)."""
@@ -375,7 +416,7 @@ def write_paper_report(run: Path, price: float | None = None) -> Path:
             "Held-out problems only (never in any training stage); pass@1 averaged over k samples at T = 0.6, "
             "top-p 0.95; percentages. Training FLOPs and cost are each model's whole lineage (the distilled "
             "student carries its teacher's). Cost per solved = cost / (pass@1 × held-out problems).", "",
-            *table, "", *compute, "## Which of the paper's findings reproduce at this scale", "", *findings(fig), ""]
+            *table, "", *compute, *_lang_section(fig), "## Which of the paper's findings reproduce at this scale", "", *findings(fig), ""]
     figure = curves_figure(run, run / "plots" / "paper_curves.png")
     if figure:
         head += ["## RL curves of every stage", "", f"![RL curves](plots/{figure.name})", ""]

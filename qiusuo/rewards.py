@@ -145,7 +145,9 @@ def accuracy_reward(task: Task, problem: Problem, text: str, fmt: ReasoningForma
 def language_reward(problem: Problem, text: str, fmt: ReasoningFormat = STRICT) -> Reward:
     """R1's language-consistency reward: the share of the chain of thought's words in the question's
     language (qiusuo/language.py). 1.0 for a problem posed in no particular language; 0.0 when the
-    completion does not parse, as for accuracy."""
+    completion does not parse, as for accuracy, and for a chain of thought with no words (a direct
+    answer, a bare column of digits): R1 asks for a readable CoT in the question's language, and a
+    reward that paid 1.0 for no words would teach the model to drop them."""
     from .language import consistency, question_lang
 
     lang = question_lang(problem)

@@ -22,7 +22,7 @@ def test_words_are_latin_runs_or_chinese_characters():
     assert words("12+30=42>2,") == {"en": 0, "zh": 0}
     assert consistency("let me 算一下", "en") == pytest.approx(2 / 5)
     assert consistency("let me 算一下", "zh") == pytest.approx(3 / 5)
-    assert consistency("1+2=3", "zh") == 1.0   # no words: nothing mixed
+    assert consistency("1+2=3", "zh") == 0.0   # no words: in no language, not consistent
 
 
 def test_pose_asks_the_same_problem_in_another_language():
@@ -44,6 +44,9 @@ def test_localize_writes_the_trace_in_its_language():
     zh = localize("7+4=11 no;4*7=28 yes", "zh")
     assert consistency(en, "en") == 1.0 and consistency(zh, "zh") == 1.0
     assert "对" in zh and "错" in zh and "yes" not in zh
+    # Chinese traces read the operators out, so every step carries words to measure.
+    assert "7加4得11" in zh and "4乘7得28" in zh and "+" not in zh
+    assert "7+4=11" in en
     # A Chinese trace that re-checks a step still counts as reflection.
     from qiusuo.tasks import reflects
     assert reflects(localize("3+4=8 wait 3+4=7", "zh")) and "wait" not in localize("3+4=8 wait 3+4=7", "zh")
@@ -55,6 +58,9 @@ def test_language_reward_is_the_share_in_the_question_language():
     r = language_reward(zh, mixed)
     assert r.value == pytest.approx(5 / 10)
     assert language_reward(zh, "no tags") .value == 0.0
+    # A CoT without words is in no language: no reward, else dropping every word would pay.
+    assert language_reward(zh, format_completion("6*7=42", "42")).value == 0.0
+    assert language_reward(zh, format_completion("", "42")).value == 0.0
     assert language_reward(arith(), mixed).value == 1.0     # a question in no language: nothing to match
     total, parts = score_completion(get_task("arith"), zh, mixed, RewardWeights(accuracy=1, format=0.2, language=0.5))
     assert parts["language"].value == pytest.approx(0.5)

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from qiusuo.cli import main
-from qiusuo.paper import ROWS, findings, row_figures
+from qiusuo.paper import ROWS, findings, lang_table, row_figures
 
 TINY = {
     "corpus": {"tasks": {"arith": [1, 2]}, "task_weights": {"arith": 1.0}, "n_examples": 300,
@@ -93,3 +93,26 @@ def test_findings_say_reproduced_or_not_with_numbers():
     assert "R1 vs R1-Zero): not measured" in text
     assert "RL-only student): **reproduced** (pass@1 30.0 vs 10.0)" in text
     assert "mean length 20.0 → 35.0" in text
+
+
+def test_findings_check_mixing_from_the_cold_start_and_the_language_reward():
+    fig = {"base": {"pass@1": 0.2, "lang": 0.9, "langs": {"zh": {"lang": 0.85}}},
+           "R1-Zero (RL from base)": {"pass@1": 0.4, "lang": 0.95, "langs": {"zh": {"lang": 0.9}}},
+           "cold start (SFT, before RL)": {"pass@1": 0.5, "lang": 0.85, "langs": {"zh": {"lang": 0.7}}},
+           "R1 (cold start + RL)": {"pass@1": 0.45, "lang": 1.0, "langs": {"zh": {"lang": 1.0}}},
+           "R1 without the language reward": {"pass@1": 0.47, "lang": 0.6, "langs": {"zh": {"lang": 0.3}}}}
+    text = "\n".join(findings(fig))
+    assert ("mixing (from the base): **not reproduced** (language consistency 90.0 base → 95.0 R1-Zero; "
+            "Chinese questions 85.0 → 90.0)") in text
+    assert ("mixing (from the cold start): **reproduced** (language consistency 85.0 cold start → 60.0 R1 "
+            "without the reward; Chinese questions 70.0 → 30.0)") in text
+    assert "question's language: **reproduced** (consistency 60.0 without → 100.0 with), costing 2.0 points" in text
+
+
+def test_lang_table_has_pass_and_consistency_per_question_language():
+    fig = {"base": {"langs": {"en": {"pass@1": 0.3, "lang": 1.0}, "zh": {"pass@1": 0.1, "lang": 0.5}}},
+           "R1-Zero (RL from base)": None}
+    assert lang_table(fig) == ["| model | pass@1 en | pass@1 zh | consistency en | consistency zh |",
+                               "| --- | ---: | ---: | ---: | ---: |",
+                               "| base | 30.0 | 10.0 | 100.0 | 50.0 |"]
+    assert lang_table({"base": {"langs": {"en": {"pass@1": 0.3, "lang": 1.0}}}}) == []
