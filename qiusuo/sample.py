@@ -97,6 +97,8 @@ class SampleConfig:
         check_langs({lang: 1 for lang in self.langs}, "langs")
         if self.data:
             DataOptions.of(self.data_options)
+            if self.langs:
+                raise ValueError("langs poses the tasks' problems in a language; a dataset's questions keep their own")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0: k greedy samples would all be the same completion")
 

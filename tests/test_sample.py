@@ -77,6 +77,10 @@ def test_bad_settings_are_refused():
         SampleConfig(temperature=0)
     with pytest.raises(ValueError, match="unknown task|nope"):
         SampleConfig(tasks={"nope": [1]})
+    with pytest.raises(ValueError, match="a dataset's questions keep their own"):
+        SampleConfig(data="train.jsonl", langs=["zh"])
+    with pytest.raises(ValueError, match="unknown data_options colour"):
+        SampleConfig(data="train.jsonl", data_options={"colour": "red"})
 
 
 def test_the_stage_writes_a_corpus_and_its_acceptance_rates(tmp_path, tok):
