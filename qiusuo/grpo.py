@@ -188,7 +188,7 @@ class GRPOConfig:
     """Language → share of the training questions posed in it (en, zh); empty: prompts as the tasks write them."""
     data: str | None = None
     """Dataset file of math problems (JSONL, Parquet or a save_to_disk folder) to train on instead of
-    `tasks`; questions are drawn uniformly, with replacement."""
+    `tasks`; its questions are taken in epochs, each a seeded shuffle of every row (`DataEpochs`)."""
     data_options: dict = field(default_factory=dict)
     """How to read `data`: template, field names, on_bad_row, limit (qiusuo/data.py, DataOptions)."""
     dynamic_sampling: bool | None = None
@@ -260,10 +260,47 @@ class Rollout:
     parts: dict               # name → [P, G] tensor of each reward part
 
 
-def draw_problems(cfg: GRPOConfig, rng: random.Random, n: int) -> list:
+class DataEpochs:
+    """A dataset file's questions in epochs, as TRL's and verl's samplers give them: each epoch a shuffle
+    of every row (seeded by the run's seed and the epoch), taken in order without replacement; a draw
+    that reaches the end of an epoch continues into the next. `drawn`, the count of questions taken so
+    far, is the whole state: a checkpoint stores it, and a resumed run draws what an uninterrupted one
+    would have. Every process of a torchrun group holds the same stream (each then rolls out its share)."""
+
+    def __init__(self, cfg: GRPOConfig, drawn: int = 0):
+        self.pool = problem_pool(cfg.data, json.dumps(cfg.data_options, sort_keys=True))
+        self.seed, self.drawn = cfg.seed, drawn
+        self._order: tuple[int, list[int]] = (-1, [])
+
+    def order(self, epoch: int) -> list[int]:
+        """The row order of `epoch` (the latest one is kept)."""
+        if self._order[0] != epoch:
+            order = list(range(len(self.pool)))
+            random.Random(self.seed * 104_729 + epoch).shuffle(order)
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def take(self, n: int) -> list:
+        out = []
+        for g in range(self.drawn, self.drawn + n):
+            epoch, i = divmod(g, len(self.pool))
+            out.append(self.pool[self.order(epoch)[i]])
+        self.drawn += n
+        return out
+
+    @property
+    def epoch(self) -> float:
+        """Epochs done, fractional: 1.5 is halfway through the second."""
+        return self.drawn / len(self.pool)
+
+
+def draw_problems(cfg: GRPOConfig, rng: random.Random, n: int, epochs: DataEpochs | None = None) -> list:
+    """`n` training questions: the next ones of the dataset's epochs (`data`), else drawn from the tasks'
+    generators with `rng`, with replacement (a generator's train split is practically endless)."""
     if cfg.data:
-        pool = problem_pool(cfg.data, json.dumps(cfg.data_options, sort_keys=True))
-        return [pool[rng.randrange(len(pool))] for _ in range(n)]
+        if epochs is None:
+            raise ValueError("a dataset's questions are taken in epochs: pass its DataEpochs")
+        return epochs.take(n)
     names = list(cfg.tasks)
     out = []
     for _ in range(n):
@@ -333,12 +370,13 @@ def merge(a: Rollout, b: Rollout) -> Rollout:
                    torch.cat([a.rewards, b.rewards]), {k: torch.cat([a.parts[k], b.parts[k]]) for k in a.parts})
 
 
-def collect(engine, tok, cfg: GRPOConfig, rng: random.Random, step: int) -> tuple[Rollout, int, float]:
+def collect(engine, tok, cfg: GRPOConfig, rng: random.Random, step: int,
+            epochs: DataEpochs | None = None) -> tuple[Rollout, int, float]:
     """A step's rollout batch. With dynamic sampling (DAPO), groups with equal rewards carry no signal:
     drop them and sample more questions until the batch is full or the refill budget is spent.
     Returns (rollout, completions generated, fraction of zero-std groups in the first round)."""
     P, G = cfg.prompts_per_step, cfg.group_size
-    batch = rollout_all(engine, tok, draw_problems(cfg, rng, P), cfg, seed=rollout_seed(cfg, step, 0))
+    batch = rollout_all(engine, tok, draw_problems(cfg, rng, P, epochs), cfg, seed=rollout_seed(cfg, step, 0))
     generated, zero_std_frac = P * G, (batch.rewards.std(1) == 0).float().mean().item()
     if not cfg.dynamic_sampling:
         return batch, generated, zero_std_frac
@@ -346,7 +384,7 @@ def collect(engine, tok, cfg: GRPOConfig, rng: random.Random, step: int) -> tupl
     for refill in range(1, cfg.max_refills + 1):
         if len(kept.problems) >= P:
             break
-        more = rollout_all(engine, tok, draw_problems(cfg, rng, P), cfg, seed=rollout_seed(cfg, step, refill))
+        more = rollout_all(engine, tok, draw_problems(cfg, rng, P, epochs), cfg, seed=rollout_seed(cfg, step, refill))
         generated += P * G
         kept = merge(kept, informative(more, G))
     if len(kept.problems) == 0:
@@ -442,12 +480,15 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> Pat
     model = dist.wrap(model, cfg.parallel, cfg.dtype, cfg.grad_checkpointing)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     rng = random.Random(cfg.seed)
+    epochs = DataEpochs(cfg) if cfg.data else None
     ledger = StageLedger(out.name, cfg.price_per_device_hour, hardware()["device"], dist.world().size)
     step = 0
     state = dist.resume(folder, model, opt, ledger)
     resume = state is not None
     if resume:
         rng.setstate(state["prompt_rng"])
+        if epochs is not None:
+            epochs.drawn = state.get("data_drawn", 0)   # 0: a checkpoint from before epochs
         step = state["step"]
         if dist.is_main():
             console.print(f"resumed {out} at step {step}")
@@ -462,6 +503,8 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> Pat
                       + (f", {world.size} processes ({cfg.parallel})" if world.size > 1 else ""))
     line = {"rollout/reward_mean": "reward", "rollout/accuracy": "acc", "rollout/len_mean": "len",
             "train/kl": "kl", "train/entropy": "ent", "perf/completions_per_s": "compl/s"}
+    if epochs is not None:
+        line["data/epoch"] = "epoch"
     engine = None
     with dist.step_log()(out, cfg.steps, step, line, every=cfg.log_every, resume=resume) as log:
         while step < cfg.steps:
@@ -473,7 +516,7 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> Pat
                     # on a GPU the rollouts decode in the training dtype (bf16 copies of the fp32
                     # master weights); on the CPU the C step decodes in fp32
                     engine = Engine(whole, tok, dtype=dist.DTYPES[cfg.dtype] if str(device).startswith("cuda") else None)
-                r, generated, zero_std_frac = collect(engine, tok, cfg, rng, step)
+                r, generated, zero_std_frac = collect(engine, tok, cfg, rng, step, epochs)
                 engine.forget_weights()   # the update makes the packed copy stale: not held through it
             t_gen = time.perf_counter() - t0
             adv = group_advantages(r.rewards, variant.scale_by_std).flatten()  # [P*G]
@@ -507,13 +550,16 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> Pat
                        gen_tokens + train_tokens + ref_tokens)
             dt = time.perf_counter() - t0
             metrics = step_metrics(r, zero_std_frac, stats, generated, gen_tokens, dt, t_gen, tok.reasoning)
+            if epochs is not None:
+                metrics["data/epoch"] = round(epochs.epoch, 4)
             if dist.is_main():
                 warn_if_degenerate(step, metrics)
             log.log(step, metrics)
             if dist.is_main() and (step % cfg.sample_every == 0 or step == 1):
                 write_samples(samples_path, step, r, adv)
             if step % cfg.save_every == 0 or step == cfg.steps:
-                dist.save(folder, model, opt, tok, cfg, ledger, step=step, prompt_rng=rng.getstate())
+                dist.save(folder, model, opt, tok, cfg, ledger, step=step, prompt_rng=rng.getstate(),
+                          data_drawn=epochs.drawn if epochs is not None else 0)
     if dist.is_main():
         ledger.finish(out / "ledger.json")
     folder.close()

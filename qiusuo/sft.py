@@ -166,24 +166,38 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 
 
+def epoch_rows(seqs: list, max_len: int, seed: int, epoch: int) -> list[list[int]]:
+    """The packed rows of one epoch: the examples shuffled (deterministically from seed and epoch), then packed."""
+    order = list(range(len(seqs)))
+    random.Random(seed * 7919 + epoch).shuffle(order)
+    return pack(seqs, order, max_len)
+
+
 def batches(seqs: list, batch_size: int, max_len: int, seed: int, position: int):
-    """Endless batches of packed rows; `position` counts batches already consumed (for resume).
-    Each epoch reshuffles the examples (deterministically from seed and epoch) and repacks them."""
-    cached = None
+    """Endless batches of `batch_size` packed rows; `position` counts batches already consumed (for resume).
+
+    The epochs are one stream of rows, each epoch a fresh shuffle and packing, and batch i is rows
+    [i·B, (i+1)·B) of it: every row of every epoch is trained on, once. An epoch's last rows share a
+    batch with the next epoch's first rather than being dropped (a 50-example cold-start set would lose
+    up to B − 1 rows an epoch) or forming a short batch (every batch keeps B rows, so each of N processes
+    always has rows to train on); a set that packs into fewer than B rows fills each batch from several
+    epochs. The batch is a pure function of (seed, position), which makes resume exact."""
+    epoch, at = 0, position * batch_size          # at: the stream offset of the next row, within `epoch`
+    rows = epoch_rows(seqs, max_len, seed, epoch)
+    while at >= len(rows):
+        at -= len(rows)
+        epoch += 1
+        rows = epoch_rows(seqs, max_len, seed, epoch)
     while True:
-        if cached is None or position >= cached[0] + len(cached[1]):
-            epoch = 0 if cached is None else cached[2] + 1
-            start = 0 if cached is None else cached[0] + len(cached[1])
-            order = list(range(len(seqs)))
-            random.Random(seed * 7919 + epoch).shuffle(order)
-            rows = pack(seqs, order, max_len)
-            epoch_batches = [rows[i:i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)]
-            if not epoch_batches:
-                raise ValueError(f"corpus fills fewer than batch_size={batch_size} rows of {max_len} tokens")
-            cached = (start, epoch_batches, epoch)
-            continue
-        yield cached[1][position - cached[0]]
-        position += 1
+        batch = []
+        while len(batch) < batch_size:
+            take = rows[at:at + batch_size - len(batch)]
+            batch += take
+            at += len(take)
+            if at == len(rows):
+                epoch, at = epoch + 1, 0
+                rows = epoch_rows(seqs, max_len, seed, epoch)
+        yield batch
 
 
 def over_budget(ledger: StageLedger, cfg: SFTConfig) -> bool:
@@ -220,6 +234,10 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path
         console.print(f"pretrain: {n_params / 1e6:.2f} M parameters, {len(seqs)} examples"
                       + (f" ({dropped} longer than {cfg.max_len} dropped)" if dropped else "")
                       + (f", {world.size} processes ({cfg.parallel})" if world.size > 1 else ""))
+        n_rows = len(epoch_rows(seqs, cfg.max_len, cfg.seed, 0))
+        if n_rows < cfg.batch_size:
+            console.print(f"note: the set packs into {n_rows} rows of {cfg.max_len} tokens, fewer than "
+                          f"batch_size={cfg.batch_size}: each batch holds rows of several epochs")
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     # --- resume
     step, data_pos = 0, 0

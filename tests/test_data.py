@@ -380,3 +380,65 @@ def test_grpo_step_from_the_qwen_checkpoint_with_the_r1_zero_template(qwen_sft, 
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and all(s["prompt"].startswith("A conversation between User and Assistant.")
                                      for s in samples)
+
+
+# --- grpo takes a dataset's questions in epochs ------------------------------------------------------
+
+FIVE = [{"question": f"What is {a} + {a}?", "answer": f"#### {2 * a}"} for a in (11, 22, 33, 44, 55)]
+
+
+def test_grpo_takes_the_questions_in_seeded_epochs(tmp_path):
+    from qiusuo.grpo import DataEpochs, GRPOConfig, draw_problems
+
+    cfg = GRPOConfig(data=str(write_jsonl(tmp_path / "five.jsonl", FIVE)), seed=3)
+    epochs = DataEpochs(cfg)
+    got = [p.prompt for _ in range(5) for p in draw_problems(cfg, None, 3, epochs)]   # 15 = 3 epochs, crossing two
+    assert epochs.drawn == 15 and epochs.epoch == 3.0
+    per_epoch = [got[i:i + 5] for i in range(0, 15, 5)]
+    assert all(sorted(e) == sorted(r["question"] for r in FIVE) for e in per_epoch)   # each row once an epoch
+    assert len({tuple(e) for e in per_epoch}) == 3                                    # a fresh shuffle each
+    for drawn in range(15):   # resuming at any point continues the same stream
+        assert [p.prompt for p in DataEpochs(cfg, drawn).take(15 - drawn)] == got[drawn:]
+    assert [p.prompt for p in DataEpochs(GRPOConfig(data=cfg.data, seed=4)).take(5)] != got[:5]
+    with pytest.raises(ValueError, match="in epochs"):
+        draw_problems(cfg, None, 1)
+
+
+GRPO_DATA = ["--steps", 4, "--prompts-per-step", 2, "--group-size", 2, "--max-new-tokens", 8, "--beta", 0,
+             "--sample-every", 1, "--lr", 1e-3, "--warmup-steps", 1]
+
+
+def _prompts_by_step(out):
+    steps = {}
+    for line in (out / "samples.jsonl").read_text().splitlines():
+        s = json.loads(line)
+        steps.setdefault(s["step"], [])
+        if s["prompt"] not in steps[s["step"]][-1:]:   # G = 2 samples of each prompt, in a row
+            steps[s["step"]].append(s["prompt"])
+    return [steps[k] for k in sorted(steps)]
+
+
+@pytest.mark.slow
+def test_grpo_resume_draws_what_an_uninterrupted_run_draws(tmp_path, tok):
+    """5 questions, 2 a step: step 3 crosses into the second epoch. Runs stopped mid-epoch (after step 3
+    in one process, step 2 in two) and resumed take the same questions and reach the same weights."""
+    from test_dist import alone, rel_diff, torchrun, weights
+
+    ckpt = _save_tiny(tmp_path / "ckpt", tok)
+    data = write_jsonl(tmp_path / "five.jsonl", FIVE)
+    grpo = ["grpo", "--init", ckpt, "--data", data, *GRPO_DATA]
+    alone(*grpo, "--out", tmp_path / "whole")
+    alone(*grpo, "--out", tmp_path / "resumed", "--steps", 3, "--save-every", 3)
+    alone(*grpo, "--out", tmp_path / "resumed", "--save-every", 3, "--resume")
+    torchrun([*grpo, "--out", tmp_path / "two"],
+             [*grpo, "--out", tmp_path / "two_resumed", "--steps", 2, "--save-every", 2],
+             [*grpo, "--out", tmp_path / "two_resumed", "--save-every", 2, "--resume"])
+    whole = _prompts_by_step(tmp_path / "whole")
+    assert len(whole) == 4 and all(len(p) == 2 for p in whole)
+    flat = [q for p in whole for q in p]
+    assert sorted(flat[:5]) == sorted(r["question"] for r in FIVE)        # the first epoch: every row once
+    epochs = [json.loads(x)["data/epoch"] for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0.4, 0.8, 1.2, 1.6]
+    for run in ("resumed", "two", "two_resumed"):
+        assert _prompts_by_step(tmp_path / run) == whole, run
+        assert rel_diff(weights(tmp_path / run), weights(tmp_path / "whole")) <= 1e-5, run
