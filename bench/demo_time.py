@@ -8,7 +8,12 @@ Each run starts from an empty run folder; the script prints, per run, the scores
 zero (pass@1, trace accuracy, reflection rate, mean length), the wall time and FLOPs of every stage and
 the host's load average before and after (the machine may be shared: a load above the core count
 slows every stage), then the medians over the runs. With `--check`, each run's checkpoints are also
-re-measured by bench/demo_check.py (transformers sampling, its own problems and strict checker)."""
+re-measured by bench/demo_check.py (transformers sampling, its own problems and strict checker).
+
+Before the runs it measures the bound: the fp32 matmul rate of this host at the pretraining's own
+shapes (every linear layer's forward, input-gradient and weight-gradient product at one batch of
+packed rows), with torch's thread count as the pipeline runs it (`OMP_NUM_THREADS`, else every core),
+and prints each stage's FLOPs over that rate beside its wall time."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +29,38 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_S = 360
 STAGES = ("base", "control", "zero")
+
+
+def matmul_rate(config: Path) -> float:
+    """GFLOP/s of fp32 matmuls at the shapes of one pretraining step (best of 5 timings per shape,
+    weighted by each shape's FLOPs): a step's FLOPs over this rate is the least time it can take."""
+    import torch
+
+    from qiusuo.config import read_yaml
+    from qiusuo.sft import SFTConfig
+    from qiusuo.tokenizer import Tokenizer
+
+    pre = SFTConfig(**(read_yaml(config).get("pretrain") or {}))
+    m, tokens = pre.model, pre.batch_size * (pre.max_len - 1)
+    h, inter, head = m["hidden_size"], m["intermediate_size"], m["hidden_size"] // m["num_attention_heads"]
+    kv = m["num_key_value_heads"] * head
+    linears = [(h, h, 2), (h, kv, 2), (h, inter, 2), (inter, h, 1), (h, Tokenizer.char_level().vocab_size, 1)]
+    flops = seconds = 0.0
+    for fan_in, fan_out, count in linears:   # per layer (head: once; the products weigh alike at this size)
+        for a_shape, b_shape in (((tokens, fan_in), (fan_in, fan_out)), ((tokens, fan_out), (fan_out, fan_in)),
+                                 ((fan_in, tokens), (tokens, fan_out))):
+            a, b = torch.randn(*a_shape), torch.randn(*b_shape)
+            for _ in range(3):
+                a @ b
+            best = float("inf")
+            for _ in range(5):
+                t = time.perf_counter()
+                for _ in range(10):
+                    a @ b
+                best = min(best, (time.perf_counter() - t) / 10)
+            flops += 2 * a_shape[0] * a_shape[1] * b_shape[1] * count
+            seconds += best * count
+    return flops / seconds / 1e9
 
 
 def one_run(run: Path, config: Path) -> dict:
@@ -61,6 +98,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "demo")
     ap.add_argument("--check", action="store_true", help="re-measure each run with bench/demo_check.py")
     args = ap.parse_args()
+    import torch
+
+    rate = matmul_rate(args.config)
+    print(f"fp32 matmul rate at the pretraining's shapes: {rate:.0f} GFLOP/s with {torch.get_num_threads()} "
+          f"torch threads (load average {os.getloadavg()[0]:.1f})")
     results = []
     for i in range(args.runs):
         r = one_run(args.out / f"run{i}", args.config)
@@ -75,7 +117,7 @@ def main() -> None:
         for key, (a, b) in r["ends"].items():
             print(f"    GRPO {key}: {a:.3f} (first fifth of the steps) → {b:.3f} (last fifth)")
         for stage, (s, flops) in r["stages"].items():
-            print(f"    {stage:<28} {s:7.1f} s  {flops:.3e} FLOPs")
+            print(f"    {stage:<28} {s:7.1f} s  {flops:.3e} FLOPs  (at the matmul rate: {flops / rate / 1e9:5.1f} s)")
         if args.check:   # after the timing: the check's own time is not the pipeline's
             subprocess.run([sys.executable, str(ROOT / "bench" / "demo_check.py"), "--run", str(args.out / f"run{i}"),
                             "--json", str(args.out / f"run{i}" / "check.json")], check=True, cwd=ROOT)

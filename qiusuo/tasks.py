@@ -5,7 +5,7 @@ game ("countdown"). Each task can
 
 * generate random problems at a given difficulty,
 * sample problems deterministically from a train or held-out split,
-* write pretraining completions in four styles ("direct", "steps", "flawed", "reflect"),
+* write pretraining completions in five styles ("direct", "steps", "flawed", "reflect", "recheck"),
 * score a final answer strictly (the same scorer serves as the RL reward).
 
 Every completion has the exact shape ``<think>...</think><answer>...</answer>``.
@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-STYLES = ("direct", "steps", "flawed", "reflect")
+STYLES = ("direct", "steps", "flawed", "reflect", "recheck")
 SPLITS = ("train", "heldout")
 
 # What a trace writes when it re-checks a step it got wrong, before redoing the step correctly: the
@@ -136,7 +136,7 @@ class Task(ABC):
     def completion(self, problem: Problem, style: str, rng: random.Random) -> str:
         """Write a pretraining completion for ``problem`` in the given style."""
         writers = {"direct": self._direct, "steps": self._steps, "flawed": self._flawed,
-                   "reflect": self._reflect}
+                   "reflect": self._reflect, "recheck": self._recheck}
         if style not in writers:
             raise ValueError(f"unknown style {style!r}; expected one of {STYLES}")
         think, answer = writers[style](problem, rng)
@@ -165,6 +165,11 @@ class Task(ABC):
     @abstractmethod
     def _reflect(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
         """A trace that slips once, notices it (``wait ``), redoes the step and ends right."""
+
+    def _recheck(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
+        """A trace that re-checks a step by another route (``wait ``) and goes on from the re-checked
+        value, whether the step was right or had slipped; a task without such a route reflects."""
+        return self._reflect(problem, rng)
 
 
 # ---------------------------------------------------------------------------
@@ -273,6 +278,46 @@ def arith_trace(a: int, op: str, b: int, slip: Slip | None = None,
     return ",".join(steps), str(int(suffix))
 
 
+def _recheck_text(op: str, x: int, y: int, carry: int) -> tuple[str, int, int]:
+    """One column worked again in two simpler steps (the re-check's independent route): the operands
+    first, then the carry — ``7*8=56,56+1=57`` for ``7*8+1``, ``3+1=4,2-4=8b`` for ``2-3-1`` (the
+    subtrahend and the borrow first). Returns (text, digit, carry_out) of the correct column."""
+    if op == "-":
+        raw = x - y - carry
+        mark = "b" if raw < 0 else ""
+        return f"{y}+{carry}={y + carry},{x}-{y + carry}={raw % 10}{mark}", raw % 10, int(raw < 0)
+    first = x + y if op == "+" else x * y
+    raw = first + carry
+    return f"{x}{op}{y}={first},{first}+{carry}={raw}", raw % 10, raw // 10
+
+
+def arith_rechecked_trace(a: int, op: str, b: int, column: int, delta: int = 0) -> tuple[str, str] | None:
+    """Right-to-left column trace of ``a op b`` that re-checks ``column``: the step is written (off
+    by ``delta`` when it slips), then ``wait `` and the same column worked by `_recheck_text`'s route,
+    and the trace goes on from the re-checked (correct) value. With ``delta`` 0 the check confirms the
+    step; otherwise it corrects it. None when that slip cannot happen in this column."""
+    ncols = _column_count(a, op, b)
+    xs = [int(ch) for ch in reversed(str(a).zfill(ncols))]
+    ys = [b] * ncols if op == "*" else [int(ch) for ch in reversed(str(b).zfill(ncols))]
+    carry, suffix, steps = 0, "", []
+    for i in range(ncols):
+        worked = _column(op, xs[i], ys[i], carry, delta if i == column else 0)
+        if worked is None:
+            return None
+        text, digit, carry_out = worked
+        if i == column:
+            steps.append(f"{text}>{digit}{suffix}")
+            text, digit, carry_out = _recheck_text(op, xs[i], ys[i], carry)
+            text = REFLECTION + text
+        suffix = f"{digit}{suffix}"
+        steps.append(f"{text}>{suffix}")
+        carry = carry_out
+    if carry and op != "-":
+        suffix = f"{carry}{suffix}"
+        steps.append(f"c{carry}>{suffix}")
+    return ",".join(steps), str(int(suffix))
+
+
 def near_miss(answer: str, rng: random.Random) -> str:
     """Change one or two digits of a non-negative integer string, keeping it canonical."""
     sign, digits = ("-", list(answer[1:])) if answer.startswith("-") else ("", list(answer))
@@ -373,6 +418,22 @@ class ArithmeticTask(Task):
                 if traced is not None:
                     return traced
         raise RuntimeError(f"no reflected trace for {problem.prompt}")
+
+    def _recheck(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
+        """A column trace that re-checks one uniformly chosen column by `_recheck_text`'s route: half
+        the time that column slipped by ±1 and the check corrects it, else the check confirms it."""
+        a, op, b = self._operands(problem)
+        columns = list(range(_column_count(a, op, b)))
+        rng.shuffle(columns)
+        deltas = [1, -1]
+        rng.shuffle(deltas)
+        if rng.random() < 0.5:
+            for column in columns:
+                for delta in deltas:
+                    traced = arith_rechecked_trace(a, op, b, column, delta)
+                    if traced is not None:
+                        return traced
+        return arith_rechecked_trace(a, op, b, columns[0])
 
 
 # ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from qiusuo.tasks import (
     get_task,
     heldout,
     random_chain,
+    arith_rechecked_trace,
     reflected_attempt_text,
     reflects,
     verify_countdown,
@@ -220,8 +221,8 @@ def test_every_style_parses_and_scores_as_intended(name):
             assert parsed is not None, text
             think, answer = parsed
             value, reason = task.score(problem, answer)
-            assert reflects(think) == (style == "reflect"), text
-            if style in ("steps", "reflect"):
+            assert reflects(think) == (style in ("reflect", "recheck")), text
+            if style in ("steps", "reflect", "recheck"):
                 assert (value, reason) == (1.0, "correct"), text
             elif style == "flawed":
                 assert value == 0.0 and reason == "wrong value", text
@@ -271,6 +272,28 @@ def test_arith_reflect_example():
         "1+7+0=8>8,2+9+0=12>28,wait 2+9+0=11>18,8+3+1=12>218,4+0+1=5>5218", "5218")
     # A dropped carry shows only in the next column: not a slip a reflect trace is written with.
     assert arith_trace(4821, "+", 397, Slip(1, drop_carry=True), reflect=True) is None
+
+
+def test_arith_recheck_confirms_or_corrects_one_column_by_another_route():
+    rng, corrected = random.Random(9), 0
+    for problem in all_problems(ARITH):
+        think, answer = parse_completion(ARITH.completion(problem, "recheck", rng))
+        assert think.count(REFLECTION) == 1 and answer == problem.answer
+        steps = think.split(",")
+        at = next(i for i, step in enumerate(steps) if step.startswith(REFLECTION))
+        # The re-check is two steps (operands, then the carry); with them folded back into one
+        # step of the usual form the trace is the correct one.
+        right = arith_trace(*ARITH._operands(problem))[0].split(",")
+        assert steps[:at - 1] == right[:at - 1] and steps[at + 2:] == right[at:]
+        corrected += steps[at - 1] != right[at - 1]
+        assert steps[at + 1].rsplit(">", 1)[1] == right[at - 1].rsplit(">", 1)[1]
+    assert 0.3 < corrected / len(all_problems(ARITH)) < 0.7   # half the re-checks find a slip
+
+
+def test_arith_recheck_example():
+    assert arith_rechecked_trace(347, "*", 6, 1, delta=1) == (
+        "7*6+0=42>2,4*6+4=29>92,wait 4*6=24,24+4=28>82,3*6+2=20>082,c2>2082", "2082")
+    assert arith_rechecked_trace(33, "-", 6, 0) == ("3-6-0=7b>7,wait 6+0=6,3-6=7b>7,3-0-1=2>27", "27")
 
 
 def test_countdown_reflect_redoes_the_slip_then_solves():

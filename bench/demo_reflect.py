@@ -1,0 +1,145 @@
+"""Why does GRPO prune reflection in the demo? Samples a checkpoint's own arithmetic traces at the rollout
+temperature on train-split problems and checks every step against the problem, to say where `wait `
+falls (after a wrong step, or after a right one), whether the re-checked step comes out right, and how
+often reflecting traces end right against the others.
+
+    .venv/bin/python bench/demo_reflect.py runs/tiny/base runs/tiny/zero [--n 100] [--temperature 0.7]
+
+A step is right when it is what a correct solver writes from the trace's own state so far (column,
+carry, suffix): a slip is judged once, where it happens, and the steps after it are judged from the
+values the trace wrote; a final carry left unwritten counts as one wrong step. A `wait ` step re-does the step before it (the state rolls back one column);
+the re-check of the `recheck` style (`wait 7*8=56,56+1=57>…`) is read as one step."""
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter
+
+STEP = re.compile(r"^(wait )?(\d)([+*-])(\d)([+-])(\d)=(\d+)(b?)>(\d+)$")
+CARRY = re.compile(r"^(wait )?c(\d)>(\d+)$")
+RECHECK = re.compile(r"^wait (\d)([+*])(\d)=(\d+),(\d+)\+(\d)=(\d+)>(\d+)$")
+RECHECK_SUB = re.compile(r"^wait (\d)\+(\d)=(\d+),(\d)-(\d+)=(\d)(b?)>(\d+)$")
+
+
+def merge(parts: list[str]) -> list[str]:
+    """Comma-separated parts → steps: a re-check's first part (no `>` yet) joins the next."""
+    out: list[str] = []
+    for part in parts:
+        if out and out[-1].startswith("wait ") and ">" not in out[-1]:
+            out[-1] += "," + part
+        else:
+            out.append(part)
+    return out
+
+
+def judge(a: int, op: str, b: int, think: str) -> list[tuple[bool, bool]]:
+    """(reflects, right) for every step of a column trace of `a op b`."""
+    ncols = max(len(str(a)), len(str(b))) if op == "+" else len(str(a))
+    xs = [int(ch) for ch in reversed(str(a).zfill(ncols))]
+    ys = [b] * ncols if op == "*" else [int(ch) for ch in reversed(str(b).zfill(ncols))]
+    col, carry, suffix, out, prev = 0, 0, "", [], (0, 0, "")
+    for s in merge(think.split(",")):
+        wait = s.startswith("wait ")
+        if wait and out:   # a re-check re-does the previous column
+            col, carry, suffix = prev
+        prev = (col, carry, suffix)
+        m, c, r, rs = STEP.match(s), CARRY.match(s), RECHECK.match(s), RECHECK_SUB.match(s)
+        true = None if col >= ncols else (xs[col] - ys[col] - carry if op == "-" else
+                                          (xs[col] + ys[col] if op == "+" else xs[col] * ys[col]) + carry)
+        if m and true is not None and m[3] == op:
+            x, y, cin, raw, mark, suf = int(m[2]), int(m[4]), int(m[6]), int(m[7]), m[8], m[9]
+            if op == "-":
+                right = (x, y, cin, raw, mark) == (xs[col], ys[col], carry, true % 10, "b" if true < 0 else "")
+                digit, carry_out = raw % 10, int(mark == "b")
+            else:
+                right = (x, y, cin, raw) == (xs[col], ys[col], carry, true)
+                digit, carry_out = raw % 10, raw // 10
+        elif r and true is not None and op != "-" and r[2] == op:
+            x, y, first, first2, cin, raw = (int(r[i]) for i in (1, 3, 4, 5, 6, 7))
+            suf = r[8]
+            right = (x, y, cin, raw) == (xs[col], ys[col], carry, true) and first == first2 == true - carry
+            digit, carry_out = raw % 10, raw // 10
+        elif rs and true is not None and op == "-":
+            y, cin, s1, x, s2, raw = (int(rs[i]) for i in range(1, 7))
+            mark, suf = rs[7], rs[8]
+            right = ((x, y, cin, raw, mark) == (xs[col], ys[col], carry, true % 10, "b" if true < 0 else "")
+                     and s1 == s2 == y + cin)
+            digit, carry_out = raw, int(mark == "b")
+        elif c:
+            out.append((wait, col == ncols and carry > 0 and int(c[2]) == carry and c[3] == f"{carry}{suffix}"))
+            carry = 0
+            continue
+        else:
+            out.append((wait, False))
+            continue
+        right = right and suf == f"{digit}{suffix}"
+        out.append((wait, right))
+        col, carry, suffix = col + 1, carry_out, f"{digit}{suffix}"
+    if carry and op != "-":   # the last carry never written out: a dropped carry, one wrong step
+        out.append((False, False))
+    return out
+
+
+def tally(problems, texts: list[list[str]], task, reasoning) -> Counter:
+    """Counts over every completion: traces and their accuracy, reflecting or not; steps, slips,
+    `wait` after a slip or after a right step; re-checks and those that came out right."""
+    from qiusuo.rewards import parse_completion
+
+    n = Counter()
+    for p, group in zip(problems, texts):
+        for text in group:
+            parsed = parse_completion(text, reasoning)
+            if not parsed or not parsed[0]:
+                n["direct"] += 1
+                continue
+            answer = task.answer_of(p, text, reasoning)
+            ok = answer is not None and task.score(p, answer)[0] == 1.0
+            steps = judge(p.data["a"], p.data["op"], p.data["b"], parsed[0])
+            kind = "reflect" if any(w for w, _ in steps) else "plain"
+            n["traces"] += 1
+            n[kind] += 1
+            n[kind + "_right"] += ok
+            for j, (wait, right) in enumerate(steps):
+                then_wait = j + 1 < len(steps) and steps[j + 1][0]
+                if wait:
+                    n["rechecks"] += 1
+                    n["rechecks_right"] += right
+                else:
+                    n["steps"] += 1
+                    n["slips"] += not right
+                    n["wait_after_slip" if not right else "wait_after_right"] += then_wait
+    return n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoints", nargs="+")
+    ap.add_argument("--n", type=int, default=100, help="train-split problems per digit count (3, 4, 5)")
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--temperature", type=float, default=0.7, help="the demo's rollout temperature")
+    ap.add_argument("--seed", type=int, default=123)
+    args = ap.parse_args()
+    from qiusuo.checkpoint import load_checkpoint
+    from qiusuo.engine import Engine, SamplingParams
+    from qiusuo.tasks import get_task
+
+    task = get_task("arith")
+    problems = [task.sample("train", seed=args.seed + i, difficulty=d) for d in (3, 4, 5) for i in range(args.n)]
+    for ckpt in args.checkpoints:
+        model, tok = load_checkpoint(ckpt, "cpu")
+        model.eval()
+        out = Engine(model, tok).generate([task.prompt_ids(p, tok) for p in problems],
+                                          SamplingParams(max_new_tokens=144, temperature=args.temperature,
+                                                         seed=args.seed), n=args.k)
+        texts = [[c.text for c in out[i * args.k:(i + 1) * args.k]] for i in range(len(problems))]
+        n = tally(problems, texts, task, tok.reasoning)
+        share = lambda a, b: f"{n[a]}/{n[b]} = {100 * n[a] / max(1, n[b]):.1f} %"
+        print(f"{ckpt}: {n['traces']} traces, {n['direct']} direct answers")
+        print(f"  traces right {share('plain_right', 'plain')} without `wait`, {share('reflect_right', 'reflect')} with it")
+        print(f"  slips per step {share('slips', 'steps')}; `wait` after a slip {share('wait_after_slip', 'slips')}, "
+              f"after a right step {share('wait_after_right', 'steps')}")
+        print(f"  re-checked steps right {share('rechecks_right', 'rechecks')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""bench/demo_reflect.py, the step checker behind the demo's reflection analysis: on the corpus's own
+traces it finds no slip in a correct trace, exactly one in a flawed one, and in a reflecting trace a
+`wait` right after the slip with the re-checked step right."""
+import random
+
+from bench.demo_reflect import judge, tally
+from qiusuo.rewards import STRICT, parse_completion
+from qiusuo.tasks import ArithmeticTask
+
+ARITH = ArithmeticTask()
+
+
+def traces(style: str, n: int = 200):
+    rng = random.Random(11)
+    for i in range(n):
+        p = ARITH.sample("train", seed=i, difficulty=1 + i % 5)
+        yield p, parse_completion(ARITH.completion(p, style, rng))[0]
+
+
+def operands(p):
+    return p.data["a"], p.data["op"], p.data["b"]
+
+
+def test_correct_traces_have_no_slip_and_flawed_ones_exactly_one():
+    for p, think in traces("steps"):
+        assert all(right and not wait for wait, right in judge(*operands(p), think)), think
+    for p, think in traces("flawed"):
+        assert sum(not right for _, right in judge(*operands(p), think)) == 1, think
+
+
+def test_a_reflection_follows_the_slip_and_redoes_it_right():
+    for style in ("reflect", "recheck"):
+        for p, think in traces(style):
+            steps = judge(*operands(p), think)
+            at = [j for j, (wait, _) in enumerate(steps) if wait]
+            assert len(at) == 1 and steps[at[0]][1], think               # one re-check, right
+            others = [right for j, (_, right) in enumerate(steps) if j != at[0]]
+            # reflect: the step before the re-check slipped; recheck: it slipped or was confirmed
+            assert others.count(False) == (1 if style == "reflect" else int(not steps[at[0] - 1][1])), think
+            assert all(others[at[0]:]), think                             # after it the trace is right
+
+
+def test_tally_counts_waits_after_slips_and_after_right_steps():
+    p = ARITH.make_problem(4821, "+", 397)
+    slip_then_wait = "1+7+0=8>8,2+9+0=12>28,wait 2+9+0=11>18,8+3+1=12>218,4+0+1=5>5218"
+    right_then_wait = "1+7+0=8>8,wait 1+7+0=9>9,2+9+0=11>19,8+3+1=12>219,4+0+1=5>5219"
+    texts = [f"<think>{t}</think><answer>{a}</answer>" for t, a in ((slip_then_wait, 5218), (right_then_wait, 5219))]
+    n = tally([p], [texts], ARITH, STRICT)
+    assert (n["reflect"], n["reflect_right"], n["wait_after_slip"], n["wait_after_right"]) == (2, 1, 1, 1)
+    assert (n["rechecks"], n["rechecks_right"], n["slips"]) == (2, 1, 1)   # a re-check is not a step
