@@ -313,6 +313,8 @@ def findings(fig: dict) -> list[str]:
           get("R1-Zero (RL from base)", "trace_acc"), get("base", "trace_acc"), what="trace accuracy")
     claim("a cold start before RL does better than RL alone (R1 vs R1-Zero)",
           get("R1 (cold start + RL)"), get("R1-Zero (RL from base)"))
+    claim("RL after the cold start improves on the cold start itself (R1 vs cold start)",
+          get("R1 (cold start + RL)"), get("cold start (SFT, before RL)"))
     claim("distilling the RL model beats RL on the small model itself (distilled vs RL-only student)",
           get("distilled student"), get("student, RL only"))
     r1, nolang = fig.get("R1 (cold start + RL)"), fig.get("R1 without the language reward")

@@ -107,6 +107,7 @@ def test_findings_check_mixing_from_the_cold_start_and_the_language_reward():
     assert ("mixing (from the cold start): **reproduced** (language consistency 85.0 cold start → 60.0 R1 "
             "without the reward; Chinese questions 70.0 → 30.0)") in text
     assert "question's language: **reproduced** (consistency 60.0 without → 100.0 with), costing 2.0 points" in text
+    assert "on the cold start itself (R1 vs cold start): **not reproduced** (pass@1 45.0 vs 50.0)" in text
 
 
 def test_lang_table_has_pass_and_consistency_per_question_language():
