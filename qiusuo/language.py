@@ -65,6 +65,21 @@ def question_lang(problem) -> str | None:
     return problem.data.get("lang")
 
 
+def prompt_lang(prompt: str) -> str:
+    """The language a posed prompt is in, read from its text (rollout logs keep the prompt, not the
+    problem): Chinese if it has a Chinese character, else English."""
+    return "zh" if words(prompt)["zh"] else "en"
+
+
+def cot_lang(think: str, lang: str) -> str | None:
+    """Which language a CoT is in, relative to the question's `lang`: "same" (every word in `lang`),
+    "other" (no word in it), "mixed"; None for a CoT without words."""
+    counts = words(think)
+    if not sum(counts.values()):
+        return None
+    return "same" if counts[lang] == sum(counts.values()) else "other" if not counts[lang] else "mixed"
+
+
 def words(text: str) -> dict[str, int]:
     """Count of words per language in `text` (English: runs of Latin letters; Chinese: characters)."""
     counts = {lang: 0 for lang in LANGS}

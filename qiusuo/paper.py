@@ -313,6 +313,8 @@ def findings(fig: dict) -> list[str]:
           get("R1-Zero (RL from base)", "trace_acc"), get("base", "trace_acc"), what="trace accuracy")
     claim("a cold start before RL does better than RL alone (R1 vs R1-Zero)",
           get("R1 (cold start + RL)"), get("R1-Zero (RL from base)"))
+    claim("RL after the cold start improves on the cold start itself (R1 vs cold start)",
+          get("R1 (cold start + RL)"), get("cold start (SFT, before RL)"))
     claim("distilling the RL model beats RL on the small model itself (distilled vs RL-only student)",
           get("distilled student"), get("student, RL only"))
     r1, nolang = fig.get("R1 (cold start + RL)"), fig.get("R1 without the language reward")
@@ -386,6 +388,92 @@ def curves_figure(run: Path, path: Path) -> Path | None:
     return path
 
 
+# The RL stages whose Chinese-question rollouts show mixing appear (or not): both start from the cold start.
+MIXING_STAGES = (("r1_nolang", "without the language reward"), ("r1", "with the language reward"))
+
+
+def rollouts(path: Path, lang: str = "zh"):
+    """(step, consistency, CoT language, accuracy) of every logged rollout whose question is in `lang`
+    and whose completion has a chain of thought (a direct answer has no CoT to measure, as in eval)."""
+    import json
+
+    from .language import consistency, cot_lang, prompt_lang
+    from .rewards import parse_completion
+
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            parsed = parse_completion(r["completion"])
+            if prompt_lang(r["prompt"]) != lang or not parsed or not parsed[0]:
+                continue
+            yield r["step"], consistency(parsed[0], lang), cot_lang(parsed[0], lang), float(r["accuracy"])
+
+
+def mixing_curve(path: Path, lang: str = "zh") -> list[tuple[int, float, int]]:
+    """(step, mean language consistency, samples) of the rollouts on `lang` questions at each logged step."""
+    by: dict = {}
+    for step, c, _, _ in rollouts(path, lang):
+        by.setdefault(step, []).append(c)
+    return [(step, sum(cs) / len(cs), len(cs)) for step, cs in sorted(by.items())]
+
+
+def accuracy_by_cot(path: Path, lang: str = "zh", last_step: int = 10) -> dict[str, tuple[int, float]]:
+    """Accuracy of the rollouts on `lang` questions up to `last_step`, split by the CoT's language
+    ("same", "other", "mixed" → (samples, accuracy)): the premise of mixing. Without a language reward,
+    RL moves the policy toward whichever split is the more accurate."""
+    by: dict = {}
+    for step, _, which, acc in rollouts(path, lang):
+        if step <= last_step and which is not None:
+            by.setdefault(which, []).append(acc)
+    return {k: (len(by[k]), sum(by[k]) / len(by[k])) for k in ("same", "other", "mixed") if k in by}
+
+
+def mixing_section(run: Path, plots: Path) -> list[str]:
+    """Language consistency on Chinese questions per RL step, with and without the reward (a table of
+    the first and last logged steps, a figure), and the premise: the cold-start policy's accuracy by CoT
+    language in the first steps. [] when the RL stages logged no rollouts."""
+    curves = {stage: mixing_curve(run / stage / "samples.jsonl") for stage, _ in MIXING_STAGES
+              if (run / stage / "samples.jsonl").exists()}
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return []
+    lines = ["## Language mixing during RL", "",
+             "Rollouts on Chinese questions, logged every few GRPO steps from the same cold start: mean "
+             "language consistency of the chains of thought.", "",
+             "| RL stage | first logged step | last logged step | change |", "| --- | ---: | ---: | ---: |"]
+    for stage, label in MIXING_STAGES:
+        if stage in curves:
+            (s0, c0, n0), (s1, c1, n1) = curves[stage][0], curves[stage][-1]
+            lines.append(f"| {stage} ({label}) | {100 * c0:.1f} (step {s0}, n = {n0}) | "
+                         f"{100 * c1:.1f} (step {s1}, n = {n1}) | {100 * (c1 - c0):+.1f} |")
+    if "r1_nolang" in curves:
+        split = accuracy_by_cot(run / "r1_nolang" / "samples.jsonl")
+        names = {"same": "a Chinese CoT", "other": "an English CoT", "mixed": "a mixed CoT"}
+        parts = [f"{names[k]} {100 * a:.1f} % (n = {n})" for k, (n, a) in split.items()]
+        lines += ["", "The premise of drift, measured on the cold-start policy's own rollouts (steps ≤ 10 of "
+                  "r1_nolang): accuracy on Chinese questions answered with " + ", ".join(parts) + "."]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.6, 2.8), dpi=90)
+    for stage, label in MIXING_STAGES:
+        if stage in curves:
+            x, y, _ = zip(*curves[stage])
+            ax.plot(x, [100 * v for v in y], marker="o", markersize=3, label=f"{stage} ({label})")
+    ax.set_xlabel("GRPO step", fontsize=8)
+    ax.set_ylabel("consistency, Chinese questions (%)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    plots.mkdir(parents=True, exist_ok=True)
+    fig.savefig(plots / "paper_mixing.png")
+    plt.close(fig)
+    return lines + ["", "![language consistency per RL step](plots/paper_mixing.png)", ""]
+
+
 def _lang_section(fig: dict) -> list[str]:
     table = lang_table(fig)
     if not table:
@@ -416,7 +504,7 @@ def write_paper_report(run: Path, price: float | None = None) -> Path:
             "Held-out problems only (never in any training stage); pass@1 averaged over k samples at T = 0.6, "
             "top-p 0.95; percentages. Training FLOPs and cost are each model's whole lineage (the distilled "
             "student carries its teacher's). Cost per solved = cost / (pass@1 × held-out problems).", "",
-            *table, "", *compute, *_lang_section(fig), "## Which of the paper's findings reproduce at this scale", "", *findings(fig), ""]
+            *table, "", *compute, *_lang_section(fig), *mixing_section(run, run / "plots"), "## Which of the paper's findings reproduce at this scale", "", *findings(fig), ""]
     figure = curves_figure(run, run / "plots" / "paper_curves.png")
     if figure:
         head += ["## RL curves of every stage", "", f"![RL curves](plots/{figure.name})", ""]

@@ -136,3 +136,13 @@ def test_char_tokenizer_takes_a_corpus_characters_without_moving_ascii_ids():
     assert wide.encode("12+30") == plain.encode("12+30")
     ids = wide.encode("计算 12+30")
     assert wide.decode(ids) == "计算 12+30" and len(ids) == 8
+
+
+def test_prompt_and_cot_language_are_read_from_the_text():
+    from qiusuo.language import cot_lang, prompt_lang
+
+    assert prompt_lang(pose(arith(), "zh").prompt) == "zh" and prompt_lang(pose(arith(), "en").prompt) == "en"
+    assert cot_lang(localize("2+3=5", "zh"), "zh") == "same"
+    assert cot_lang(localize("2+3=5", "en"), "zh") == "other"
+    assert cot_lang("我来算 so 5", "zh") == "mixed"
+    assert cot_lang("2+3=5", "zh") is None

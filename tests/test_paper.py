@@ -107,6 +107,7 @@ def test_findings_check_mixing_from_the_cold_start_and_the_language_reward():
     assert ("mixing (from the cold start): **reproduced** (language consistency 85.0 cold start → 60.0 R1 "
             "without the reward; Chinese questions 70.0 → 30.0)") in text
     assert "question's language: **reproduced** (consistency 60.0 without → 100.0 with), costing 2.0 points" in text
+    assert "on the cold start itself (R1 vs cold start): **not reproduced** (pass@1 45.0 vs 50.0)" in text
 
 
 def test_lang_table_has_pass_and_consistency_per_question_language():
@@ -116,3 +117,30 @@ def test_lang_table_has_pass_and_consistency_per_question_language():
                                "| --- | ---: | ---: | ---: | ---: |",
                                "| base | 30.0 | 10.0 | 100.0 | 50.0 |"]
     assert lang_table({"base": {"langs": {"en": {"pass@1": 0.3, "lang": 1.0}}}}) == []
+
+
+def test_mixing_section_tracks_chinese_consistency_per_step_and_the_premise(tmp_path):
+    from qiusuo.language import localize
+    from qiusuo.paper import accuracy_by_cot, mixing_curve, mixing_section
+    from qiusuo.tasks import format_completion
+
+    def roll(step, lang_of_cot, acc, prompt="计算 2+3"):
+        return json.dumps({"step": step, "prompt": prompt, "accuracy": acc,
+                           "completion": format_completion(localize("2+3=5", lang_of_cot), "5")})
+
+    # without the reward the English CoTs (the more accurate ones) spread; with it, Chinese holds
+    nolang = [roll(1, "zh", 0.0), roll(1, "en", 1.0), roll(1, "zh", 1.0), roll(1, "zh", 0.0),
+              roll(5, "en", 1.0), roll(5, "en", 1.0), roll(5, "zh", 0.0), roll(5, "en", 1.0, prompt="compute 2+3")]
+    r1 = [roll(1, "zh", 0.0), roll(1, "en", 1.0), roll(5, "zh", 1.0), roll(5, "zh", 1.0)]
+    for stage, rows in (("r1_nolang", nolang), ("r1", r1)):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "samples.jsonl").write_text("\n".join(rows) + "\n")
+    assert mixing_curve(tmp_path / "r1_nolang" / "samples.jsonl") == [(1, 0.75, 4), (5, pytest.approx(1 / 3), 3)]
+    split = accuracy_by_cot(tmp_path / "r1_nolang" / "samples.jsonl", last_step=1)
+    assert split == {"same": (3, pytest.approx(1 / 3)), "other": (1, 1.0)}
+    text = "\n".join(mixing_section(tmp_path, tmp_path / "plots"))
+    assert "| r1_nolang (without the language reward) | 75.0 (step 1, n = 4) | 33.3 (step 5, n = 3) | -41.7 |" in text
+    assert "| r1 (with the language reward) | 50.0 (step 1, n = 2) | 100.0 (step 5, n = 2) | +50.0 |" in text
+    assert "a Chinese CoT 25.0 % (n = 4), an English CoT 100.0 % (n = 3)" in text   # steps ≤ 10
+    assert (tmp_path / "plots" / "paper_mixing.png").stat().st_size > 0
+    assert mixing_section(tmp_path / "nothing", tmp_path / "plots") == []
