@@ -13,7 +13,7 @@ dr_grpo = token sum / a constant (max completion length) and no std in the advan
 dapo = token mean over the whole batch, clip-higher, dynamic sampling, soft overlong penalty, β = 0.
 
 Departures from the paper: log-probs are taken from logits / rollout temperature (so the ratio compares
-the distributions actually sampled from, as TRL does). The tiny demo (configs/demo.yaml) uses lr 1e-4
+the distributions actually sampled from, as TRL does). The tiny demo (configs/demo.yaml) uses lr 2e-4
 (R1-Zero: 3e-6), β = 0.01 and rollouts at T = 0.7 rather than 1.0: at T = 1 a 0.8 M-parameter
 character model botches most 40-token traces, nearly every group is all-wrong, and the updates erode
 the trace skill RL is meant to sharpen.
