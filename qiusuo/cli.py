@@ -18,7 +18,7 @@ from .sample import SampleConfig
 from .sft import SFTConfig
 
 STAGES = {
-    "corpus": (CorpusConfig, "write the synthetic pretraining corpus (direct answers, traces, flawed traces)"),
+    "corpus": (CorpusConfig, "write the synthetic pretraining corpus (direct answers, traces, flawed and reflecting traces)"),
     "pretrain": (SFTConfig, "train the base model on a corpus (or fine-tune a checkpoint with --init)"),
     "sft": (SFTConfig, "supervised fine-tuning of --init on a dataset file (prompt → response or chats; loss on the response)"),
     "grpo": (GRPOConfig, "reinforcement learning with GRPO / Dr. GRPO / DAPO on verifiable rewards"),

@@ -5,7 +5,8 @@ game ("countdown"). Each task can
 
 * generate random problems at a given difficulty,
 * sample problems deterministically from a train or held-out split,
-* write pretraining completions in five styles ("direct", "steps", "flawed", "reflect", "recheck"),
+* write pretraining completions in seven styles ("direct", "steps", "flawed", "reflect", "recheck",
+  "forgetful", "caught"),
 * score a final answer strictly (the same scorer serves as the RL reward).
 
 Every completion has the exact shape ``<think>...</think><answer>...</answer>``.
@@ -24,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-STYLES = ("direct", "steps", "flawed", "reflect", "recheck")
+STYLES = ("direct", "steps", "flawed", "reflect", "recheck", "forgetful", "caught")
 SPLITS = ("train", "heldout")
 
 # What a trace writes when it re-checks a step it got wrong, before redoing the step correctly: the
@@ -136,7 +137,8 @@ class Task(ABC):
     def completion(self, problem: Problem, style: str, rng: random.Random) -> str:
         """Write a pretraining completion for ``problem`` in the given style."""
         writers = {"direct": self._direct, "steps": self._steps, "flawed": self._flawed,
-                   "reflect": self._reflect, "recheck": self._recheck}
+                   "reflect": self._reflect, "recheck": self._recheck,
+                   "forgetful": self._forgetful, "caught": self._caught}
         if style not in writers:
             raise ValueError(f"unknown style {style!r}; expected one of {STYLES}")
         think, answer = writers[style](problem, rng)
@@ -169,6 +171,16 @@ class Task(ABC):
     def _recheck(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
         """A trace that re-checks a step by another route (``wait ``) and goes on from the re-checked
         value, whether the step was right or had slipped; a task without such a route reflects."""
+        return self._reflect(problem, rng)
+
+    def _forgetful(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
+        """A trace that follows a consistent misconception (arithmetic: carries and borrows forgotten);
+        a task without one writes a flawed trace."""
+        return self._flawed(problem, rng)
+
+    def _caught(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
+        """A forgetful trace that notices its first mistake (``wait ``), redoes it and ends right; a task
+        without a misconception reflects."""
         return self._reflect(problem, rng)
 
 
@@ -235,7 +247,7 @@ def _column(op: str, x: int, y: int, carry: int, delta: int) -> tuple[str, int, 
 
 
 def arith_trace(a: int, op: str, b: int, slip: Slip | None = None,
-                reflect: bool = False) -> tuple[str, str] | None:
+                reflect: bool = False, forget: str | None = None) -> tuple[str, str] | None:
     """Right-to-left column trace of ``a op b`` as (think, answer).
 
     Each step shows the column arithmetic, then ``>`` and the result suffix built so
@@ -245,6 +257,12 @@ def arith_trace(a: int, op: str, b: int, slip: Slip | None = None,
     slipped step is followed by ``wait `` and the same column worked correctly, and the
     trace goes on from the corrected value (only for slips of the column value, which
     show in the slipped step itself).
+
+    ``forget`` models a misconception rather than a random slip: ``"all"`` works every column with a
+    carry-in (borrow) of 0 and leaves the last carry unwritten, so the trace is wrong exactly when the
+    problem carries; ``"catch"`` writes the first column that needs a carry-in with 0, then ``wait ``
+    and the column with its carry, and carries correctly from there (None when the only carry is the
+    last one, which a trace drops by not writing it: nothing shows to notice).
     """
     bad_operands = a < 0 or b < 0 or (op == "-" and a < b) or (op == "*" and b > 9)
     if op not in ("+", "-", "*") or bad_operands:
@@ -252,8 +270,19 @@ def arith_trace(a: int, op: str, b: int, slip: Slip | None = None,
     ncols = _column_count(a, op, b)
     xs = [int(ch) for ch in reversed(str(a).zfill(ncols))]
     ys = [b] * ncols if op == "*" else [int(ch) for ch in reversed(str(b).zfill(ncols))]
+    if forget not in (None, "all", "catch"):
+        raise ValueError(f"forget must be None, 'all' or 'catch', not {forget!r}")
     carry, suffix, steps = 0, "", []
     for i in range(ncols):
+        if forget == "all":
+            carry = 0
+        elif forget == "catch" and carry:
+            text, digit, _ = _column(op, xs[i], ys[i], 0, 0)
+            steps.append(f"{text}>{digit}{suffix}")
+            text, digit, carry = _column(op, xs[i], ys[i], carry, 0)
+            steps.append(f"{REFLECTION}{text}>{digit}{suffix}")
+            suffix, forget = f"{digit}{suffix}", None
+            continue
         here = slip is not None and slip.column == i
         worked = _column(op, xs[i], ys[i], carry, slip.delta if here else 0)
         if worked is None:
@@ -270,9 +299,11 @@ def arith_trace(a: int, op: str, b: int, slip: Slip | None = None,
         suffix = f"{digit}{suffix}"
         steps.append(f"{text}>{suffix}")
         carry = carry_out
+    if forget == "catch":
+        return None
     # A borrow left after the top column only happens after a slip; it is dropped,
     # as a careless solver would.
-    if carry and op != "-":
+    if carry and op != "-" and forget != "all":
         suffix = f"{carry}{suffix}"
         steps.append(f"c{carry}>{suffix}")
     return ",".join(steps), str(int(suffix))
@@ -418,6 +449,21 @@ class ArithmeticTask(Task):
                 if traced is not None:
                     return traced
         raise RuntimeError(f"no reflected trace for {problem.prompt}")
+
+    def _forgetful(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
+        """A column trace that forgets every carry and borrow: a misconception, the same at every
+        column, so the model learns it as a way of working (one choice, where the first carry falls)
+        rather than as a rare per-digit slip that sampling below T = 1 mostly hides."""
+        return arith_trace(*self._operands(problem), forget="all")
+
+    def _caught(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
+        """A forgetful trace that catches itself: the first carry-in written as 0, then ``wait `` and
+        the column redone with its carry, then carried correctly to a right answer. The slip shows in
+        the text (a column value ≥ 10, or a borrow mark, followed by a carry-in of 0), so the re-check
+        is one the model can learn to make where it is due. Without an inner carry to forget, the
+        correct trace."""
+        traced = arith_trace(*self._operands(problem), forget="catch")
+        return traced if traced is not None else self._steps(problem, rng)
 
     def _recheck(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
         """A column trace that re-checks one uniformly chosen column by `_recheck_text`'s route: half
@@ -828,7 +874,7 @@ class MathTask(Task):
     def _no_writer(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
         raise ValueError("a dataset problem has no synthetic completions; its file holds the solutions")
 
-    _direct = _steps = _flawed = _reflect = _no_writer
+    _direct = _steps = _flawed = _reflect = _forgetful = _caught = _no_writer
 
 
 def source_of(problem: Problem) -> str:

@@ -221,10 +221,18 @@ def test_every_style_parses_and_scores_as_intended(name):
             assert parsed is not None, text
             think, answer = parsed
             value, reason = task.score(problem, answer)
-            assert reflects(think) == (style in ("reflect", "recheck")), text
-            if style in ("steps", "reflect", "recheck"):
+            if style == "caught" and name == "arith":
+                # Without an inner carry to forget there is nothing to catch: the correct trace.
+                assert reflects(think) == (think != arith_trace(*ARITH._operands(problem))[0]), text
+            else:
+                assert reflects(think) == (style in ("reflect", "recheck", "caught")), text
+            if style == "forgetful" and name == "arith":
+                # Right exactly when the problem never carries (or borrows).
+                carries = arith_trace(*ARITH._operands(problem))[0] != think
+                assert (value, reason) == ((0.0, "wrong value") if carries else (1.0, "correct")), text
+            elif style in ("steps", "reflect", "recheck", "caught"):
                 assert (value, reason) == (1.0, "correct"), text
-            elif style == "flawed":
+            elif style in ("flawed", "forgetful"):
                 assert value == 0.0 and reason == "wrong value", text
             else:
                 assert think == ""
@@ -272,6 +280,60 @@ def test_arith_reflect_example():
         "1+7+0=8>8,2+9+0=12>28,wait 2+9+0=11>18,8+3+1=12>218,4+0+1=5>5218", "5218")
     # A dropped carry shows only in the next column: not a slip a reflect trace is written with.
     assert arith_trace(4821, "+", 397, Slip(1, drop_carry=True), reflect=True) is None
+
+
+def test_arith_forgetful_drops_every_carry_and_borrow():
+    assert arith_trace(4821, "+", 397, forget="all") == ("1+7+0=8>8,2+9+0=11>18,8+3+0=11>118,4+0+0=4>4118", "4118")
+    assert arith_trace(347, "*", 6, forget="all") == ("7*6+0=42>2,4*6+0=24>42,3*6+0=18>842", "842")
+    assert arith_trace(623, "-", 61, forget="all") == ("3-1-0=2>2,2-6-0=6b>62,6-0-0=6>662", "662")
+    rng = random.Random(5)
+    for problem in all_problems(ARITH):
+        think, answer = parse_completion(ARITH.completion(problem, "forgetful", rng))
+        steps = think.split(",")
+        # Every column is worked with a carry-in (borrow) of 0 and the last carry is never written.
+        assert all("+0=" in s or "-0=" in s for s in steps) and not any(s.startswith("c") for s in steps)
+        assert answer == str(int(steps[-1].rsplit(">", 1)[1]))
+        # The column values themselves are right: the mistake is the misconception, not the arithmetic.
+        a, op, b = ARITH._operands(problem)
+        assert answer == str(int("".join(str(d) for d in reversed(_column_digits(a, op, b)))))
+
+
+def _column_digits(a: int, op: str, b: int) -> list[int]:
+    """Each column's own digit with no carry in, right to left (what a solver who never carries writes)."""
+    n = max(len(str(a)), len(str(b))) if op == "+" else len(str(a))
+    xs = [int(ch) for ch in reversed(str(a).zfill(n))]
+    ys = [b] * n if op == "*" else [int(ch) for ch in reversed(str(b).zfill(n))]
+    return [(x + y if op == "+" else x * y if op == "*" else x - y) % 10 for x, y in zip(xs, ys)]
+
+
+def test_arith_caught_forgets_the_first_carry_notices_it_and_ends_right():
+    assert arith_trace(4821, "+", 397, forget="catch") == (
+        "1+7+0=8>8,2+9+0=11>18,8+3+0=11>118,wait 8+3+1=12>218,4+0+1=5>5218", "5218")
+    # The only carry is the last one: dropping it leaves nothing in the text to notice.
+    assert arith_trace(52, "+", 71, forget="catch") is None
+    rng, caught = random.Random(6), 0
+    for problem in all_problems(ARITH):
+        think, answer = parse_completion(ARITH.completion(problem, "caught", rng))
+        right, right_answer = arith_trace(*ARITH._operands(problem))
+        assert answer == right_answer == problem.answer
+        if REFLECTION not in think:
+            assert think == right
+            continue
+        caught += 1
+        assert think.count(REFLECTION) == 1
+        before, redone = split_reflection(think)
+        assert redone == right
+        # The step before the marker is the first column that needed a carry-in, written with 0.
+        written, correct = before.split(","), right.split(",")
+        assert written[:-1] == correct[:len(written) - 1]
+        assert "+0=" in written[-1] or "-0=" in written[-1]
+        assert written[-1] != correct[len(written) - 1]
+    assert caught > len(all_problems(ARITH)) / 2
+
+
+def test_forget_is_checked():
+    with pytest.raises(ValueError, match="forget"):
+        arith_trace(12, "+", 34, forget="some")
 
 
 def test_arith_recheck_confirms_or_corrects_one_column_by_another_route():
