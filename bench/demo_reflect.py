@@ -8,7 +8,9 @@ often reflecting traces end right against the others.
 A step is right when it is what a correct solver writes from the trace's own state so far (column,
 carry, suffix): a slip is judged once, where it happens, and the steps after it are judged from the
 values the trace wrote; a final carry left unwritten counts as one wrong step. A `wait ` step re-does the step before it (the state rolls back one column);
-the re-check of the `recheck` style (`wait 7*8=56,56+1=57>…`) is read as one step."""
+the re-check of the `recheck` style (`wait 7*8=56,56+1=57>…`) is read as one step. A wrong step that is
+right but for a carry-in (borrow) written as 0, or a last carry left unwritten, is a *forgotten carry* —
+the misconception of the `forgetful` corpus style — and is counted apart from the other slips."""
 from __future__ import annotations
 
 import argparse
@@ -32,8 +34,9 @@ def merge(parts: list[str]) -> list[str]:
     return out
 
 
-def judge(a: int, op: str, b: int, think: str) -> list[tuple[bool, bool]]:
-    """(reflects, right) for every step of a column trace of `a op b`."""
+def judge(a: int, op: str, b: int, think: str) -> list[tuple[bool, bool, bool]]:
+    """(reflects, right, forgot) for every step of a column trace of `a op b`; forgot: the step is wrong
+    only in leaving out the carry (borrow) it should take in, or it is the last carry, unwritten."""
     ncols = max(len(str(a)), len(str(b))) if op == "+" else len(str(a))
     xs = [int(ch) for ch in reversed(str(a).zfill(ncols))]
     ys = [b] * ncols if op == "*" else [int(ch) for ch in reversed(str(b).zfill(ncols))]
@@ -48,41 +51,48 @@ def judge(a: int, op: str, b: int, think: str) -> list[tuple[bool, bool]]:
                                           (xs[col] + ys[col] if op == "+" else xs[col] * ys[col]) + carry)
         if m and true is not None and m[3] == op:
             x, y, cin, raw, mark, suf = int(m[2]), int(m[4]), int(m[6]), int(m[7]), m[8], m[9]
+            bare = true - carry if op != "-" else true + carry   # the column with no carry in
             if op == "-":
                 right = (x, y, cin, raw, mark) == (xs[col], ys[col], carry, true % 10, "b" if true < 0 else "")
+                forgot = (x, y, cin, raw, mark) == (xs[col], ys[col], 0, bare % 10, "b" if bare < 0 else "")
                 digit, carry_out = raw % 10, int(mark == "b")
             else:
                 right = (x, y, cin, raw) == (xs[col], ys[col], carry, true)
+                forgot = (x, y, cin, raw) == (xs[col], ys[col], 0, bare)
                 digit, carry_out = raw % 10, raw // 10
+            forgot = forgot and carry > 0
         elif r and true is not None and op != "-" and r[2] == op:
             x, y, first, first2, cin, raw = (int(r[i]) for i in (1, 3, 4, 5, 6, 7))
             suf = r[8]
             right = (x, y, cin, raw) == (xs[col], ys[col], carry, true) and first == first2 == true - carry
+            forgot = False
             digit, carry_out = raw % 10, raw // 10
         elif rs and true is not None and op == "-":
             y, cin, s1, x, s2, raw = (int(rs[i]) for i in range(1, 7))
             mark, suf = rs[7], rs[8]
             right = ((x, y, cin, raw, mark) == (xs[col], ys[col], carry, true % 10, "b" if true < 0 else "")
                      and s1 == s2 == y + cin)
+            forgot = False
             digit, carry_out = raw, int(mark == "b")
         elif c:
-            out.append((wait, col == ncols and carry > 0 and int(c[2]) == carry and c[3] == f"{carry}{suffix}"))
+            out.append((wait, col == ncols and carry > 0 and int(c[2]) == carry and c[3] == f"{carry}{suffix}",
+                        False))
             carry = 0
             continue
         else:
-            out.append((wait, False))
+            out.append((wait, False, False))
             continue
-        right = right and suf == f"{digit}{suffix}"
-        out.append((wait, right))
+        suffix_right = suf == f"{digit}{suffix}"
+        out.append((wait, right and suffix_right, forgot and suffix_right))
         col, carry, suffix = col + 1, carry_out, f"{digit}{suffix}"
     if carry and op != "-":   # the last carry never written out: a dropped carry, one wrong step
-        out.append((False, False))
+        out.append((False, False, True))
     return out
 
 
 def tally(problems, texts: list[list[str]], task, reasoning) -> Counter:
-    """Counts over every completion: traces and their accuracy, reflecting or not; steps, slips,
-    `wait` after a slip or after a right step; re-checks and those that came out right."""
+    """Counts over every completion: traces and their accuracy, reflecting or not; steps, slips (and of
+    them, forgotten carries), `wait` after a slip or after a right step; re-checks and those that came out right."""
     from qiusuo.rewards import parse_completion
 
     n = Counter()
@@ -95,11 +105,11 @@ def tally(problems, texts: list[list[str]], task, reasoning) -> Counter:
             answer = task.answer_of(p, text, reasoning)
             ok = answer is not None and task.score(p, answer)[0] == 1.0
             steps = judge(p.data["a"], p.data["op"], p.data["b"], parsed[0])
-            kind = "reflect" if any(w for w, _ in steps) else "plain"
+            kind = "reflect" if any(w for w, _, _ in steps) else "plain"
             n["traces"] += 1
             n[kind] += 1
             n[kind + "_right"] += ok
-            for j, (wait, right) in enumerate(steps):
+            for j, (wait, right, forgot) in enumerate(steps):
                 then_wait = j + 1 < len(steps) and steps[j + 1][0]
                 if wait:
                     n["rechecks"] += 1
@@ -107,6 +117,7 @@ def tally(problems, texts: list[list[str]], task, reasoning) -> Counter:
                 else:
                     n["steps"] += 1
                     n["slips"] += not right
+                    n["forgot"] += forgot
                     n["wait_after_slip" if not right else "wait_after_right"] += then_wait
     return n
 
@@ -138,6 +149,8 @@ def main() -> None:
         print(f"  traces right {share('plain_right', 'plain')} without `wait`, {share('reflect_right', 'reflect')} with it")
         print(f"  slips per step {share('slips', 'steps')}; `wait` after a slip {share('wait_after_slip', 'slips')}, "
               f"after a right step {share('wait_after_right', 'steps')}")
+        print(f"  of the slips, carries forgotten {share('forgot', 'slips')}; other slips per step "
+              f"{100 * (n['slips'] - n['forgot']) / max(1, n['steps']):.1f} %")
         print(f"  re-checked steps right {share('rechecks_right', 'rechecks')}")
 
 

@@ -23,21 +23,35 @@ def operands(p):
 
 def test_correct_traces_have_no_slip_and_flawed_ones_exactly_one():
     for p, think in traces("steps"):
-        assert all(right and not wait for wait, right in judge(*operands(p), think)), think
+        assert all(right and not wait for wait, right, _ in judge(*operands(p), think)), think
     for p, think in traces("flawed"):
-        assert sum(not right for _, right in judge(*operands(p), think)) == 1, think
+        assert sum(not right for _, right, _ in judge(*operands(p), think)) == 1, think
 
 
 def test_a_reflection_follows_the_slip_and_redoes_it_right():
     for style in ("reflect", "recheck"):
         for p, think in traces(style):
             steps = judge(*operands(p), think)
-            at = [j for j, (wait, _) in enumerate(steps) if wait]
+            at = [j for j, (wait, _, _) in enumerate(steps) if wait]
             assert len(at) == 1 and steps[at[0]][1], think               # one re-check, right
-            others = [right for j, (_, right) in enumerate(steps) if j != at[0]]
+            others = [right for j, (_, right, _) in enumerate(steps) if j != at[0]]
             # reflect: the step before the re-check slipped; recheck: it slipped or was confirmed
             assert others.count(False) == (1 if style == "reflect" else int(not steps[at[0] - 1][1])), think
             assert all(others[at[0]:]), think                             # after it the trace is right
+
+
+def test_forgetful_traces_slip_only_by_forgetting_carries():
+    for p, think in traces("forgetful"):
+        steps = judge(*operands(p), think)
+        # Every wrong step is a forgotten carry, and there is one wherever the problem carries.
+        wrong = [forgot for _, right, forgot in steps if not right]
+        assert all(wrong), think
+        assert bool(wrong) == (think != ARITH.completion(p, "steps", random.Random(0))[7:].split("</think>")[0]), think
+    for p, think in traces("caught"):
+        steps = judge(*operands(p), think)
+        if any(w for w, _, _ in steps):
+            at = next(j for j, (w, _, _) in enumerate(steps) if w)
+            assert steps[at - 1][1:] == (False, True) and steps[at][1], think   # forgotten, then redone
 
 
 def test_tally_counts_waits_after_slips_and_after_right_steps():
@@ -48,3 +62,7 @@ def test_tally_counts_waits_after_slips_and_after_right_steps():
     n = tally([p], [texts], ARITH, STRICT)
     assert (n["reflect"], n["reflect_right"], n["wait_after_slip"], n["wait_after_right"]) == (2, 1, 1, 1)
     assert (n["rechecks"], n["rechecks_right"], n["slips"]) == (2, 1, 1)   # a re-check is not a step
+    assert n["forgot"] == 0
+    forgot = "1+7+0=8>8,2+9+0=11>18,8+3+0=11>118,4+0+0=4>4118"
+    n = tally([p], [[f"<think>{forgot}</think><answer>4118</answer>"]], ARITH, STRICT)
+    assert (n["slips"], n["forgot"]) == (2, 2)   # two carries, both forgotten
