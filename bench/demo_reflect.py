@@ -118,6 +118,7 @@ def tally(problems, texts: list[list[str]], task, reasoning) -> Counter:
                     n["steps"] += 1
                     n["slips"] += not right
                     n["forgot"] += forgot
+                    n["wait_after_forgot"] += forgot and then_wait
                     n["wait_after_slip" if not right else "wait_after_right"] += then_wait
     return n
 
@@ -149,7 +150,8 @@ def main() -> None:
         print(f"  traces right {share('plain_right', 'plain')} without `wait`, {share('reflect_right', 'reflect')} with it")
         print(f"  slips per step {share('slips', 'steps')}; `wait` after a slip {share('wait_after_slip', 'slips')}, "
               f"after a right step {share('wait_after_right', 'steps')}")
-        print(f"  of the slips, carries forgotten {share('forgot', 'slips')}; other slips per step "
+        print(f"  of the slips, carries forgotten {share('forgot', 'slips')} (caught by `wait` "
+              f"{share('wait_after_forgot', 'forgot')}); other slips per step "
               f"{100 * (n['slips'] - n['forgot']) / max(1, n['steps']):.1f} %")
         print(f"  re-checked steps right {share('rechecks_right', 'rechecks')}")
 

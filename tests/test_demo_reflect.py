@@ -66,3 +66,6 @@ def test_tally_counts_waits_after_slips_and_after_right_steps():
     forgot = "1+7+0=8>8,2+9+0=11>18,8+3+0=11>118,4+0+0=4>4118"
     n = tally([p], [[f"<think>{forgot}</think><answer>4118</answer>"]], ARITH, STRICT)
     assert (n["slips"], n["forgot"]) == (2, 2)   # two carries, both forgotten
+    caught = "1+7+0=8>8,2+9+0=11>18,8+3+0=11>118,wait 8+3+1=12>218,4+0+1=5>5218"
+    n = tally([p], [[f"<think>{caught}</think><answer>5218</answer>"]], ARITH, STRICT)
+    assert (n["slips"], n["forgot"], n["wait_after_forgot"], n["rechecks_right"]) == (1, 1, 1, 1)
