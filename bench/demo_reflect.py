@@ -92,7 +92,8 @@ def judge(a: int, op: str, b: int, think: str) -> list[tuple[bool, bool, bool]]:
 
 def tally(problems, texts: list[list[str]], task, reasoning) -> Counter:
     """Counts over every completion: traces and their accuracy, reflecting or not; steps, slips (and of
-    them, forgotten carries), `wait` after a slip or after a right step; re-checks and those that came out right."""
+    them, forgotten carries), `wait` after a slip or after a right step; re-checks and those that came
+    out right."""
     from qiusuo.rewards import parse_completion
 
     n = Counter()
