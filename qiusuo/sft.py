@@ -234,7 +234,10 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path
         console.print(f"pretrain: {n_params / 1e6:.2f} M parameters, {len(seqs)} examples"
                       + (f" ({dropped} longer than {cfg.max_len} dropped)" if dropped else "")
                       + (f", {world.size} processes ({cfg.parallel})" if world.size > 1 else ""))
-        n_rows = len(epoch_rows(seqs, cfg.max_len, cfg.seed, 0))
+        # A set of at least batch_size rows' worth of tokens packs into at least batch_size rows: only a
+        # smaller one is packed here to tell.
+        small = sum(len(s[0]) for s in seqs) < cfg.batch_size * cfg.max_len
+        n_rows = len(epoch_rows(seqs, cfg.max_len, cfg.seed, 0)) if small else cfg.batch_size
         if n_rows < cfg.batch_size:
             console.print(f"note: the set packs into {n_rows} rows of {cfg.max_len} tokens, fewer than "
                           f"batch_size={cfg.batch_size}: each batch holds rows of several epochs")

@@ -276,13 +276,6 @@ def arith_trace(a: int, op: str, b: int, slip: Slip | None = None,
     for i in range(ncols):
         if forget == "all":
             carry = 0
-        elif forget == "catch" and carry:
-            text, digit, _ = _column(op, xs[i], ys[i], 0, 0)
-            steps.append(f"{text}>{digit}{suffix}")
-            text, digit, carry = _column(op, xs[i], ys[i], carry, 0)
-            steps.append(f"{REFLECTION}{text}>{digit}{suffix}")
-            suffix, forget = f"{digit}{suffix}", None
-            continue
         here = slip is not None and slip.column == i
         worked = _column(op, xs[i], ys[i], carry, slip.delta if here else 0)
         if worked is None:
@@ -292,9 +285,14 @@ def arith_trace(a: int, op: str, b: int, slip: Slip | None = None,
             if carry_out == 0 or reflect:
                 return None
             carry_out = 0
+        # A step noticed to be wrong: written first as it went wrong, then `wait ` and the column right.
+        first = None
         if here and reflect:
-            steps.append(f"{text}>{digit}{suffix}")
-            text, digit, carry_out = _column(op, xs[i], ys[i], carry, 0)
+            first, (text, digit, carry_out) = (text, digit), _column(op, xs[i], ys[i], carry, 0)
+        elif forget == "catch" and carry:
+            first, forget = _column(op, xs[i], ys[i], 0, 0)[:2], None
+        if first:
+            steps.append(f"{first[0]}>{first[1]}{suffix}")
             text = REFLECTION + text
         suffix = f"{digit}{suffix}"
         steps.append(f"{text}>{suffix}")
