@@ -33,7 +33,8 @@ class CorpusConfig:
     """Completion style → share. Direct answers are guesses, steps are right, flawed traces hold one
     slip carried through to a wrong answer, reflect traces slip, notice it (`wait `), redo the step
     and end right; forgetful traces forget every carry (a misconception), caught ones forget the first,
-    notice it and end right; recheck traces re-check one step by a second route (qiusuo/tasks.py)."""
+    notice it and end right; checked traces guess, work it out and say `wait ` when the guess was wrong;
+    recheck traces re-check one step by a second route (qiusuo/tasks.py)."""
     langs: dict = field(default_factory=dict)
     """Language → share of the questions posed in it (en, zh); empty: prompts as the tasks write them,
     traces without words. With languages, each trace opens and closes with a phrase in its language."""

@@ -31,7 +31,8 @@ QUESTION = {
 }
 # The English words the tasks' traces use, in Chinese; a word not listed stays English (and counts as mixing).
 TRACE_WORDS_ZH = {"yes": "对", "no": "错", "c": "进", "b": "借", "wait": "等等", "check": "检查", "recheck": "再查",
-                  "so": "所以", "fix": "改"}
+                  "so": "所以", "fix": "改",
+                  "guess": "猜"}
 # Chinese traces read the operators out (8乘2加0得16), as a Chinese chain of thought would.
 OPS_ZH = {"+": "加", "-": "减", "*": "乘", "=": "得"}
 _OPS = re.compile("[" + re.escape("".join(OPS_ZH)) + "]")

@@ -5,8 +5,8 @@ game ("countdown"). Each task can
 
 * generate random problems at a given difficulty,
 * sample problems deterministically from a train or held-out split,
-* write pretraining completions in seven styles ("direct", "steps", "flawed", "reflect", "recheck",
-  "forgetful", "caught"),
+* write pretraining completions in eight styles ("direct", "steps", "flawed", "reflect", "recheck",
+  "forgetful", "caught", "checked"),
 * score a final answer strictly (the same scorer serves as the RL reward).
 
 Every completion has the exact shape ``<think>...</think><answer>...</answer>``.
@@ -25,13 +25,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-STYLES = ("direct", "steps", "flawed", "reflect", "recheck", "forgetful", "caught")
+STYLES = ("direct", "steps", "flawed", "reflect", "recheck", "forgetful", "caught", "checked")
 SPLITS = ("train", "heldout")
 
 # What a trace writes when it re-checks a step it got wrong, before redoing the step correctly: the
 # reflection ("aha moment") that evaluation counts and that R1-Zero's RL makes more frequent.
 REFLECTION = "wait "
 REFLECTION_ZH = "等等 "
+# How a `checked` trace opens: a guess, which the trace then checks.
+GUESS = "guess "
 
 # One bucket in eight is held out; hashing the canonical problem (not the seed, not the prompt
 # text) makes the split disjoint by construction, whichever seeds callers use, and keeps every
@@ -138,7 +140,7 @@ class Task(ABC):
         """Write a pretraining completion for ``problem`` in the given style."""
         writers = {"direct": self._direct, "steps": self._steps, "flawed": self._flawed,
                    "reflect": self._reflect, "recheck": self._recheck,
-                   "forgetful": self._forgetful, "caught": self._caught}
+                   "forgetful": self._forgetful, "caught": self._caught, "checked": self._checked}
         if style not in writers:
             raise ValueError(f"unknown style {style!r}; expected one of {STYLES}")
         think, answer = writers[style](problem, rng)
@@ -181,6 +183,10 @@ class Task(ABC):
     def _caught(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
         """A forgetful trace that notices its first mistake (``wait ``), redoes it and ends right; a task
         without a misconception reflects."""
+        return self._reflect(problem, rng)
+
+    def _checked(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
+        """A direct guess checked by working the problem out; a task without a checkable guess reflects."""
         return self._reflect(problem, rng)
 
 
@@ -462,6 +468,16 @@ class ArithmeticTask(Task):
         correct trace."""
         traced = arith_trace(*self._operands(problem), forget="catch")
         return traced if traced is not None else self._steps(problem, rng)
+
+    def _checked(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
+        """A guess checked by the column trace: the direct guess first (``guess 5821,``, right as often
+        as a direct answer is), then the correct trace; when the trace ends elsewhere, ``wait `` and the
+        trace's value again (``wait 5831``), which the answer copies. The guess is the error no amount
+        of care avoids (a one-shot 5-digit sum is beyond the model) and the trace exposes afterwards."""
+        guess = self._direct(problem, rng)[1]
+        think, answer = self._steps(problem, rng)
+        verdict = "" if guess == answer else f",{REFLECTION}{answer}"
+        return f"{GUESS}{guess},{think}{verdict}", answer
 
     def _recheck(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
         """A column trace that re-checks one uniformly chosen column by `_recheck_text`'s route: half

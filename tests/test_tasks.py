@@ -9,6 +9,7 @@ import pytest
 from qiusuo.rewards import parse_completion
 from qiusuo.tasks import (
     ARITH_DIRECT_ACCURACY,
+    INTEGER_RE,
     COUNTDOWN_DIRECT_ACCURACY,
     STYLES,
     TASKS,
@@ -224,13 +225,16 @@ def test_every_style_parses_and_scores_as_intended(name):
             if style == "caught" and name == "arith":
                 # Without an inner carry to forget there is nothing to catch: the correct trace.
                 assert reflects(think) == (think != arith_trace(*ARITH._operands(problem))[0]), text
+            elif style == "checked" and name == "arith":
+                # The guess is rejected exactly when it is wrong.
+                assert reflects(think) == (think.split(",")[0] != f"guess {problem.answer}"), text
             else:
-                assert reflects(think) == (style in ("reflect", "recheck", "caught")), text
+                assert reflects(think) == (style in ("reflect", "recheck", "caught", "checked")), text
             if style == "forgetful" and name == "arith":
                 # Right exactly when the problem never carries (or borrows).
                 carries = arith_trace(*ARITH._operands(problem))[0] != think
                 assert (value, reason) == ((0.0, "wrong value") if carries else (1.0, "correct")), text
-            elif style in ("steps", "reflect", "recheck", "caught"):
+            elif style in ("steps", "reflect", "recheck", "caught", "checked"):
                 assert (value, reason) == (1.0, "correct"), text
             elif style in ("flawed", "forgetful"):
                 assert value == 0.0 and reason == "wrong value", text
@@ -329,6 +333,24 @@ def test_arith_caught_forgets_the_first_carry_notices_it_and_ends_right():
         assert "+0=" in written[-1] or "-0=" in written[-1]
         assert written[-1] != correct[len(written) - 1]
     assert caught > len(all_problems(ARITH)) / 2
+
+
+def test_arith_checked_guesses_then_works_it_out_and_rejects_a_wrong_guess():
+    rng, rejected = random.Random(8), 0
+    for problem in all_problems(ARITH):
+        think, answer = parse_completion(ARITH.completion(problem, "checked", rng))
+        right, right_answer = arith_trace(*ARITH._operands(problem))
+        assert answer == right_answer == problem.answer
+        opening, rest = think.split(",", 1)
+        guess = opening.removeprefix("guess ")
+        assert opening.startswith("guess ") and INTEGER_RE.fullmatch(guess)
+        if guess == answer:
+            assert rest == right
+        else:
+            rejected += 1
+            assert rest == f"{right},wait {answer}"
+    # The guess is as good as a direct answer: often wrong on long problems, mostly right on short ones.
+    assert 0 < rejected < len(all_problems(ARITH))
 
 
 def test_forget_is_checked():
