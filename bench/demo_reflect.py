@@ -10,7 +10,9 @@ carry, suffix): a slip is judged once, where it happens, and the steps after it 
 values the trace wrote; a final carry left unwritten counts as one wrong step. A `wait ` step re-does the step before it (the state rolls back one column);
 the re-check of the `recheck` style (`wait 7*8=56,56+1=57>…`) is read as one step. A wrong step that is
 right but for a carry-in (borrow) written as 0, or a last carry left unwritten, is a *forgotten carry* —
-the misconception of the `forgetful` corpus style — and is counted apart from the other slips."""
+the misconception of the `forgetful` corpus style — and is counted apart from the other slips. A trace
+that opens with a guess (the `checked` style, `guess 5228,…,wait 5218`) is judged on its column steps, and
+its guess apart: right or wrong, rejected (`wait …`) or kept."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +23,9 @@ STEP = re.compile(r"^(wait )?(\d)([+*-])(\d)([+-])(\d)=(\d+)(b?)>(\d+)$")
 CARRY = re.compile(r"^(wait )?c(\d)>(\d+)$")
 RECHECK = re.compile(r"^wait (\d)([+*])(\d)=(\d+),(\d+)\+(\d)=(\d+)>(\d+)$")
 RECHECK_SUB = re.compile(r"^wait (\d)\+(\d)=(\d+),(\d)-(\d+)=(\d)(b?)>(\d+)$")
+# A `checked` trace: a guess first (`guess 5821,`), the column trace, and `,wait ` with the trace's
+# value when it ends elsewhere than the guess (`,wait 5218`).
+GUESS = re.compile(r"^guess (-?\d+),(.*?)(,wait (-?\d+))?$")
 
 
 def merge(parts: list[str]) -> list[str]:
@@ -105,8 +110,14 @@ def tally(problems, texts: list[list[str]], task, reasoning) -> Counter:
                 continue
             answer = task.answer_of(p, text, reasoning)
             ok = answer is not None and task.score(p, answer)[0] == 1.0
-            steps = judge(p.data["a"], p.data["op"], p.data["b"], parsed[0])
-            kind = "reflect" if any(w for w, _, _ in steps) else "plain"
+            think, guessed = parsed[0], GUESS.match(parsed[0])
+            if guessed:
+                think, wrong, rejected = guessed[2], guessed[1] != p.answer, guessed[3] is not None
+                n["guessed"] += 1
+                n["guess_wrong"] += wrong
+                n["rejected_wrong" if wrong else "rejected_right"] += rejected
+            steps = judge(p.data["a"], p.data["op"], p.data["b"], think)
+            kind = "reflect" if any(w for w, _, _ in steps) or (guessed and guessed[3]) else "plain"
             n["traces"] += 1
             n[kind] += 1
             n[kind + "_right"] += ok
@@ -155,6 +166,9 @@ def main() -> None:
               f"{share('wait_after_forgot', 'forgot')}); other slips per step "
               f"{100 * (n['slips'] - n['forgot']) / max(1, n['steps']):.1f} %")
         print(f"  re-checked steps right {share('rechecks_right', 'rechecks')}")
+        print(f"  traces that guess first {share('guessed', 'traces')}; guesses wrong "
+              f"{share('guess_wrong', 'guessed')}, of them rejected (`wait …`) {share('rejected_wrong', 'guess_wrong')}; "
+              f"right guesses rejected {n['rejected_right']}")
 
 
 if __name__ == "__main__":

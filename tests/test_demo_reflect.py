@@ -3,7 +3,7 @@ traces it finds no slip in a correct trace, exactly one in a flawed one, and in 
 `wait` right after the slip with the re-checked step right."""
 import random
 
-from bench.demo_reflect import judge, tally
+from bench.demo_reflect import GUESS, judge, tally
 from qiusuo.rewards import STRICT, parse_completion
 from qiusuo.tasks import ArithmeticTask
 
@@ -69,3 +69,16 @@ def test_tally_counts_waits_after_slips_and_after_right_steps():
     caught = "1+7+0=8>8,2+9+0=11>18,8+3+0=11>118,wait 8+3+1=12>218,4+0+1=5>5218"
     n = tally([p], [[f"<think>{caught}</think><answer>5218</answer>"]], ARITH, STRICT)
     assert (n["slips"], n["forgot"], n["wait_after_forgot"], n["rechecks_right"]) == (1, 1, 1, 1)
+
+
+def test_a_checked_trace_is_judged_on_its_steps_and_its_guess_apart():
+    for p, think in traces("checked"):
+        assert all(right for _, right, _ in judge(*operands(p), GUESS.match(think)[2])), think
+    p = ARITH.make_problem(4821, "+", 397)
+    steps = "1+7+0=8>8,2+9+0=11>18,8+3+1=12>218,4+0+1=5>5218"
+    texts = [f"<think>guess 5228,{steps},wait 5218</think><answer>5218</answer>",   # wrong guess, rejected
+             f"<think>guess 5218,{steps}</think><answer>5218</answer>",             # right guess, kept
+             f"<think>guess 5118,{steps}</think><answer>5218</answer>"]             # wrong guess, kept
+    n = tally([p], [texts], ARITH, STRICT)
+    assert (n["guessed"], n["guess_wrong"], n["rejected_wrong"], n["rejected_right"]) == (3, 2, 1, 0)
+    assert (n["reflect"], n["reflect_right"], n["plain"], n["slips"]) == (1, 1, 2, 0)
