@@ -18,6 +18,9 @@ from .language import check_langs, localize, other, pose
 from .rewards import parse_completion
 from .tasks import STYLES, format_completion, get_task
 
+# The styles whose traces are always right, which `weak_slip_share` makes flawed in the weak language.
+RIGHT_TRACES = ("steps", "checked")
+
 
 @dataclass
 class CorpusConfig:
@@ -44,7 +47,7 @@ class CorpusConfig:
     weak_lang: str | None = None
     """A language whose traces are less accurate (pretraining data is uneven in real models)."""
     weak_slip_share: float = 0.0
-    """Share of correct traces in `weak_lang` replaced by a flawed one."""
+    """Share of right traces (styles steps and checked) in `weak_lang` replaced by a flawed one."""
     n_examples: int = 40000
     """Examples to write."""
     seed: int = 0
@@ -88,7 +91,7 @@ def examples(cfg: CorpusConfig):
             continue
         lang = rng.choices(list(cfg.langs), list(cfg.langs.values()))[0]
         trace_lang = other(lang) if rng.random() < cfg.mixed_share.get(lang, 0.0) else lang
-        if style == "steps" and trace_lang == cfg.weak_lang and rng.random() < cfg.weak_slip_share:
+        if style in RIGHT_TRACES and trace_lang == cfg.weak_lang and rng.random() < cfg.weak_slip_share:
             style = "flawed"
         think, answer = parse_completion(task.completion(problem, style, rng))
         yield {"task": name, "difficulty": difficulty, "style": style, "lang": lang, "trace_lang": trace_lang,

@@ -68,7 +68,7 @@ def test_language_reward_is_the_share_in_the_question_language():
 
 
 def test_corpus_poses_mixes_and_makes_one_language_weaker():
-    cfg = CorpusConfig(tasks={"arith": [3, 4]}, task_weights={"arith": 1.0}, styles={"steps": 1.0},
+    cfg = CorpusConfig(tasks={"arith": [3, 4]}, task_weights={"arith": 1.0}, styles={"steps": 0.5, "checked": 0.5},
                        langs={"en": 0.5, "zh": 0.5}, mixed_share={"zh": 0.4}, weak_lang="zh", weak_slip_share=0.4,
                        n_examples=1500)
     rows = list(examples(cfg))
