@@ -311,6 +311,8 @@ def findings(fig: dict) -> list[str]:
           get("R1-Zero (RL from base)"), get("equal-compute control"))
     claim("the reasoning itself gets more accurate (trace accuracy, R1-Zero vs base)",
           get("R1-Zero (RL from base)", "trace_acc"), get("base", "trace_acc"), what="trace accuracy")
+    claim("reflection grows under RL (the \"aha moment\"; R1-Zero vs base)",
+          get("R1-Zero (RL from base)", "reflection"), get("base", "reflection"), what="reflection rate")
     claim("a cold start before RL does better than RL alone (R1 vs R1-Zero)",
           get("R1 (cold start + RL)"), get("R1-Zero (RL from base)"))
     claim("RL after the cold start improves on the cold start itself (R1 vs cold start)",

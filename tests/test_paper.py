@@ -83,9 +83,9 @@ def test_row_figures_add_up_the_lineage_and_price_solved_problems(tmp_path):
 
 
 def test_findings_say_reproduced_or_not_with_numbers():
-    fig = {"base": {"pass@1": 0.2, "trace_acc": 0.5, "mean_len": 20.0},
+    fig = {"base": {"pass@1": 0.2, "trace_acc": 0.5, "mean_len": 20.0, "reflection": 0.1},
            "equal-compute control": {"pass@1": 0.22},
-           "R1-Zero (RL from base)": {"pass@1": 0.5, "trace_acc": 0.45, "mean_len": 35.0},
+           "R1-Zero (RL from base)": {"pass@1": 0.5, "trace_acc": 0.45, "mean_len": 35.0, "reflection": 0.4},
            "R1 (cold start + RL)": None, "distilled student": {"pass@1": 0.3}, "student, RL only": {"pass@1": 0.1}}
     text = "\n".join(findings(fig))
     assert "over the base (R1-Zero): **reproduced** (pass@1 50.0 vs 20.0)" in text
@@ -93,6 +93,7 @@ def test_findings_say_reproduced_or_not_with_numbers():
     assert "R1 vs R1-Zero): not measured" in text
     assert "RL-only student): **reproduced** (pass@1 30.0 vs 10.0)" in text
     assert "mean length 20.0 → 35.0" in text
+    assert 'moment"; R1-Zero vs base): **reproduced** (reflection rate 40.0 vs 10.0)' in text
 
 
 def test_findings_check_mixing_from_the_cold_start_and_the_language_reward():
