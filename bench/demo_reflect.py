@@ -110,14 +110,14 @@ def tally(problems, texts: list[list[str]], task, reasoning) -> Counter:
                 continue
             answer = task.answer_of(p, text, reasoning)
             ok = answer is not None and task.score(p, answer)[0] == 1.0
-            think, guessed = parsed[0], GUESS.match(parsed[0])
+            think, guessed, rejected = parsed[0], GUESS.match(parsed[0]), False
             if guessed:
                 think, wrong, rejected = guessed[2], guessed[1] != p.answer, guessed[3] is not None
                 n["guessed"] += 1
                 n["guess_wrong"] += wrong
                 n["rejected_wrong" if wrong else "rejected_right"] += rejected
             steps = judge(p.data["a"], p.data["op"], p.data["b"], think)
-            kind = "reflect" if any(w for w, _, _ in steps) or (guessed and guessed[3]) else "plain"
+            kind = "reflect" if rejected or any(w for w, _, _ in steps) else "plain"
             n["traces"] += 1
             n[kind] += 1
             n[kind + "_right"] += ok

@@ -888,7 +888,7 @@ class MathTask(Task):
     def _no_writer(self, problem: Problem, rng: random.Random) -> tuple[str, str]:
         raise ValueError("a dataset problem has no synthetic completions; its file holds the solutions")
 
-    _direct = _steps = _flawed = _reflect = _forgetful = _caught = _no_writer
+    _direct = _steps = _flawed = _reflect = _no_writer
 
 
 def source_of(problem: Problem) -> str:

@@ -9,8 +9,8 @@ import pytest
 from qiusuo.rewards import parse_completion
 from qiusuo.tasks import (
     ARITH_DIRECT_ACCURACY,
-    INTEGER_RE,
     COUNTDOWN_DIRECT_ACCURACY,
+    INTEGER_RE,
     STYLES,
     TASKS,
     ArithmeticTask,
